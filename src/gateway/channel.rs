@@ -118,7 +118,9 @@ fn host_of(address: &str) -> String {
         Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
         _ => address,
     };
-    host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
 }
 
 /// Rewrites request paths for the gateway generation: our codegen always

@@ -87,19 +87,27 @@ impl GatewayClient {
         let req = AddAsyncConnectionRequest {
             connect_infos: infos,
         };
-        self.unary("AddAsyncConnection", self.call_timeout, req, |r| async move {
-            c.add_async_connection(r).await
-        })
+        self.unary(
+            "AddAsyncConnection",
+            self.call_timeout,
+            req,
+            |r| async move { c.add_async_connection(r).await },
+        )
         .await
         .map(drop)
     }
 
     pub async fn delete_async_connection(&self, device_ids: Vec<u32>) -> Result<(), GatewayError> {
         let mut c = self.connect.clone();
-        let req = DeleteAsyncConnectionRequest { device_i_ds: device_ids };
-        self.unary("DeleteAsyncConnection", self.call_timeout, req, |r| async move {
-            c.delete_async_connection(r).await
-        })
+        let req = DeleteAsyncConnectionRequest {
+            device_i_ds: device_ids,
+        };
+        self.unary(
+            "DeleteAsyncConnection",
+            self.call_timeout,
+            req,
+            |r| async move { c.delete_async_connection(r).await },
+        )
         .await
         .map(drop)
     }
@@ -118,7 +126,9 @@ impl GatewayClient {
 
     pub async fn disconnect(&self, device_ids: Vec<u32>) -> Result<(), GatewayError> {
         let mut c = self.connect.clone();
-        let req = DisconnectRequest { device_i_ds: device_ids };
+        let req = DisconnectRequest {
+            device_i_ds: device_ids,
+        };
         self.unary("Disconnect", self.call_timeout, req, |r| async move {
             c.disconnect(r).await
         })
@@ -134,9 +144,10 @@ impl GatewayClient {
     ) -> Result<Streaming<StatusChange>, GatewayError> {
         let mut c = self.connect.clone();
         let req = SubscribeStatusRequest { queue_size };
-        self.open_stream("SubscribeStatus", async move {
-            c.subscribe_status(req).await
-        })
+        self.open_stream(
+            "SubscribeStatus",
+            async move { c.subscribe_status(req).await },
+        )
         .await
     }
 
@@ -154,10 +165,15 @@ impl GatewayClient {
 
     pub async fn enable_monitoring_multi(&self, device_ids: Vec<u32>) -> Result<(), GatewayError> {
         let mut c = self.event.clone();
-        let req = EnableMonitoringMultiRequest { device_i_ds: device_ids };
-        self.unary("EnableMonitoringMulti", self.call_timeout, req, |r| async move {
-            c.enable_monitoring_multi(r).await
-        })
+        let req = EnableMonitoringMultiRequest {
+            device_i_ds: device_ids,
+        };
+        self.unary(
+            "EnableMonitoringMulti",
+            self.call_timeout,
+            req,
+            |r| async move { c.enable_monitoring_multi(r).await },
+        )
         .await
         .map(drop)
     }
@@ -165,22 +181,27 @@ impl GatewayClient {
     pub async fn disable_monitoring(&self, device_id: u32) -> Result<(), GatewayError> {
         let mut c = self.event.clone();
         let req = DisableMonitoringRequest { device_id };
-        self.unary("DisableMonitoring", self.call_timeout, req, |r| async move {
-            c.disable_monitoring(r).await
-        })
+        self.unary(
+            "DisableMonitoring",
+            self.call_timeout,
+            req,
+            |r| async move { c.disable_monitoring(r).await },
+        )
         .await
         .map(drop)
     }
 
-    pub async fn disable_monitoring_multi(
-        &self,
-        device_ids: Vec<u32>,
-    ) -> Result<(), GatewayError> {
+    pub async fn disable_monitoring_multi(&self, device_ids: Vec<u32>) -> Result<(), GatewayError> {
         let mut c = self.event.clone();
-        let req = DisableMonitoringMultiRequest { device_i_ds: device_ids };
-        self.unary("DisableMonitoringMulti", self.call_timeout, req, |r| async move {
-            c.disable_monitoring_multi(r).await
-        })
+        let req = DisableMonitoringMultiRequest {
+            device_i_ds: device_ids,
+        };
+        self.unary(
+            "DisableMonitoringMulti",
+            self.call_timeout,
+            req,
+            |r| async move { c.disable_monitoring_multi(r).await },
+        )
         .await
         .map(drop)
     }
@@ -265,9 +286,12 @@ impl GatewayClient {
             user_i_ds: user_ids,
         };
         let resp = self
-            .unary("Get", self.call_timeout, req, |r| async move {
-                c.get(r).await
-            })
+            .unary(
+                "Get",
+                self.call_timeout,
+                req,
+                |r| async move { c.get(r).await },
+            )
             .await?;
         let mut users = Vec::with_capacity(resp.users.len());
         for (i, raw) in resp.users.into_iter().enumerate() {
@@ -357,7 +381,9 @@ impl GatewayClient {
 
     pub async fn user_delete_all_multi(&self, device_ids: Vec<u32>) -> Result<(), GatewayError> {
         let mut c = self.user.clone();
-        let req = DeleteAllMultiRequest { device_i_ds: device_ids };
+        let req = DeleteAllMultiRequest {
+            device_i_ds: device_ids,
+        };
         self.unary("DeleteAllMulti", self.call_timeout, req, |r| async move {
             c.delete_all_multi(r).await
         })
@@ -387,9 +413,12 @@ impl GatewayClient {
     pub async fn admin_get_info(&self) -> Result<GatewayInfo, GatewayError> {
         let mut c = self.admin.clone();
         let resp = self
-            .unary("GetInfo", self.call_timeout, GetInfoRequest {}, |r| async move {
-                c.get_info(r).await
-            })
+            .unary(
+                "GetInfo",
+                self.call_timeout,
+                GetInfoRequest {},
+                |r| async move { c.get_info(r).await },
+            )
             .await?;
         Ok(GatewayInfo {
             version: resp.version,

@@ -154,13 +154,18 @@ pub enum GatewayError {
         after: Duration,
     },
     #[error("{method}: bad data from the gateway: {reason}")]
-    BadData { method: &'static str, reason: String },
+    BadData {
+        method: &'static str,
+        reason: String,
+    },
     #[error("gateway channel: {0}")]
     Channel(String),
 }
 
 impl GatewayError {
-    pub(crate) fn from_status(method: &'static str, status: tonic::Status) -> Self {
+    /// Wraps a failed call's status (unary or a stream's ending), decoding
+    /// Multi errors.
+    pub fn from_status(method: &'static str, status: tonic::Status) -> Self {
         match MultiError::from_status(&status) {
             Some(error) => GatewayError::Multi { method, error },
             None => GatewayError::Rpc { method, status },

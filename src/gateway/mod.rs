@@ -14,6 +14,4 @@ pub use channel::{
     MAX_MESSAGE_BYTES, TlsSettings, connect_lazy,
 };
 pub use client::{GatewayClient, GatewayInfo};
-pub use error::{
-    DeviceError, Disposition, GatewayError, MultiError, classify, multi_error_status,
-};
+pub use error::{DeviceError, Disposition, GatewayError, MultiError, classify, multi_error_status};

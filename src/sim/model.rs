@@ -1,0 +1,1252 @@
+//! The simulated gateway's state and behaviour, without I/O: devices with
+//! user tables and ring-buffer event logs, the gateway's async connections,
+//! monitoring, realtime and status subscribers, and injected faults.
+//!
+//! Every rule here restates WIRE.md; where WIRE.md §5 leaves a question open
+//! the answer is a policy the tests can switch (see [`Policies`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+
+use super::users::{self, UserProfile};
+use crate::gateway::multi_error_status;
+use crate::proto::gsdk::card::CsnCardData;
+use crate::proto::gsdk::connect::{
+    AsyncConnectInfo, DeviceInfo, Status as DevStatus, StatusChange,
+};
+use crate::proto::gsdk::err::ErrorResponse;
+use crate::proto::gsdk::event::EventLog;
+use crate::wire::{self, Api};
+
+/// Event codes the simulator writes (WIRE.md §4).
+pub mod codes {
+    pub const USER_ENROLL_SUCCESS: u32 = 0x2000;
+    pub const USER_UPDATE_SUCCESS: u32 = 0x2200;
+    pub const USER_DELETE_SUCCESS: u32 = 0x2400;
+    pub const USER_DELETE_ALL_SUCCESS: u32 = 0x2600;
+    pub const DEVICE_SYSTEM_STARTED: u32 = 0x3100;
+    pub const DEVICE_EVENT_LOG_CLEARED: u32 = 0x4200;
+    pub const DEVICE_FACTORY_RESET: u32 = 0x4502;
+    pub const VERIFY_SUCCESS: u32 = 0x1000;
+}
+
+/// User.Get of an unknown ID and Delete of a missing user (WIRE.md §5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingUser {
+    /// Get omits the user; Delete of a missing user succeeds.
+    #[default]
+    Lenient,
+    /// Get fails with NOT_FOUND; Delete of a missing user fails with
+    /// NOT_FOUND for that device.
+    NotFound,
+}
+
+/// GetLog with a start older than the oldest stored record (WIRE.md §5.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StaleStart {
+    /// Answer from the oldest stored record.
+    #[default]
+    Clamp,
+    /// Fail with OUT_OF_RANGE.
+    OutOfRange,
+}
+
+/// Answers to WIRE.md's open questions; switchable so the daemon is tested
+/// against both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policies {
+    pub missing_user: MissingUser,
+    pub stale_start: StaleStart,
+    /// Status code of a Multi call that failed on some device (§5.2).
+    pub multi_error_code: Code,
+    /// How codes whose low byte is part of the code (0x4502 …) are
+    /// reported (§5.9).
+    pub low_byte_codes: LowByteCodes,
+}
+
+/// Reporting of event codes such as 0x4502 (WIRE.md B29, §5.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LowByteCodes {
+    /// `eventCode = 0x4502`, `subCode = 0` (what event_code.json suggests).
+    #[default]
+    Full,
+    /// `eventCode = 0x4500`, `subCode = 0x02`.
+    Split,
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies {
+            missing_user: MissingUser::Lenient,
+            stale_start: StaleStart::Clamp,
+            multi_error_code: Code::Internal,
+            low_byte_codes: LowByteCodes::Full,
+        }
+    }
+}
+
+/// One RPC the simulator received, for assertions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcRecord {
+    pub method: &'static str,
+    pub device_ids: Vec<u32>,
+    pub user_ids: Vec<String>,
+    /// GetLog only.
+    pub start_event_id: Option<u32>,
+    pub max: Option<u32>,
+}
+
+impl RpcRecord {
+    pub fn new(method: &'static str) -> Self {
+        RpcRecord {
+            method,
+            device_ids: Vec::new(),
+            user_ids: Vec::new(),
+            start_event_id: None,
+            max: None,
+        }
+    }
+}
+
+/// Counters of realtime delivery.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RealtimeStats {
+    pub delivered: u64,
+    /// Dropped because a subscriber's queue was full (WIRE.md B10).
+    pub dropped_queue_full: u64,
+    /// Dropped by the injected drop fraction.
+    pub dropped_injected: u64,
+}
+
+const RPC_LOG_LIMIT: usize = 200_000;
+const MAX_QUEUE: usize = 1 << 20;
+
+/// A device's event log: a bounded ring with a per-device, only increasing
+/// 32-bit ID (WIRE.md B5, B6).
+#[derive(Debug, Clone)]
+pub struct EventRing {
+    capacity: usize,
+    events: VecDeque<EventLog>,
+    next_id: u32,
+}
+
+impl EventRing {
+    pub fn new(capacity: usize, first_id: u32) -> Self {
+        EventRing {
+            capacity: capacity.max(1),
+            events: VecDeque::new(),
+            next_id: first_id.max(1),
+        }
+    }
+
+    /// Appends, assigning the next ID; overwrites the oldest record when full.
+    pub fn push(&mut self, mut ev: EventLog) -> u32 {
+        let id = self.next_id;
+        ev.id = id;
+        // Wrap-around is undocumented (§5.5); never hand out 0.
+        self.next_id = match self.next_id.wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        if self.events.len() == self.capacity {
+            self.events.pop_front();
+        }
+        self.events.push_back(ev);
+        id
+    }
+
+    pub fn oldest_id(&self) -> Option<u32> {
+        self.events.front().map(|e| e.id)
+    }
+
+    pub fn newest_id(&self) -> Option<u32> {
+        self.events.back().map(|e| e.id)
+    }
+
+    /// GetLog: `start` inclusive, 0 = oldest, `max` 0 = all, ascending
+    /// (WIRE.md B1–B4).
+    pub fn read(&self, start: u32, max: u32, stale: StaleStart) -> Result<Vec<EventLog>, Status> {
+        let Some(oldest) = self.oldest_id() else {
+            return Ok(Vec::new());
+        };
+        if start != 0 && start < oldest && stale == StaleStart::OutOfRange {
+            return Err(Status::out_of_range(format!(
+                "event {start} is no longer stored; oldest is {oldest}"
+            )));
+        }
+        let from = self.events.partition_point(|e| e.id < start);
+        let take = if max == 0 { usize::MAX } else { max as usize };
+        Ok(self.events.iter().skip(from).take(take).cloned().collect())
+    }
+
+    pub fn clear(&mut self) {
+        self.events.clear();
+    }
+
+    pub fn all(&self) -> Vec<EventLog> {
+        self.events.iter().cloned().collect()
+    }
+}
+
+/// How a device is set up at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub id: u32,
+    /// Users "1".."=users" are generated at start.
+    pub users: u32,
+    pub first_event_id: u32,
+    pub use_ssl: bool,
+    /// device.Type (WIRE.md §2.1); 0x23 = BIOSTATION_3.
+    pub device_type: i32,
+}
+
+impl DeviceSpec {
+    pub fn new(id: u32) -> Self {
+        DeviceSpec {
+            id,
+            users: 0,
+            first_event_id: 1,
+            use_ssl: false,
+            device_type: 0x23,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Device {
+    spec: DeviceSpec,
+    online: bool,
+    monitoring: bool,
+    users: BTreeMap<String, Vec<u8>>,
+    revisions: HashMap<String, u32>,
+    log: EventRing,
+}
+
+struct RealtimeSub {
+    tx: mpsc::Sender<Result<EventLog, Status>>,
+    devices: HashSet<u32>,
+    codes: HashSet<u32>,
+}
+
+/// The simulated gateway.
+pub struct Model {
+    api: Api,
+    pub(crate) policies: Policies,
+    profile: UserProfile,
+    log_capacity: usize,
+    preconnect: bool,
+    pub(crate) auto_card: bool,
+    devices: BTreeMap<u32, Device>,
+    managed: BTreeMap<u32, AsyncConnectInfo>,
+    /// The status each managed device was last reported with.
+    reported: BTreeMap<u32, i32>,
+    status_subs: Vec<mpsc::Sender<Result<StatusChange, Status>>>,
+    realtime_subs: Vec<RealtimeSub>,
+    drop_fraction: HashMap<u32, f64>,
+    fail_multi: HashMap<u32, u32>,
+    rejects: HashSet<(u32, String)>,
+    pub(crate) latency: HashMap<String, Duration>,
+    pub(crate) cards: HashMap<u32, VecDeque<CsnCardData>>,
+    rpc_log: VecDeque<RpcRecord>,
+    rng: SmallRng,
+    card_seq: u64,
+    stats: RealtimeStats,
+}
+
+fn now_secs() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
+fn not_connected(id: u32) -> Status {
+    Status::unavailable(format!("device {id} is not connected"))
+}
+
+fn device_error(device_id: u32, code: Code, msg: impl Into<String>) -> ErrorResponse {
+    ErrorResponse {
+        device_id,
+        code: code as i32,
+        msg: msg.into(),
+    }
+}
+
+/// Deduplicates device IDs, keeping the first occurrence's order.
+fn unique(ids: &[u32]) -> Vec<u32> {
+    let mut seen = HashSet::new();
+    ids.iter().copied().filter(|d| seen.insert(*d)).collect()
+}
+
+/// Settings of a model.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    pub api: Api,
+    pub devices: Vec<DeviceSpec>,
+    pub log_capacity: usize,
+    /// Register every device as an async connection at start and after a
+    /// gateway restart, as if an earlier client had added them.
+    pub preconnect: bool,
+    pub policies: Policies,
+    pub profile: UserProfile,
+    /// Card.Scan answers at once with a generated card when none was
+    /// presented.
+    pub auto_card: bool,
+    pub seed: u64,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            api: Api::V1_8,
+            devices: Vec::new(),
+            log_capacity: 50_000,
+            preconnect: true,
+            policies: Policies::default(),
+            profile: UserProfile::default(),
+            auto_card: true,
+            seed: 0x5eed,
+        }
+    }
+}
+
+impl Model {
+    pub fn new(opts: ModelOptions) -> Self {
+        let mut m = Model {
+            api: opts.api,
+            policies: opts.policies,
+            profile: opts.profile,
+            log_capacity: opts.log_capacity,
+            preconnect: opts.preconnect,
+            auto_card: opts.auto_card,
+            devices: BTreeMap::new(),
+            managed: BTreeMap::new(),
+            reported: BTreeMap::new(),
+            status_subs: Vec::new(),
+            realtime_subs: Vec::new(),
+            drop_fraction: HashMap::new(),
+            fail_multi: HashMap::new(),
+            rejects: HashSet::new(),
+            latency: HashMap::new(),
+            cards: HashMap::new(),
+            rpc_log: VecDeque::new(),
+            rng: SmallRng::seed_from_u64(opts.seed),
+            card_seq: opts.seed,
+            stats: RealtimeStats::default(),
+        };
+        for spec in opts.devices {
+            m.add_device(spec);
+        }
+        m.apply_preconnect();
+        m
+    }
+
+    pub fn api(&self) -> Api {
+        self.api
+    }
+
+    /// Adds a physical device (online, not yet managed unless preconnect).
+    pub fn add_device(&mut self, spec: DeviceSpec) {
+        let mut dev = Device {
+            log: EventRing::new(self.log_capacity, spec.first_event_id),
+            spec: spec.clone(),
+            online: true,
+            monitoring: false,
+            users: BTreeMap::new(),
+            revisions: HashMap::new(),
+        };
+        for n in 1..=spec.users {
+            let id = n.to_string();
+            let raw = users::generate(&id, 0, self.api.numbering(), self.profile);
+            dev.users.insert(id.clone(), raw);
+            dev.revisions.insert(id, 0);
+        }
+        self.devices.insert(spec.id, dev);
+    }
+
+    fn apply_preconnect(&mut self) {
+        if !self.preconnect {
+            return;
+        }
+        let infos: Vec<AsyncConnectInfo> = self
+            .devices
+            .values()
+            .map(|d| AsyncConnectInfo {
+                device_id: d.spec.id,
+                ip_addr: format!("192.0.2.{}", d.spec.id % 250 + 1),
+                port: 51211,
+                use_ssl: d.spec.use_ssl,
+            })
+            .collect();
+        self.add_async(infos);
+    }
+
+    pub fn device_ids(&self) -> Vec<u32> {
+        self.devices.keys().copied().collect()
+    }
+
+    // ---- status ---------------------------------------------------------
+
+    fn derived_status(&self, id: u32) -> i32 {
+        let Some(info) = self.managed.get(&id) else {
+            return DevStatus::Disconnected as i32;
+        };
+        match self.devices.get(&id) {
+            None => DevStatus::TcpCannotConnect as i32,
+            Some(d) if !d.online => DevStatus::Disconnected as i32,
+            Some(_) if info.use_ssl => DevStatus::TlsConnected as i32,
+            Some(_) => DevStatus::TcpConnected as i32,
+        }
+    }
+
+    pub fn is_connected(&self, id: u32) -> bool {
+        let s = self.derived_status(id);
+        s == DevStatus::TcpConnected as i32 || s == DevStatus::TlsConnected as i32
+    }
+
+    /// Reports a device's status to subscribers if it changed. Monitoring
+    /// does not survive a disconnect (WIRE.md B12).
+    fn refresh_status(&mut self, id: u32) {
+        let status = self.derived_status(id);
+        if !self.is_connected(id)
+            && let Some(d) = self.devices.get_mut(&id)
+        {
+            d.monitoring = false;
+        }
+        let previous = self.reported.get(&id).copied();
+        if previous == Some(status) {
+            return;
+        }
+        if self.managed.contains_key(&id) {
+            self.reported.insert(id, status);
+        } else {
+            self.reported.remove(&id);
+        }
+        let change = StatusChange {
+            device_id: id,
+            status,
+            timestamp: now_secs(),
+        };
+        self.status_subs.retain(|tx| match tx.try_send(Ok(change)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+
+    fn require_connected(&self, id: u32) -> Result<(), Status> {
+        if self.is_connected(id) {
+            Ok(())
+        } else {
+            Err(not_connected(id))
+        }
+    }
+
+    // ---- Connect --------------------------------------------------------
+
+    pub fn add_async(&mut self, infos: Vec<AsyncConnectInfo>) {
+        for info in infos {
+            let id = info.device_id;
+            self.managed.insert(id, info);
+            self.refresh_status(id);
+        }
+    }
+
+    pub fn delete_async(&mut self, ids: &[u32]) {
+        for id in ids {
+            if self.managed.remove(id).is_some() {
+                if let Some(d) = self.devices.get_mut(id) {
+                    d.monitoring = false;
+                }
+                self.refresh_status(*id);
+            }
+        }
+    }
+
+    pub fn device_list(&self) -> Vec<DeviceInfo> {
+        self.managed
+            .values()
+            .map(|info| DeviceInfo {
+                device_id: info.device_id,
+                connection_mode: 0,
+                ip_addr: info.ip_addr.clone(),
+                port: info.port,
+                status: self.derived_status(info.device_id),
+                auto_reconnect: true,
+                use_ssl: info.use_ssl,
+                r#type: self
+                    .devices
+                    .get(&info.device_id)
+                    .map_or(0, |d| d.spec.device_type),
+            })
+            .collect()
+    }
+
+    /// Disconnect of an async device: the link drops and the gateway
+    /// reconnects by itself later (WIRE.md B15). Returns the devices that
+    /// were dropped, for the caller to reconnect after a delay.
+    pub fn disconnect(&mut self, ids: &[u32]) -> Vec<u32> {
+        let mut dropped = Vec::new();
+        for &id in ids {
+            if self.is_connected(id)
+                && let Some(d) = self.devices.get_mut(&id)
+            {
+                d.online = false;
+                dropped.push(id);
+                self.refresh_status(id);
+            }
+        }
+        dropped
+    }
+
+    pub fn subscribe_status(
+        &mut self,
+        queue_size: i32,
+    ) -> mpsc::Receiver<Result<StatusChange, Status>> {
+        let (tx, rx) = mpsc::channel(clamp_queue(queue_size));
+        self.status_subs.push(tx);
+        rx
+    }
+
+    // ---- Event ----------------------------------------------------------
+
+    pub fn set_monitoring(&mut self, id: u32, on: bool) -> Result<(), Status> {
+        self.require_connected(id)?;
+        if let Some(d) = self.devices.get_mut(&id) {
+            d.monitoring = on;
+        }
+        Ok(())
+    }
+
+    pub fn set_monitoring_multi(&mut self, ids: &[u32], on: bool) -> Result<(), Status> {
+        let mut errors = Vec::new();
+        for id in unique(ids) {
+            if let Err(s) = self.set_monitoring(id, on) {
+                errors.push(device_error(id, s.code(), s.message()));
+            }
+        }
+        self.multi_result(errors)
+    }
+
+    pub fn subscribe_realtime(
+        &mut self,
+        queue_size: i32,
+        devices: &[u32],
+        codes: &[u32],
+    ) -> mpsc::Receiver<Result<EventLog, Status>> {
+        let (tx, rx) = mpsc::channel(clamp_queue(queue_size));
+        self.realtime_subs.push(RealtimeSub {
+            tx,
+            devices: devices.iter().copied().collect(),
+            codes: codes.iter().copied().collect(),
+        });
+        rx
+    }
+
+    pub fn get_log(&self, id: u32, start: u32, max: u32) -> Result<Vec<EventLog>, Status> {
+        self.require_connected(id)?;
+        let dev = self.devices.get(&id).ok_or_else(|| not_connected(id))?;
+        dev.log.read(start, max, self.policies.stale_start)
+    }
+
+    /// ClearLog deletes every record (WIRE.md B7); IDs continue and the
+    /// device logs the clearing itself (§5.5 is open; this is our answer).
+    pub fn clear_log(&mut self, id: u32) -> Result<(), Status> {
+        let dev = self.devices.get_mut(&id).ok_or_else(|| not_connected(id))?;
+        dev.log.clear();
+        self.append_event(id, codes::DEVICE_EVENT_LOG_CLEARED, "", false);
+        Ok(())
+    }
+
+    /// Appends an event to a device's log and delivers it to realtime
+    /// subscribers if the device is monitored. Delivery never blocks: a full
+    /// queue drops the event (WIRE.md B10).
+    pub fn append_event(&mut self, id: u32, code: u32, user_id: &str, on_device: bool) -> u32 {
+        let Some(dev) = self.devices.get_mut(&id) else {
+            return 0;
+        };
+        let (event_code, sub_code) = match self.policies.low_byte_codes {
+            LowByteCodes::Full => (code, 0),
+            LowByteCodes::Split => (code & 0xFF00, code & 0x00FF),
+        };
+        let ev = EventLog {
+            timestamp: now_secs(),
+            device_id: id,
+            user_id: user_id.to_owned(),
+            event_code,
+            sub_code,
+            changed_on_device: on_device,
+            ..Default::default()
+        };
+        let event_id = dev.log.push(ev);
+        let monitored = dev.monitoring;
+        if monitored
+            && self.managed.contains_key(&id)
+            && let Some(ev) = dev.log.events.back().cloned()
+        {
+            self.deliver(ev);
+        }
+        event_id
+    }
+
+    fn deliver(&mut self, ev: EventLog) {
+        let fraction = self
+            .drop_fraction
+            .get(&ev.device_id)
+            .copied()
+            .unwrap_or(0.0);
+        let mut stats = self.stats;
+        let rng = &mut self.rng;
+        self.realtime_subs.retain(|sub| {
+            if !(sub.devices.is_empty() || sub.devices.contains(&ev.device_id))
+                || !(sub.codes.is_empty() || sub.codes.contains(&ev.event_code))
+            {
+                return !sub.tx.is_closed();
+            }
+            if fraction > 0.0 && rng.random::<f64>() < fraction {
+                stats.dropped_injected += 1;
+                return true;
+            }
+            match sub.tx.try_send(Ok(ev.clone())) {
+                Ok(()) => {
+                    stats.delivered += 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    stats.dropped_queue_full += 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        self.stats = stats;
+    }
+
+    // ---- User -----------------------------------------------------------
+
+    pub fn user_headers(&self, id: u32) -> Result<Vec<Vec<u8>>, Status> {
+        self.require_connected(id)?;
+        let dev = self.devices.get(&id).ok_or_else(|| not_connected(id))?;
+        Ok(dev
+            .users
+            .values()
+            .filter_map(|raw| wire::raw_hdr(raw).ok())
+            .collect())
+    }
+
+    pub fn user_get(&self, id: u32, user_ids: &[String]) -> Result<Vec<Vec<u8>>, Status> {
+        self.require_connected(id)?;
+        let dev = self.devices.get(&id).ok_or_else(|| not_connected(id))?;
+        let mut out = Vec::new();
+        for uid in user_ids {
+            match dev.users.get(uid) {
+                Some(raw) => out.push(raw.clone()),
+                None if self.policies.missing_user == MissingUser::NotFound => {
+                    return Err(Status::not_found(format!("user {uid} not found")));
+                }
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks that every record has an ID before any device is touched.
+    fn parse_users(users: &[Vec<u8>]) -> Result<Vec<(String, &Vec<u8>)>, Status> {
+        users
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| {
+                wire::peek_user_id(raw)
+                    .map(|id| (id, raw))
+                    .map_err(|e| Status::invalid_argument(format!("user record {i}: {e}")))
+            })
+            .collect()
+    }
+
+    /// Enrolls users on one device in order; stops at the first failure
+    /// (users before it stay written, as on a device).
+    fn enroll_on(
+        &mut self,
+        id: u32,
+        users: &[(String, &Vec<u8>)],
+        overwrite: bool,
+    ) -> Result<(), (Code, String)> {
+        if !self.is_connected(id) {
+            return Err((Code::Unavailable, format!("device {id} is not connected")));
+        }
+        for (uid, raw) in users {
+            if self.rejects.contains(&(id, uid.clone())) {
+                return Err((
+                    Code::InvalidArgument,
+                    format!("device {id} cannot store user {uid}"),
+                ));
+            }
+            let Some(dev) = self.devices.get_mut(&id) else {
+                return Err((Code::Unavailable, format!("device {id} is not connected")));
+            };
+            let existed = dev.users.contains_key(uid);
+            if existed && !overwrite {
+                return Err((Code::AlreadyExists, format!("user {uid} already exists")));
+            }
+            dev.users.insert(uid.clone(), (*raw).clone());
+            let code = if existed {
+                codes::USER_UPDATE_SUCCESS
+            } else {
+                codes::USER_ENROLL_SUCCESS
+            };
+            self.append_event(id, code, uid, false);
+        }
+        Ok(())
+    }
+
+    fn delete_on(&mut self, id: u32, user_ids: &[String]) -> Result<(), (Code, String)> {
+        if !self.is_connected(id) {
+            return Err((Code::Unavailable, format!("device {id} is not connected")));
+        }
+        for uid in user_ids {
+            let removed = self
+                .devices
+                .get_mut(&id)
+                .and_then(|d| d.users.remove(uid))
+                .is_some();
+            if removed {
+                self.append_event(id, codes::USER_DELETE_SUCCESS, uid, false);
+            } else if self.policies.missing_user == MissingUser::NotFound {
+                return Err((Code::NotFound, format!("user {uid} not found")));
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_all_on(&mut self, id: u32) -> Result<(), (Code, String)> {
+        if !self.is_connected(id) {
+            return Err((Code::Unavailable, format!("device {id} is not connected")));
+        }
+        if let Some(d) = self.devices.get_mut(&id) {
+            d.users.clear();
+        }
+        self.append_event(id, codes::USER_DELETE_ALL_SUCCESS, "", false);
+        Ok(())
+    }
+
+    fn single(result: Result<(), (Code, String)>) -> Result<(), Status> {
+        result.map_err(|(code, msg)| Status::new(code, msg))
+    }
+
+    pub fn enroll(&mut self, id: u32, users: &[Vec<u8>], overwrite: bool) -> Result<(), Status> {
+        let parsed = Self::parse_users(users)?;
+        Self::single(self.enroll_on(id, &parsed, overwrite))
+    }
+
+    pub fn delete(&mut self, id: u32, user_ids: &[String]) -> Result<(), Status> {
+        Self::single(self.delete_on(id, user_ids))
+    }
+
+    pub fn delete_all(&mut self, id: u32) -> Result<(), Status> {
+        Self::single(self.delete_all_on(id))
+    }
+
+    /// Runs `op` on every device; an injected transient failure replaces the
+    /// device's part. Any failure fails the call with the per-device errors
+    /// in the status details (WIRE.md §1.4, B22).
+    fn multi<F>(&mut self, ids: &[u32], mut op: F) -> Result<(), Status>
+    where
+        F: FnMut(&mut Self, u32) -> Result<(), (Code, String)>,
+    {
+        let mut errors = Vec::new();
+        for id in unique(ids) {
+            if let Some(n) = self.fail_multi.get_mut(&id)
+                && *n > 0
+            {
+                *n -= 1;
+                errors.push(device_error(
+                    id,
+                    Code::Unavailable,
+                    "simulated transient failure",
+                ));
+                continue;
+            }
+            if let Err((code, msg)) = op(self, id) {
+                errors.push(device_error(id, code, msg));
+            }
+        }
+        self.multi_result(errors)
+    }
+
+    fn multi_result(&self, errors: Vec<ErrorResponse>) -> Result<(), Status> {
+        if errors.is_empty() {
+            return Ok(());
+        }
+        Err(multi_error_status(
+            self.policies.multi_error_code,
+            "multi command failed on some devices",
+            self.api.multi_error_type_name(),
+            errors,
+        ))
+    }
+
+    pub fn enroll_multi(
+        &mut self,
+        ids: &[u32],
+        users: &[Vec<u8>],
+        overwrite: bool,
+    ) -> Result<(), Status> {
+        let parsed = Self::parse_users(users)?;
+        self.multi(ids, |m, id| m.enroll_on(id, &parsed, overwrite))
+    }
+
+    pub fn delete_multi(&mut self, ids: &[u32], user_ids: &[String]) -> Result<(), Status> {
+        self.multi(ids, |m, id| m.delete_on(id, user_ids))
+    }
+
+    pub fn delete_all_multi(&mut self, ids: &[u32]) -> Result<(), Status> {
+        self.multi(ids, |m, id| m.delete_all_on(id))
+    }
+
+    /// The next card presented at the device, or a generated one when
+    /// `auto_card` is on. `None`: wait for a card.
+    pub fn take_card(&mut self, id: u32) -> Result<Option<CsnCardData>, Status> {
+        self.require_connected(id)?;
+        if let Some(card) = self.cards.get_mut(&id).and_then(VecDeque::pop_front) {
+            return Ok(Some(card));
+        }
+        if self.auto_card {
+            self.card_seq = self.card_seq.wrapping_add(1);
+            return Ok(Some(users::scanned_card(self.card_seq)));
+        }
+        Ok(None)
+    }
+
+    // ---- control: things that happen at the device ----------------------
+
+    fn device_mut(&mut self, id: u32) -> Result<&mut Device, String> {
+        self.devices
+            .get_mut(&id)
+            .ok_or_else(|| format!("no device {id}"))
+    }
+
+    /// An administrator enrolls (or re-enrolls) a generated user at the
+    /// device itself (`changedOnDevice`, WIRE.md B13). Returns the event ID.
+    pub fn device_enroll(&mut self, id: u32, user_id: &str) -> Result<u32, String> {
+        validate_user_id(user_id)?;
+        let numbering = self.api.numbering();
+        let profile = self.profile;
+        let dev = self.device_mut(id)?;
+        let existed = dev.users.contains_key(user_id);
+        let revision = if existed {
+            dev.revisions.get(user_id).map_or(0, |r| r + 1)
+        } else {
+            0
+        };
+        dev.revisions.insert(user_id.to_owned(), revision);
+        dev.users.insert(
+            user_id.to_owned(),
+            users::generate(user_id, revision, numbering, profile),
+        );
+        let code = if existed {
+            codes::USER_UPDATE_SUCCESS
+        } else {
+            codes::USER_ENROLL_SUCCESS
+        };
+        Ok(self.append_event(id, code, user_id, true))
+    }
+
+    /// An administrator changes an existing user at the device.
+    pub fn device_update(&mut self, id: u32, user_id: &str) -> Result<u32, String> {
+        let dev = self.device_mut(id)?;
+        if !dev.users.contains_key(user_id) {
+            return Err(format!("device {id} has no user {user_id}"));
+        }
+        self.device_enroll(id, user_id)
+    }
+
+    /// Stores an arbitrary raw record at the device, as enrolled there.
+    pub fn device_put_raw(&mut self, id: u32, raw: Vec<u8>) -> Result<u32, String> {
+        let uid = wire::peek_user_id(&raw).map_err(|e| e.to_string())?;
+        let dev = self.device_mut(id)?;
+        let existed = dev.users.insert(uid.clone(), raw).is_some();
+        let code = if existed {
+            codes::USER_UPDATE_SUCCESS
+        } else {
+            codes::USER_ENROLL_SUCCESS
+        };
+        Ok(self.append_event(id, code, &uid, true))
+    }
+
+    /// Stores bytes under `key` without any check, as corrupt device data
+    /// would be (for tests of the client's handling of bad data).
+    pub fn corrupt_user(&mut self, id: u32, key: &str, raw: Vec<u8>) {
+        if let Some(d) = self.devices.get_mut(&id) {
+            d.users.insert(key.to_owned(), raw);
+        }
+    }
+
+    pub fn device_delete(&mut self, id: u32, user_id: &str) -> Result<u32, String> {
+        let dev = self.device_mut(id)?;
+        if dev.users.remove(user_id).is_none() {
+            return Err(format!("device {id} has no user {user_id}"));
+        }
+        Ok(self.append_event(id, codes::USER_DELETE_SUCCESS, user_id, true))
+    }
+
+    pub fn device_delete_all(&mut self, id: u32) -> Result<u32, String> {
+        self.device_mut(id)?.users.clear();
+        Ok(self.append_event(id, codes::USER_DELETE_ALL_SUCCESS, "", true))
+    }
+
+    /// A non-user event (e.g. someone authenticating), to fill logs.
+    pub fn device_event(&mut self, id: u32, code: u32, user_id: &str) -> Result<u32, String> {
+        self.device_mut(id)?;
+        Ok(self.append_event(id, code, user_id, false))
+    }
+
+    /// Takes a device off the network or brings it back. A device that comes
+    /// back is reconnected by the caller after the reconnect delay.
+    pub fn set_online(&mut self, id: u32, online: bool) -> Result<(), String> {
+        self.device_mut(id)?.online = online;
+        self.refresh_status(id);
+        Ok(())
+    }
+
+    pub fn reconnect(&mut self, id: u32) {
+        if let Some(d) = self.devices.get_mut(&id) {
+            d.online = true;
+        }
+        self.refresh_status(id);
+    }
+
+    pub fn clear_device_log(&mut self, id: u32) -> Result<(), String> {
+        self.device_mut(id)?;
+        self.clear_log(id).map_err(|s| s.message().to_owned())
+    }
+
+    /// Factory reset: users and logs gone, event IDs restart at the
+    /// configured first ID (§5.5 is open; this is our answer), the device
+    /// reboots (drops its link, monitoring lost) and logs the reset.
+    pub fn factory_reset(&mut self, id: u32) -> Result<(), String> {
+        let capacity = self.log_capacity;
+        let dev = self.device_mut(id)?;
+        dev.users.clear();
+        dev.revisions.clear();
+        dev.log = EventRing::new(capacity, dev.spec.first_event_id);
+        dev.online = false;
+        self.refresh_status(id);
+        self.append_event(id, codes::DEVICE_FACTORY_RESET, "", false);
+        self.append_event(id, codes::DEVICE_SYSTEM_STARTED, "", false);
+        Ok(())
+    }
+
+    pub fn set_drop_fraction(&mut self, id: Option<u32>, fraction: f64) {
+        let f = fraction.clamp(0.0, 1.0);
+        match id {
+            Some(id) => {
+                self.drop_fraction.insert(id, f);
+            }
+            None => {
+                for d in self.devices.keys() {
+                    self.drop_fraction.insert(*d, f);
+                }
+            }
+        }
+    }
+
+    pub fn fail_next_multi(&mut self, id: u32, n: u32) {
+        self.fail_multi.insert(id, n);
+    }
+
+    pub fn reject(&mut self, id: u32, user_id: &str, on: bool) {
+        if on {
+            self.rejects.insert((id, user_id.to_owned()));
+        } else {
+            self.rejects.remove(&(id, user_id.to_owned()));
+        }
+    }
+
+    /// The gateway process restarts: every stream ends, monitoring is lost,
+    /// and async connections are forgotten unless preconnect re-adds them.
+    pub fn gateway_restarted(&mut self) {
+        self.status_subs.clear();
+        self.realtime_subs.clear();
+        self.managed.clear();
+        self.reported.clear();
+        for d in self.devices.values_mut() {
+            d.monitoring = false;
+        }
+        self.apply_preconnect();
+    }
+
+    /// Ends every open realtime and status stream with `status` (as a
+    /// gateway does when something inside it fails).
+    pub fn break_streams(&mut self, status: &Status) {
+        for sub in self.realtime_subs.drain(..) {
+            let _ = sub.tx.try_send(Err(status.clone()));
+        }
+        for tx in self.status_subs.drain(..) {
+            let _ = tx.try_send(Err(status.clone()));
+        }
+    }
+
+    pub fn record(&mut self, rec: RpcRecord) {
+        if self.rpc_log.len() == RPC_LOG_LIMIT {
+            self.rpc_log.pop_front();
+        }
+        self.rpc_log.push_back(rec);
+    }
+
+    pub fn rpc_log(&self) -> Vec<RpcRecord> {
+        self.rpc_log.iter().cloned().collect()
+    }
+
+    pub fn clear_rpc_log(&mut self) {
+        self.rpc_log.clear();
+    }
+
+    pub fn users(&self, id: u32) -> BTreeMap<String, Vec<u8>> {
+        self.devices
+            .get(&id)
+            .map(|d| d.users.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn log(&self, id: u32) -> Vec<EventLog> {
+        self.devices
+            .get(&id)
+            .map(|d| d.log.all())
+            .unwrap_or_default()
+    }
+
+    pub fn newest_event_id(&self, id: u32) -> Option<u32> {
+        self.devices.get(&id).and_then(|d| d.log.newest_id())
+    }
+
+    pub fn is_monitoring(&self, id: u32) -> bool {
+        self.devices.get(&id).is_some_and(|d| d.monitoring)
+    }
+
+    pub fn realtime_stats(&self) -> RealtimeStats {
+        self.stats
+    }
+
+    pub fn realtime_subscribers(&self) -> usize {
+        self.realtime_subs
+            .iter()
+            .filter(|s| !s.tx.is_closed())
+            .count()
+    }
+}
+
+fn clamp_queue(queue_size: i32) -> usize {
+    usize::try_from(queue_size).unwrap_or(1).clamp(1, MAX_QUEUE)
+}
+
+/// User IDs: ≤ 32 bytes, not "0", printable (WIRE.md §2.3 UserHdr notes).
+pub fn validate_user_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id == "0" || id.len() > 32 || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "invalid user ID {id:?}: 1–32 printable ASCII characters, not \"0\""
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev() -> EventLog {
+        EventLog::default()
+    }
+
+    #[test]
+    fn ring_overwrites_oldest_and_ids_only_increase() {
+        let mut r = EventRing::new(3, 10);
+        for _ in 0..5 {
+            r.push(ev());
+        }
+        assert_eq!(r.oldest_id(), Some(12));
+        assert_eq!(r.newest_id(), Some(14));
+        let ids: Vec<u32> = r.all().iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![12, 13, 14]);
+    }
+
+    #[test]
+    fn get_log_edges() {
+        let mut r = EventRing::new(5, 1);
+        for _ in 0..8 {
+            r.push(ev());
+        }
+        // Stored: 4..=8.
+        let ids = |v: Vec<EventLog>| v.iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(r.read(0, 0, StaleStart::Clamp).unwrap()),
+            vec![4, 5, 6, 7, 8]
+        );
+        assert_eq!(ids(r.read(6, 0, StaleStart::Clamp).unwrap()), vec![6, 7, 8]);
+        assert_eq!(ids(r.read(6, 2, StaleStart::Clamp).unwrap()), vec![6, 7]);
+        assert!(r.read(9, 0, StaleStart::Clamp).unwrap().is_empty());
+        assert_eq!(
+            ids(r.read(2, 0, StaleStart::Clamp).unwrap()),
+            vec![4, 5, 6, 7, 8]
+        );
+        let err = r.read(2, 0, StaleStart::OutOfRange).unwrap_err();
+        assert_eq!(err.code(), Code::OutOfRange);
+        // Start 0 never counts as stale.
+        assert_eq!(r.read(0, 1, StaleStart::OutOfRange).unwrap().len(), 1);
+        assert!(
+            EventRing::new(5, 1)
+                .read(0, 0, StaleStart::Clamp)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn ring_ids_skip_zero_on_wrap() {
+        let mut r = EventRing::new(4, u32::MAX);
+        assert_eq!(r.push(ev()), u32::MAX);
+        assert_eq!(r.push(ev()), 1);
+    }
+
+    fn model(devices: &[u32]) -> Model {
+        Model::new(ModelOptions {
+            devices: devices.iter().map(|d| DeviceSpec::new(*d)).collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn queue_size_is_clamped_never_zero() {
+        assert_eq!(clamp_queue(0), 1);
+        assert_eq!(clamp_queue(-5), 1);
+        assert_eq!(clamp_queue(16), 16);
+        assert_eq!(clamp_queue(i32::MAX), MAX_QUEUE);
+    }
+
+    #[test]
+    fn realtime_only_for_monitored_devices_and_drops_when_full() {
+        let mut m = model(&[1, 2]);
+        let mut rx = m.subscribe_realtime(2, &[], &[]);
+        m.device_enroll(1, "10").unwrap();
+        assert!(rx.try_recv().is_err(), "not monitored yet");
+        m.set_monitoring(1, true).unwrap();
+        for u in ["11", "12", "13", "14"] {
+            m.device_enroll(1, u).unwrap();
+        }
+        let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| e.unwrap().user_id)
+            .collect();
+        assert_eq!(got, vec!["11", "12"], "queue of 2: the rest is dropped");
+        assert_eq!(m.realtime_stats().dropped_queue_full, 2);
+        // The log still has everything.
+        assert_eq!(m.log(1).len(), 5);
+    }
+
+    #[test]
+    fn realtime_filters_and_monitoring_reset_on_disconnect() {
+        let mut m = model(&[1, 2]);
+        let mut only2 = m.subscribe_realtime(10, &[2], &[codes::USER_DELETE_SUCCESS]);
+        m.set_monitoring(1, true).unwrap();
+        m.set_monitoring(2, true).unwrap();
+        m.device_enroll(1, "5").unwrap();
+        m.device_enroll(2, "5").unwrap();
+        m.device_delete(2, "5").unwrap();
+        let e = only2.try_recv().unwrap().unwrap();
+        assert_eq!((e.device_id, e.event_code), (2, codes::USER_DELETE_SUCCESS));
+        assert!(only2.try_recv().is_err());
+
+        m.set_online(2, false).unwrap();
+        assert!(!m.is_monitoring(2));
+        m.reconnect(2);
+        assert!(m.is_connected(2));
+        assert!(
+            !m.is_monitoring(2),
+            "monitoring does not survive a reconnect"
+        );
+    }
+
+    #[test]
+    fn multi_failure_lists_only_failed_devices() {
+        let mut m = model(&[1, 2, 3]);
+        m.set_online(2, false).unwrap();
+        m.reject(3, "9", true);
+        let users = vec![
+            users::generate("8", 0, m.api().numbering(), UserProfile::default()),
+            users::generate("9", 0, m.api().numbering(), UserProfile::default()),
+        ];
+        let err = m.enroll_multi(&[1, 2, 3], &users, true).unwrap_err();
+        let multi = crate::gateway::MultiError::from_status(&err).unwrap();
+        assert_eq!(multi.failed_devices().collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(multi.for_device(2).unwrap().code, Code::Unavailable);
+        assert_eq!(multi.for_device(3).unwrap().code, Code::InvalidArgument);
+        assert_eq!(m.users(1).len(), 2);
+        // Device 3 stored the user before the poison one, as a device would.
+        assert_eq!(m.users(3).keys().collect::<Vec<_>>(), vec!["8"]);
+    }
+
+    #[test]
+    fn enroll_without_overwrite_fails_for_existing_user() {
+        let mut m = model(&[1]);
+        let u = users::generate("8", 0, m.api().numbering(), UserProfile::default());
+        m.enroll(1, std::slice::from_ref(&u), false).unwrap();
+        let err = m.enroll(1, &[u], false).unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists);
+        let codes: Vec<u32> = m.log(1).iter().map(|e| e.event_code).collect();
+        assert_eq!(codes, vec![codes::USER_ENROLL_SUCCESS]);
+        assert!(!m.log(1)[0].changed_on_device);
+    }
+
+    #[test]
+    fn missing_user_policies() {
+        let mut m = model(&[1]);
+        m.device_enroll(1, "1").unwrap();
+        let ids = vec!["1".to_owned(), "404".to_owned()];
+        assert_eq!(m.user_get(1, &ids).unwrap().len(), 1);
+        m.delete(1, &["404".to_owned()]).unwrap();
+        m.policies.missing_user = MissingUser::NotFound;
+        assert_eq!(m.user_get(1, &ids).unwrap_err().code(), Code::NotFound);
+        assert_eq!(
+            m.delete(1, &["404".to_owned()]).unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+
+    #[test]
+    fn factory_reset_restarts_ids_and_drops_users() {
+        let mut m = model(&[1]);
+        for u in ["1", "2", "3"] {
+            m.device_enroll(1, u).unwrap();
+        }
+        assert_eq!(m.newest_event_id(1), Some(3));
+        m.factory_reset(1).unwrap();
+        assert!(m.users(1).is_empty());
+        let log = m.log(1);
+        assert_eq!(log[0].id, 1);
+        assert_eq!((log[0].event_code, log[0].sub_code), (0x4502, 0));
+        assert!(!m.is_connected(1));
+        m.policies.low_byte_codes = LowByteCodes::Split;
+        m.factory_reset(1).unwrap();
+        let log = m.log(1);
+        assert_eq!((log[0].event_code, log[0].sub_code), (0x4500, 0x02));
+    }
+
+    #[test]
+    fn transient_multi_failures_count_down() {
+        let mut m = model(&[1, 2]);
+        m.fail_next_multi(2, 1);
+        assert!(m.delete_all_multi(&[1, 2]).is_err());
+        m.delete_all_multi(&[1, 2]).unwrap();
+    }
+
+    #[test]
+    fn user_ids_are_validated() {
+        assert!(validate_user_id("1000").is_ok());
+        assert!(validate_user_id("0").is_err());
+        assert!(validate_user_id("").is_err());
+        assert!(validate_user_id(&"9".repeat(33)).is_err());
+        assert!(validate_user_id("a b").is_err());
+    }
+}
