@@ -11,13 +11,36 @@
 //!   of raw user records.
 //! * [`gateway`] — the client: channel (TLS, keepalive), typed wrappers per
 //!   RPC, Multi-error decoding, transient/permanent classification.
+//! * [`config`] — the TOML configuration, validated into typed settings.
+//! * [`store`] — SQLite state: checkpoints, journal, cursors, quarantine.
+//! * [`supervisor`] — owns the gateway session, device tasks and appliers.
+//! * [`device`] — per-device state machine (pure) and its task.
+//! * [`events`] — the one event consumer: dedupe, gap backfill, replay,
+//!   log shipping, change recording.
+//! * [`sync`] — the appliers: batches, Multi calls, partial failures,
+//!   quarantine, reconcile.
+//! * [`backoff`] — the retry policy.
 //! * [`sim`] — the gateway simulator used by the tests and the demo.
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
+pub mod config;
+pub mod device;
+pub mod events;
 pub mod gateway;
 pub mod sim;
+pub mod store;
+pub mod supervisor;
+pub mod sync;
 pub mod wire;
+
+pub use supervisor::{DaemonError, Shutdown};
+
+/// Runs the daemon with `config` until `signals.shutdown` is cancelled.
+pub async fn run(config: config::Config, signals: Shutdown) -> Result<(), DaemonError> {
+    supervisor::run(config, signals).await
+}
 
 /// Generated from `proto/` by `build.rs`.
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]

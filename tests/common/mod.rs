@@ -53,3 +53,94 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
         Err(_) => panic!("timed out: {what}"),
     }
 }
+
+// ---- the daemon, in process -----------------------------------------------
+
+use usersync::config::Config;
+use usersync::store::Store;
+
+/// A daemon under test, with its own state directory.
+pub struct Daemon {
+    pub signals: usersync::Shutdown,
+    pub task: tokio::task::JoinHandle<Result<(), usersync::DaemonError>>,
+}
+
+impl Daemon {
+    pub fn start(config: Config) -> Daemon {
+        let signals = usersync::Shutdown::default();
+        let task = tokio::spawn(usersync::run(config, signals.clone()));
+        Daemon { signals, task }
+    }
+
+    /// Orderly stop (SIGTERM); the daemon must exit cleanly in time.
+    pub async fn stop(self) {
+        self.signals.shutdown.cancel();
+        within("daemon stops", self.task)
+            .await
+            .expect("daemon task")
+            .expect("daemon exits cleanly");
+    }
+}
+
+/// Writes the simulator's CA into `dir` and builds a config with the first
+/// device as the source and the others as targets of group "main".
+pub fn config(sim: &Simulator, dir: &std::path::Path, extra_group: &str) -> Config {
+    let devices = sim.device_ids();
+    config_with(
+        sim,
+        dir,
+        &format!(
+            "[[group]]\nname = \"main\"\nsources = [{}]\ntargets = [{}]\n{extra_group}",
+            devices[0],
+            devices[1..]
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+}
+
+pub fn config_with(sim: &Simulator, dir: &std::path::Path, groups: &str) -> Config {
+    let ca = sim
+        .certs()
+        .expect("TLS simulator")
+        .write_ca(dir)
+        .expect("write CA");
+    let mut text = format!(
+        "[gateway]\naddress = \"{}\"\nca_file = \"{}\"\nserver_name = \"localhost\"\napi = \"{}\"\n\
+         keepalive_interval_secs = 2\nkeepalive_timeout_secs = 2\ncall_timeout_secs = 5\n\n\
+         [state]\ndir = \"{}\"\n\n[sync]\npoll_interval_secs = 1\n\n",
+        sim.address(),
+        ca.display(),
+        sim.api(),
+        dir.join("state").display()
+    );
+    for d in sim.device_ids() {
+        text.push_str(&format!(
+            "[[device]]\nid = {d}\naddress = \"192.0.2.{}\"\n\n",
+            d % 250
+        ));
+    }
+    text.push_str(groups);
+    usersync::config::parse(&dir.join("usersync.toml"), &text).expect("valid test config")
+}
+
+/// Whether every target holds exactly the source's users, byte for byte.
+pub fn converged(sim: &Simulator, source: u32, targets: &[u32]) -> bool {
+    let want = sim.users(source);
+    targets.iter().all(|t| sim.users(*t) == want)
+}
+
+pub async fn wait_converged(sim: &Simulator, source: u32, targets: &[u32]) -> Duration {
+    let started = std::time::Instant::now();
+    eventually("targets converge to the source", || async {
+        converged(sim, source, targets)
+    })
+    .await;
+    started.elapsed()
+}
+
+pub fn open_store(dir: &std::path::Path) -> Store {
+    Store::open(&dir.join("state")).expect("state store")
+}

@@ -1,0 +1,716 @@
+//! The daemon's configuration: raw serde types (unknown keys rejected) →
+//! [`validate`] → a typed [`Config`] with no leftover options.
+//!
+//! Every error names the file, the line and the reason; `main` maps them to
+//! exit 78 (EX_CONFIG).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::gateway::{
+    DEFAULT_CALL_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_INPUT_TIMEOUT,
+    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, GatewaySettings, TlsSettings,
+};
+use crate::wire::Api;
+
+/// An invalid configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+// ---- raw file shape --------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    gateway: Spanned<RawGateway>,
+    state: Spanned<RawState>,
+    #[serde(default)]
+    device: Vec<Spanned<RawDevice>>,
+    #[serde(default)]
+    group: Vec<Spanned<RawGroup>>,
+    #[serde(default)]
+    sync: Option<Spanned<RawSync>>,
+    #[serde(default)]
+    log: Option<Spanned<RawLog>>,
+    #[serde(default)]
+    metrics: Option<Spanned<RawMetrics>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    address: Spanned<String>,
+    ca_file: Option<Spanned<PathBuf>>,
+    #[serde(default = "yes")]
+    tls: bool,
+    server_name: Option<String>,
+    api: Option<Spanned<String>>,
+    keepalive_interval_secs: Option<Spanned<u64>>,
+    keepalive_timeout_secs: Option<Spanned<u64>>,
+    connect_timeout_secs: Option<Spanned<u64>>,
+    call_timeout_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Spanned<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    id: Spanned<u32>,
+    address: Spanned<String>,
+    #[serde(default = "default_port")]
+    port: u16,
+    #[serde(default)]
+    tls: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: Spanned<String>,
+    sources: Spanned<Vec<u32>>,
+    targets: Spanned<Vec<u32>>,
+    #[serde(default)]
+    prune: bool,
+    #[serde(default)]
+    propagate_delete_all: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    batch_users: Option<Spanned<usize>>,
+    batch_bytes: Option<Spanned<usize>>,
+    poll_interval_secs: Option<Spanned<u64>>,
+    realtime_queue: Option<Spanned<i32>>,
+    quarantine_after: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    events: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Spanned<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_port() -> u16 {
+    51211
+}
+
+// ---- typed configuration -----------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub id: u32,
+    pub address: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub name: String,
+    pub sources: Vec<u32>,
+    pub targets: Vec<u32>,
+    /// Remove users from targets that the sources do not have (reconcile).
+    pub prune: bool,
+    /// Propagate a source's "delete all users" (0x2600) to the targets.
+    pub propagate_delete_all: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub address: String,
+    pub ca_file: Option<PathBuf>,
+    /// PEM read from `ca_file` at load time (`None` with `tls = false`).
+    pub ca_pem: Option<Vec<u8>>,
+    pub server_name: Option<String>,
+    pub api: Api,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub call_timeout: Duration,
+}
+
+impl GatewayConfig {
+    pub fn settings(&self) -> GatewaySettings {
+        let tls = self.ca_pem.as_ref().map(|pem| TlsSettings {
+            ca_pem: pem.clone(),
+            server_name: self.server_name.clone(),
+        });
+        GatewaySettings {
+            address: self.address.clone(),
+            tls,
+            api: self.api,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            connect_timeout: self.connect_timeout,
+            call_timeout: self.call_timeout,
+            input_timeout: DEFAULT_INPUT_TIMEOUT,
+        }
+    }
+}
+
+/// Tuning of the sync engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// Users per Multi call.
+    pub batch_users: usize,
+    /// Bytes of user records per Multi call (well under the 4 MiB gRPC
+    /// default of other peers; the gateway accepts 72 MiB, WIRE.md B25).
+    pub batch_bytes: usize,
+    /// How often a quiet device's log is asked for anything past its
+    /// checkpoint (a dropped *last* realtime event is revealed by nothing
+    /// else).
+    pub poll_interval: Duration,
+    /// `queueSize` of the realtime subscription.
+    pub realtime_queue: i32,
+    /// Permanent failures of one user on one device before it is quarantined.
+    pub quarantine_after: u32,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            batch_users: 64,
+            batch_bytes: 2 * 1024 * 1024,
+            poll_interval: Duration::from_secs(5),
+            realtime_queue: 4096,
+            quarantine_after: 3,
+        }
+    }
+}
+
+/// Which device events are written to the journal (log shipping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventShipping {
+    #[default]
+    All,
+    UserEvents,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub gateway: GatewayConfig,
+    pub state_dir: PathBuf,
+    pub devices: BTreeMap<u32, DeviceConfig>,
+    pub groups: Vec<GroupConfig>,
+    pub sync: SyncConfig,
+    pub ship_events: EventShipping,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl Config {
+    /// Every device that is a source of some group.
+    pub fn is_source(&self, device: u32) -> bool {
+        self.groups.iter().any(|g| g.sources.contains(&device))
+    }
+
+    pub fn group(&self, name: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+}
+
+// ---- loading and validation -------------------------------------------------
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: None,
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates `text` (the contents of `path`).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let v = Validator { path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: e.span().map(|s| v.line_of(s.start)),
+        reason: e.message().trim().to_owned(),
+    })?;
+    v.validate(raw)
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        reason: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: self.path.to_owned(),
+            line: Some(self.line_of(span.start)),
+            reason: reason.into(),
+        })
+    }
+
+    fn secs(
+        &self,
+        value: Option<Spanned<u64>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) if *v.get_ref() == 0 || *v.get_ref() > 86_400 => self.err(
+                v.span(),
+                format!("{key} must be between 1 and 86400 seconds"),
+            ),
+            Some(v) => Ok(Duration::from_secs(*v.get_ref())),
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let gateway = self.gateway(raw.gateway)?;
+        let state_dir = raw.state.into_inner().dir;
+        if state_dir.get_ref().as_os_str().is_empty() {
+            return self.err(state_dir.span(), "state.dir must not be empty");
+        }
+        if !state_dir.get_ref().is_absolute() {
+            return self.err(state_dir.span(), "state.dir must be an absolute path");
+        }
+
+        let mut devices = BTreeMap::new();
+        for d in raw.device {
+            let span = d.span();
+            let d = d.into_inner();
+            let id = *d.id.get_ref();
+            if id == 0 {
+                return self.err(d.id.span(), "device.id must not be 0");
+            }
+            if d.address.get_ref().trim().is_empty() {
+                return self.err(
+                    d.address.span(),
+                    format!("device {id}: address must not be empty"),
+                );
+            }
+            if d.port == 0 {
+                return self.err(span, format!("device {id}: port must not be 0"));
+            }
+            let cfg = DeviceConfig {
+                id,
+                address: d.address.into_inner(),
+                port: d.port,
+                tls: d.tls,
+            };
+            if devices.insert(id, cfg).is_some() {
+                return self.err(d.id.span(), format!("device {id} is declared twice"));
+            }
+        }
+
+        let mut groups: Vec<GroupConfig> = Vec::new();
+        let mut sources_seen: BTreeSet<u32> = BTreeSet::new();
+        let mut targets_seen: BTreeSet<u32> = BTreeSet::new();
+        for g in raw.group {
+            let g = g.into_inner();
+            let name = g.name.get_ref().trim().to_owned();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return self.err(
+                    g.name.span(),
+                    "group.name must be non-empty letters, digits, '-', '_' or '.'",
+                );
+            }
+            if groups.iter().any(|o| o.name == name) {
+                return self.err(g.name.span(), format!("group {name:?} is declared twice"));
+            }
+            for (list, key) in [(&g.sources, "sources"), (&g.targets, "targets")] {
+                if list.get_ref().is_empty() {
+                    return self.err(
+                        list.span(),
+                        format!("group {name:?}: {key} must not be empty"),
+                    );
+                }
+                let mut seen = BTreeSet::new();
+                for id in list.get_ref() {
+                    if !devices.contains_key(id) {
+                        return self.err(
+                            list.span(),
+                            format!("group {name:?}: {key} names device {id}, which no [[device]] declares"),
+                        );
+                    }
+                    if !seen.insert(*id) {
+                        return self.err(
+                            list.span(),
+                            format!("group {name:?}: device {id} is listed twice in {key}"),
+                        );
+                    }
+                }
+            }
+            if let Some(both) = g
+                .sources
+                .get_ref()
+                .iter()
+                .find(|s| g.targets.get_ref().contains(s))
+            {
+                return self.err(
+                    g.targets.span(),
+                    format!("group {name:?}: device {both} is both a source and a target"),
+                );
+            }
+            sources_seen.extend(g.sources.get_ref());
+            targets_seen.extend(g.targets.get_ref());
+            groups.push(GroupConfig {
+                name,
+                sources: g.sources.into_inner(),
+                targets: g.targets.into_inner(),
+                prune: g.prune,
+                propagate_delete_all: g.propagate_delete_all,
+            });
+        }
+        // A device written by one group must not drive another: its write
+        // events would be taken for changes and could loop.
+        if let Some(d) = sources_seen.intersection(&targets_seen).next() {
+            return Err(ConfigError {
+                file: self.path.to_owned(),
+                line: None,
+                reason: format!(
+                    "device {d} is a source of one group and a target of another; chains of groups are not supported"
+                ),
+            });
+        }
+
+        let sync = self.sync(raw.sync)?;
+        let ship_events = match raw.log.map(Spanned::into_inner).and_then(|l| l.events) {
+            None => EventShipping::All,
+            Some(v) => match v.get_ref().as_str() {
+                "all" => EventShipping::All,
+                "user" => EventShipping::UserEvents,
+                "none" => EventShipping::None,
+                other => {
+                    return self.err(
+                        v.span(),
+                        format!("log.events must be \"all\", \"user\" or \"none\", not {other:?}"),
+                    );
+                }
+            },
+        };
+        let metrics_listen = match raw.metrics.map(Spanned::into_inner) {
+            None => None,
+            Some(m) => match m.listen.get_ref().parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    return self.err(
+                        m.listen.span(),
+                        "metrics.listen must be an address like \"127.0.0.1:9187\"",
+                    );
+                }
+            },
+        };
+
+        Ok(Config {
+            path: self.path.to_owned(),
+            gateway,
+            state_dir: state_dir.into_inner(),
+            devices,
+            groups,
+            sync,
+            ship_events,
+            metrics_listen,
+        })
+    }
+
+    fn gateway(&self, raw: Spanned<RawGateway>) -> Result<GatewayConfig, ConfigError> {
+        let span = raw.span();
+        let g = raw.into_inner();
+        let address = g.address.get_ref().trim().to_owned();
+        let valid_address = match address.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+            None => false,
+        };
+        if !valid_address {
+            return self.err(
+                g.address.span(),
+                format!("gateway.address must be host:port, not {address:?}"),
+            );
+        }
+        let api = match &g.api {
+            None => Api::default(),
+            Some(a) => match a.get_ref().parse() {
+                Ok(api) => api,
+                Err(e) => return self.err(a.span(), format!("gateway.api: {e}")),
+            },
+        };
+        let (ca_file, ca_pem) = match (&g.ca_file, g.tls) {
+            (None, true) => {
+                return self.err(
+                    span,
+                    "gateway.ca_file is required when gateway.tls is true (the default)",
+                );
+            }
+            (Some(f), true) => {
+                let path = f.get_ref();
+                let path = if path.is_relative() {
+                    self.path.parent().unwrap_or(Path::new(".")).join(path)
+                } else {
+                    path.clone()
+                };
+                match std::fs::read(&path) {
+                    Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => {
+                        (Some(path), Some(pem))
+                    }
+                    Ok(_) => {
+                        return self.err(
+                            f.span(),
+                            format!(
+                                "gateway.ca_file {}: no PEM certificate in it",
+                                path.display()
+                            ),
+                        );
+                    }
+                    Err(e) => {
+                        return self.err(
+                            f.span(),
+                            format!("gateway.ca_file {}: cannot read: {e}", path.display()),
+                        );
+                    }
+                }
+            }
+            (f, false) => (f.as_ref().map(|f| f.get_ref().clone()), None),
+        };
+        Ok(GatewayConfig {
+            address,
+            ca_file,
+            ca_pem,
+            server_name: g.server_name.filter(|s| !s.trim().is_empty()),
+            api,
+            keepalive_interval: self.secs(
+                g.keepalive_interval_secs,
+                "gateway.keepalive_interval_secs",
+                DEFAULT_KEEPALIVE_INTERVAL,
+            )?,
+            keepalive_timeout: self.secs(
+                g.keepalive_timeout_secs,
+                "gateway.keepalive_timeout_secs",
+                DEFAULT_KEEPALIVE_TIMEOUT,
+            )?,
+            connect_timeout: self.secs(
+                g.connect_timeout_secs,
+                "gateway.connect_timeout_secs",
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            call_timeout: self.secs(
+                g.call_timeout_secs,
+                "gateway.call_timeout_secs",
+                DEFAULT_CALL_TIMEOUT,
+            )?,
+        })
+    }
+
+    fn sync(&self, raw: Option<Spanned<RawSync>>) -> Result<SyncConfig, ConfigError> {
+        let mut s = SyncConfig::default();
+        let Some(raw) = raw.map(Spanned::into_inner) else {
+            return Ok(s);
+        };
+        if let Some(v) = raw.batch_users {
+            if !(1..=10_000).contains(v.get_ref()) {
+                return self.err(v.span(), "sync.batch_users must be between 1 and 10000");
+            }
+            s.batch_users = v.into_inner();
+        }
+        if let Some(v) = raw.batch_bytes {
+            if !(64 * 1024..=32 * 1024 * 1024).contains(v.get_ref()) {
+                return self.err(
+                    v.span(),
+                    "sync.batch_bytes must be between 65536 and 33554432",
+                );
+            }
+            s.batch_bytes = v.into_inner();
+        }
+        s.poll_interval = self.secs(
+            raw.poll_interval_secs,
+            "sync.poll_interval_secs",
+            s.poll_interval,
+        )?;
+        if let Some(v) = raw.realtime_queue {
+            if !(1..=1_000_000).contains(v.get_ref()) {
+                return self.err(
+                    v.span(),
+                    "sync.realtime_queue must be between 1 and 1000000",
+                );
+            }
+            s.realtime_queue = v.into_inner();
+        }
+        if let Some(v) = raw.quarantine_after {
+            if !(1..=1000).contains(v.get_ref()) {
+                return self.err(v.span(), "sync.quarantine_after must be between 1 and 1000");
+            }
+            s.quarantine_after = v.into_inner();
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+address = "127.0.0.1:4000"
+tls = false
+
+[state]
+dir = "/var/lib/usersync"
+
+[[device]]
+id = 1
+address = "192.0.2.1"
+
+[[device]]
+id = 2
+address = "192.0.2.2"
+port = 51212
+tls = true
+
+[[group]]
+name = "main"
+sources = [1]
+targets = [2]
+"#;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("/etc/usersync/usersync.toml"), text)
+    }
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let c = parse_str(GOOD).unwrap();
+        assert_eq!(c.gateway.api, Api::V1_8);
+        assert_eq!(c.devices[&1].port, 51211);
+        assert!(!c.devices[&1].tls);
+        assert!(c.devices[&2].tls);
+        assert!(!c.groups[0].prune);
+        assert!(!c.groups[0].propagate_delete_all);
+        assert_eq!(c.sync, SyncConfig::default());
+        assert!(c.is_source(1) && !c.is_source(2));
+        assert!(c.gateway.settings().tls.is_none());
+    }
+
+    fn expect_err(text: &str, line: Option<usize>, needle: &str) {
+        let e = parse_str(text).unwrap_err();
+        assert_eq!(e.line, line, "{e}");
+        assert!(e.reason.contains(needle), "{e}");
+        assert!(e.to_string().starts_with("/etc/usersync/usersync.toml"));
+    }
+
+    #[test]
+    fn errors_name_line_and_reason() {
+        expect_err(
+            &GOOD.replace("tls = false", "tls = false\ncolour = 1"),
+            Some(5),
+            "colour",
+        );
+        expect_err(
+            &GOOD.replace("id = 2", "id = 1"),
+            Some(14),
+            "declared twice",
+        );
+        expect_err(
+            &GOOD.replace("targets = [2]", "targets = [3]"),
+            Some(22),
+            "no [[device]] declares",
+        );
+        expect_err(
+            &GOOD.replace("targets = [2]", "targets = [2, 1]"),
+            Some(22),
+            "both a source and a target",
+        );
+        expect_err(
+            &GOOD.replace("targets = [2]", "targets = []"),
+            Some(22),
+            "must not be empty",
+        );
+        expect_err(
+            &GOOD.replace("tls = false\n", ""),
+            Some(2),
+            "ca_file is required",
+        );
+        expect_err(
+            &GOOD.replace("127.0.0.1:4000", "localhost"),
+            Some(3),
+            "host:port",
+        );
+        expect_err(
+            &GOOD.replace("tls = false", "tls = false\napi = \"1.8\""),
+            Some(5),
+            "unknown api",
+        );
+        expect_err(
+            &GOOD.replace("/var/lib/usersync", "relative"),
+            Some(7),
+            "absolute",
+        );
+        expect_err(&GOOD.replace("id = 1\n", "id = \"one\"\n"), Some(10), "");
+    }
+
+    #[test]
+    fn unreadable_ca_file_is_an_error() {
+        let text = GOOD.replace("tls = false", "ca_file = \"/nonexistent/ca.crt\"");
+        let e = parse_str(&text).unwrap_err();
+        assert!(e.reason.contains("cannot read"), "{e}");
+        assert_eq!(e.line, Some(4));
+    }
+
+    #[test]
+    fn chains_of_groups_are_rejected() {
+        let text = format!(
+            "{GOOD}\n[[device]]\nid = 3\naddress = \"x\"\n[[group]]\nname = \"two\"\nsources = [2]\ntargets = [3]\n"
+        );
+        let e = parse_str(&text).unwrap_err();
+        assert!(e.reason.contains("chains"), "{e}");
+    }
+}

@@ -1,0 +1,844 @@
+//! The durable state: one SQLite database (WAL, `synchronous=FULL`, mode
+//! 0600 in a 0700 directory) holding per-device checkpoints, the compacted
+//! change journal, target cursors, quarantine, reconcile requests and device
+//! status for the CLI.
+//!
+//! Every step that advances a checkpoint or a cursor commits in the same
+//! transaction as what it covers. The store holds user IDs, never user
+//! records: no template, PIN or photo is ever written here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+pub const DB_FILE: &str = "state.db";
+/// Schema version written in `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "state database {path} cannot be used: {reason}. The daemon will not reset it by itself; \
+         move it aside (the next start rebuilds state with a full reconcile) or restore a backup"
+    )]
+    Unusable { path: PathBuf, reason: String },
+    #[error("state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state database task failed: {0}")]
+    Task(String),
+}
+
+/// What a journal row asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// User changed (enrolled, updated or deleted): apply its current state.
+    User,
+    /// Every user deleted at the source.
+    DeleteAll,
+}
+
+/// A change to record in a group's journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub group: String,
+    /// Empty for [`ChangeKind::DeleteAll`].
+    pub user_id: String,
+    pub source: u32,
+    pub kind: ChangeKind,
+}
+
+/// One row of a group's compacted journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalRow {
+    pub seq: u64,
+    pub user_id: String,
+    pub source: u32,
+    pub kind: ChangeKind,
+}
+
+/// A request to reconcile one target of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcileRequest {
+    pub group: String,
+    pub target: u32,
+    pub reason: String,
+    pub prune: bool,
+    /// Resume point: users up to this ID (in sorted order) are done.
+    pub after_user: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineEntry {
+    pub group: String,
+    pub device: u32,
+    pub user_id: String,
+    pub seq: u64,
+    pub code: String,
+    pub message: String,
+    pub since: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStatusRow {
+    pub device: u32,
+    pub state: String,
+    pub detail: String,
+    pub updated_at: u64,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn kind_code(k: ChangeKind) -> i64 {
+    match k {
+        ChangeKind::User => 0,
+        ChangeKind::DeleteAll => 1,
+    }
+}
+
+fn kind_of(code: i64) -> ChangeKind {
+    if code == 1 {
+        ChangeKind::DeleteAll
+    } else {
+        ChangeKind::User
+    }
+}
+
+fn u32_of(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "
+    CREATE TABLE checkpoint (
+        device_id  INTEGER PRIMARY KEY,
+        event_id   INTEGER NOT NULL,
+        -- What the checkpoint event looked like, to notice a log that was
+        -- reset and refilled past the checkpoint (IDs restart, WIRE.md §5.5).
+        anchor     TEXT,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE journal (
+        grp         TEXT    NOT NULL,
+        user_id     TEXT    NOT NULL,
+        seq         INTEGER NOT NULL,
+        source      INTEGER NOT NULL,
+        kind        INTEGER NOT NULL,
+        recorded_at INTEGER NOT NULL,
+        PRIMARY KEY (grp, user_id)
+    );
+    CREATE INDEX journal_by_seq ON journal (grp, seq);
+    CREATE TABLE cursor (
+        grp       TEXT    NOT NULL,
+        device_id INTEGER NOT NULL,
+        seq       INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id)
+    );
+    CREATE TABLE quarantine (
+        grp       TEXT    NOT NULL,
+        device_id INTEGER NOT NULL,
+        user_id   TEXT    NOT NULL,
+        seq       INTEGER NOT NULL,
+        code      TEXT    NOT NULL,
+        message   TEXT    NOT NULL,
+        since     INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id, user_id)
+    );
+    CREATE TABLE reconcile (
+        grp          TEXT    NOT NULL,
+        device_id    INTEGER NOT NULL,
+        reason       TEXT    NOT NULL,
+        prune        INTEGER NOT NULL,
+        after_user   TEXT,
+        requested_at INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id)
+    );
+    -- Users a reconcile found missing or different on one target; applied
+    -- to that target alone, then removed.
+    CREATE TABLE pending (
+        grp       TEXT    NOT NULL,
+        device_id INTEGER NOT NULL,
+        user_id   TEXT    NOT NULL,
+        source    INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id, user_id)
+    );
+    CREATE TABLE device_status (
+        device_id  INTEGER PRIMARY KEY,
+        state      TEXT    NOT NULL,
+        detail     TEXT    NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE group_status (
+        grp        TEXT PRIMARY KEY,
+        diverged   TEXT,
+        updated_at INTEGER NOT NULL
+    );
+    ",
+];
+
+/// The state store. Cheap to clone; calls run on the blocking pool.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// Creates `dir` (0700) if missing and tightens it if it exists.
+fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| StoreError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// Creates the database file with mode 0600 before SQLite opens it; SQLite
+/// gives its -wal and -shm files the same mode.
+fn prepare_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |source| StoreError::Dir {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`. A file that is not a
+    /// usable database is an error naming the file, never a silent reset.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        prepare_dir(dir)?;
+        let path = dir.join(DB_FILE);
+        prepare_file(&path)?;
+        let unusable = |e: rusqlite::Error| StoreError::Unusable {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let mut conn = Connection::open(&path).map_err(unusable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(unusable)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(unusable)?;
+        if check != "ok" {
+            return Err(StoreError::Unusable {
+                path,
+                reason: format!("integrity check failed: {check}"),
+            });
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unusable)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(unusable)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(unusable)?;
+        migrate(&mut conn, &path)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the blocking pool with the connection.
+    pub async fn run<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    // ---- synchronous API (tests, CLI) ----------------------------------
+
+    pub fn checkpoints(&self) -> Result<BTreeMap<u32, u32>, StoreError> {
+        checkpoints(&self.lock())
+    }
+
+    pub fn checkpoint(&self, device: u32) -> Result<Option<u32>, StoreError> {
+        checkpoint(&self.lock(), device)
+    }
+
+    pub fn journal(&self, group: &str) -> Result<Vec<JournalRow>, StoreError> {
+        journal_after(&self.lock(), group, 0, usize::MAX)
+    }
+
+    pub fn cursors(&self, group: &str) -> Result<BTreeMap<u32, u64>, StoreError> {
+        cursors(&self.lock(), group)
+    }
+
+    pub fn head(&self, group: &str) -> Result<u64, StoreError> {
+        head(&self.lock(), group)
+    }
+
+    pub fn quarantine(&self) -> Result<Vec<QuarantineEntry>, StoreError> {
+        quarantine(&self.lock())
+    }
+
+    pub fn reconcile_requests(&self) -> Result<Vec<ReconcileRequest>, StoreError> {
+        reconcile_requests(&self.lock())
+    }
+
+    pub fn device_statuses(&self) -> Result<Vec<DeviceStatusRow>, StoreError> {
+        device_statuses(&self.lock())
+    }
+
+    pub fn diverged(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        diverged(&self.lock())
+    }
+
+    /// Asks for a reconcile of `target` in `group` (restarting one that is
+    /// under way).
+    pub fn request_reconcile(
+        &self,
+        group: &str,
+        target: u32,
+        reason: &str,
+        prune: bool,
+    ) -> Result<(), StoreError> {
+        let conn = self.lock();
+        request_reconcile(&conn, group, target, reason, prune)?;
+        Ok(())
+    }
+
+    /// Seeds a checkpoint (import of another tool's state).
+    pub fn set_checkpoint(&self, device: u32, event_id: u32) -> Result<(), StoreError> {
+        let conn = self.lock();
+        set_checkpoint(&conn, device, event_id)
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if version > known {
+        return Err(StoreError::Unusable {
+            path: path.to_owned(),
+            reason: format!(
+                "schema version {version} is newer than this usersync understands ({known}); \
+                 downgrading is not supported"
+            ),
+        });
+    }
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(0))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+// ---- queries, usable inside a transaction -----------------------------------
+
+pub fn checkpoints(conn: &Connection) -> Result<BTreeMap<u32, u32>, StoreError> {
+    let mut stmt = conn.prepare("SELECT device_id, event_id FROM checkpoint")?;
+    let rows = stmt.query_map([], |r| Ok((u32_of(r.get(0)?), u32_of(r.get(1)?))))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn checkpoint(conn: &Connection, device: u32) -> Result<Option<u32>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT event_id FROM checkpoint WHERE device_id = ?1",
+            [i64::from(device)],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(u32_of))
+}
+
+pub fn set_checkpoint(conn: &Connection, device: u32, event_id: u32) -> Result<(), StoreError> {
+    set_checkpoint_anchored(conn, device, event_id, None)
+}
+
+pub fn set_checkpoint_anchored(
+    conn: &Connection,
+    device: u32,
+    event_id: u32,
+    anchor: Option<&str>,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO checkpoint (device_id, event_id, anchor, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (device_id) DO UPDATE SET event_id = ?2, anchor = ?3, updated_at = ?4",
+        params![i64::from(device), i64::from(event_id), anchor, now()],
+    )?;
+    Ok(())
+}
+
+/// Checkpoints with their anchors.
+pub fn anchored_checkpoints(
+    conn: &Connection,
+) -> Result<BTreeMap<u32, (u32, Option<String>)>, StoreError> {
+    let mut stmt = conn.prepare("SELECT device_id, event_id, anchor FROM checkpoint")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((u32_of(r.get(0)?), (u32_of(r.get(1)?), r.get(2)?)))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn head(conn: &Connection, group: &str) -> Result<u64, StoreError> {
+    let v: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(seq), 0) FROM journal WHERE grp = ?1",
+        [group],
+        |r| r.get(0),
+    )?;
+    Ok(u64_of(v))
+}
+
+/// Records a change, replacing the user's earlier row (compaction) with a
+/// new, higher sequence number. Returns the sequence number.
+pub fn record_change(tx: &Transaction<'_>, change: &Change) -> Result<u64, StoreError> {
+    let seq = head(tx, &change.group)? + 1;
+    tx.execute(
+        "INSERT INTO journal (grp, user_id, seq, source, kind, recorded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (grp, user_id) DO UPDATE
+         SET seq = ?3, source = ?4, kind = ?5, recorded_at = ?6",
+        params![
+            change.group,
+            change.user_id,
+            i64::try_from(seq).unwrap_or(i64::MAX),
+            i64::from(change.source),
+            kind_code(change.kind),
+            now()
+        ],
+    )?;
+    Ok(seq)
+}
+
+pub fn journal_after(
+    conn: &Connection,
+    group: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<JournalRow>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, user_id, source, kind FROM journal
+         WHERE grp = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            group,
+            i64::try_from(after).unwrap_or(i64::MAX),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ],
+        |r| {
+            Ok(JournalRow {
+                seq: u64_of(r.get(0)?),
+                user_id: r.get(1)?,
+                source: u32_of(r.get(2)?),
+                kind: kind_of(r.get(3)?),
+            })
+        },
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Queues `user` for `target` alone (reconcile).
+pub fn add_pending(
+    conn: &Connection,
+    group: &str,
+    target: u32,
+    user: &str,
+    source: u32,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO pending (grp, device_id, user_id, source) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (grp, device_id, user_id) DO UPDATE SET source = ?4",
+        params![group, i64::from(target), user, i64::from(source)],
+    )?;
+    Ok(())
+}
+
+/// Up to `limit` queued users of `target`, as journal rows with seq 0.
+pub fn pending(
+    conn: &Connection,
+    group: &str,
+    target: u32,
+    limit: usize,
+) -> Result<Vec<JournalRow>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT user_id, source FROM pending WHERE grp = ?1 AND device_id = ?2
+         ORDER BY user_id LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            group,
+            i64::from(target),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ],
+        |r| {
+            Ok(JournalRow {
+                seq: 0,
+                user_id: r.get(0)?,
+                source: u32_of(r.get(1)?),
+                kind: ChangeKind::User,
+            })
+        },
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn remove_pending(
+    conn: &Connection,
+    group: &str,
+    target: u32,
+    users: &[String],
+) -> Result<(), StoreError> {
+    let mut stmt =
+        conn.prepare("DELETE FROM pending WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3")?;
+    for u in users {
+        stmt.execute(params![group, i64::from(target), u])?;
+    }
+    Ok(())
+}
+
+/// Queued users per (group, target).
+pub fn pending_counts(conn: &Connection) -> Result<BTreeMap<(String, u32), u64>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT grp, device_id, COUNT(*) FROM pending GROUP BY grp, device_id")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(((r.get(0)?, u32_of(r.get(1)?)), u64_of(r.get(2)?)))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn cursors(conn: &Connection, group: &str) -> Result<BTreeMap<u32, u64>, StoreError> {
+    let mut stmt = conn.prepare("SELECT device_id, seq FROM cursor WHERE grp = ?1")?;
+    let rows = stmt.query_map([group], |r| Ok((u32_of(r.get(0)?), u64_of(r.get(1)?))))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Moves a target's cursor forward (never back).
+pub fn advance_cursor(
+    conn: &Connection,
+    group: &str,
+    device: u32,
+    seq: u64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO cursor (grp, device_id, seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT (grp, device_id) DO UPDATE SET seq = MAX(seq, ?3)",
+        params![
+            group,
+            i64::from(device),
+            i64::try_from(seq).unwrap_or(i64::MAX)
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn add_quarantine(conn: &Connection, e: &QuarantineEntry) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO quarantine (grp, device_id, user_id, seq, code, message, since)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (grp, device_id, user_id) DO UPDATE SET seq = ?4, code = ?5, message = ?6",
+        params![
+            e.group,
+            i64::from(e.device),
+            e.user_id,
+            i64::try_from(e.seq).unwrap_or(i64::MAX),
+            e.code,
+            e.message,
+            i64::try_from(e.since).unwrap_or(0)
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn clear_quarantine(
+    conn: &Connection,
+    group: &str,
+    device: u32,
+    user_ids: &[String],
+) -> Result<(), StoreError> {
+    let mut stmt =
+        conn.prepare("DELETE FROM quarantine WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3")?;
+    for u in user_ids {
+        stmt.execute(params![group, i64::from(device), u])?;
+    }
+    Ok(())
+}
+
+pub fn quarantine(conn: &Connection) -> Result<Vec<QuarantineEntry>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT grp, device_id, user_id, seq, code, message, since FROM quarantine
+         ORDER BY grp, device_id, user_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(QuarantineEntry {
+            group: r.get(0)?,
+            device: u32_of(r.get(1)?),
+            user_id: r.get(2)?,
+            seq: u64_of(r.get(3)?),
+            code: r.get(4)?,
+            message: r.get(5)?,
+            since: u64_of(r.get(6)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn request_reconcile(
+    conn: &Connection,
+    group: &str,
+    target: u32,
+    reason: &str,
+    prune: bool,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO reconcile (grp, device_id, reason, prune, after_user, requested_at)
+         VALUES (?1, ?2, ?3, ?4, NULL, ?5)
+         ON CONFLICT (grp, device_id) DO UPDATE
+         SET reason = ?3, prune = MAX(prune, ?4), after_user = NULL, requested_at = ?5",
+        params![group, i64::from(target), reason, i64::from(prune), now()],
+    )?;
+    Ok(())
+}
+
+pub fn reconcile_requests(conn: &Connection) -> Result<Vec<ReconcileRequest>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT grp, device_id, reason, prune, after_user FROM reconcile ORDER BY requested_at, grp, device_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(ReconcileRequest {
+            group: r.get(0)?,
+            target: u32_of(r.get(1)?),
+            reason: r.get(2)?,
+            prune: r.get::<_, i64>(3)? != 0,
+            after_user: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn reconcile_progress(
+    conn: &Connection,
+    group: &str,
+    target: u32,
+    after_user: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE reconcile SET after_user = ?3 WHERE grp = ?1 AND device_id = ?2",
+        params![group, i64::from(target), after_user],
+    )?;
+    Ok(())
+}
+
+pub fn reconcile_done(conn: &Connection, group: &str, target: u32) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM reconcile WHERE grp = ?1 AND device_id = ?2",
+        params![group, i64::from(target)],
+    )?;
+    Ok(())
+}
+
+pub fn set_device_status(
+    conn: &Connection,
+    device: u32,
+    state: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO device_status (device_id, state, detail, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (device_id) DO UPDATE SET state = ?2, detail = ?3, updated_at = ?4",
+        params![i64::from(device), state, detail, now()],
+    )?;
+    Ok(())
+}
+
+pub fn device_statuses(conn: &Connection) -> Result<Vec<DeviceStatusRow>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT device_id, state, detail, updated_at FROM device_status ORDER BY device_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(DeviceStatusRow {
+            device: u32_of(r.get(0)?),
+            state: r.get(1)?,
+            detail: r.get(2)?,
+            updated_at: u64_of(r.get(3)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn set_diverged(conn: &Connection, group: &str, why: Option<&str>) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO group_status (grp, diverged, updated_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (grp) DO UPDATE SET diverged = ?2, updated_at = ?3",
+        params![group, why, now()],
+    )?;
+    Ok(())
+}
+
+pub fn diverged(conn: &Connection) -> Result<BTreeMap<String, String>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT grp, diverged FROM group_status WHERE diverged IS NOT NULL")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn change(group: &str, user: &str) -> Change {
+        Change {
+            group: group.into(),
+            user_id: user.into(),
+            source: 1,
+            kind: ChangeKind::User,
+        }
+    }
+
+    #[test]
+    fn files_are_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let store = Store::open(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(store.path()), 0o600);
+        // Re-opening tightens a directory someone loosened.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        drop(store);
+        Store::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn garbage_is_reported_not_reset() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(DB_FILE), vec![0x42; 8192]).unwrap();
+        let err = Store::open(tmp.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("state.db"), "{text}");
+        assert!(text.contains("will not reset"), "{text}");
+        // The file is untouched.
+        assert_eq!(
+            std::fs::read(tmp.path().join(DB_FILE)).unwrap(),
+            vec![0x42; 8192]
+        );
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        store
+            .lock()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        drop(store);
+        let err = Store::open(tmp.path()).unwrap_err();
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn journal_compacts_and_sequences_increase() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        {
+            let mut conn = store.lock();
+            let tx = conn.transaction().unwrap();
+            assert_eq!(record_change(&tx, &change("g", "a")).unwrap(), 1);
+            assert_eq!(record_change(&tx, &change("g", "b")).unwrap(), 2);
+            assert_eq!(record_change(&tx, &change("g", "a")).unwrap(), 3);
+            assert_eq!(record_change(&tx, &change("h", "a")).unwrap(), 1);
+            tx.commit().unwrap();
+        }
+        let rows = store.journal("g").unwrap();
+        let ids: Vec<(u64, &str)> = rows.iter().map(|r| (r.seq, r.user_id.as_str())).collect();
+        assert_eq!(ids, vec![(2, "b"), (3, "a")]);
+        assert_eq!(store.head("g").unwrap(), 3);
+        let conn = store.lock();
+        advance_cursor(&conn, "g", 7, 3).unwrap();
+        advance_cursor(&conn, "g", 7, 2).unwrap();
+        assert_eq!(
+            cursors(&conn, "g").unwrap()[&7],
+            3,
+            "cursors never move back"
+        );
+        assert_eq!(journal_after(&conn, "g", 2, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reconcile_requests_resume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        store
+            .request_reconcile("g", 5, "first start", false)
+            .unwrap();
+        reconcile_progress(&store.lock(), "g", 5, "u100").unwrap();
+        drop(store);
+        let store = Store::open(tmp.path()).unwrap();
+        let req = &store.reconcile_requests().unwrap()[0];
+        assert_eq!(req.after_user.as_deref(), Some("u100"));
+        // A new request restarts it.
+        store.request_reconcile("g", 5, "again", true).unwrap();
+        let req = &store.reconcile_requests().unwrap()[0];
+        assert_eq!((req.after_user.as_deref(), req.prune), (None, true));
+        reconcile_done(&store.lock(), "g", 5).unwrap();
+        assert!(store.reconcile_requests().unwrap().is_empty());
+    }
+}
