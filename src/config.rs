@@ -401,6 +401,23 @@ impl Validator<'_> {
                     format!("group {name:?}: device {both} is both a source and a target"),
                 );
             }
+            // A device written by one group must not drive another: its
+            // write events would be taken for changes and could loop.
+            let chain = |list: &Spanned<Vec<u32>>, other: &BTreeSet<u32>| {
+                list.get_ref().iter().find(|d| other.contains(d)).copied()
+            };
+            if let Some(d) = chain(&g.sources, &targets_seen) {
+                return self.err(
+                    g.sources.span(),
+                    format!("group {name:?}: device {d} is a target of another group; chains of groups are not supported"),
+                );
+            }
+            if let Some(d) = chain(&g.targets, &sources_seen) {
+                return self.err(
+                    g.targets.span(),
+                    format!("group {name:?}: device {d} is a source of another group; chains of groups are not supported"),
+                );
+            }
             sources_seen.extend(g.sources.get_ref());
             targets_seen.extend(g.targets.get_ref());
             groups.push(GroupConfig {
@@ -409,17 +426,6 @@ impl Validator<'_> {
                 targets: g.targets.into_inner(),
                 prune: g.prune,
                 propagate_delete_all: g.propagate_delete_all,
-            });
-        }
-        // A device written by one group must not drive another: its write
-        // events would be taken for changes and could loop.
-        if let Some(d) = sources_seen.intersection(&targets_seen).next() {
-            return Err(ConfigError {
-                file: self.path.to_owned(),
-                line: None,
-                reason: format!(
-                    "device {d} is a source of one group and a target of another; chains of groups are not supported"
-                ),
             });
         }
 

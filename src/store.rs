@@ -841,4 +841,76 @@ mod tests {
         reconcile_done(&store.lock(), "g", 5).unwrap();
         assert!(store.reconcile_requests().unwrap().is_empty());
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Record(bool, u8),
+        Advance(bool, u8, u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (any::<bool>(), 0u8..6).prop_map(|(g, u)| Op::Record(g, u)),
+            (any::<bool>(), 0u8..3, 0u64..40).prop_map(|(g, t, s)| Op::Advance(g, t, s)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Against a model: per group, the journal holds each user once at
+        /// the sequence number of its latest change; sequence numbers only
+        /// grow; `journal_after(cursor)` is exactly the users changed after
+        /// the cursor, in order; cursors never move back.
+        #[test]
+        fn journal_and_cursors_match_a_model(ops in proptest::collection::vec(op(), 0..80)) {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = Store::open(tmp.path()).unwrap();
+            let name = |g: bool| if g { "g" } else { "h" };
+            let mut latest: BTreeMap<(&str, String), u64> = BTreeMap::new();
+            let mut counter: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut model_cursors: BTreeMap<(&str, u32), u64> = BTreeMap::new();
+            for op in ops {
+                let mut conn = store.lock();
+                match op {
+                    Op::Record(g, u) => {
+                        let tx = conn.transaction().unwrap();
+                        let seq = record_change(&tx, &change(name(g), &format!("u{u}"))).unwrap();
+                        tx.commit().unwrap();
+                        let c = counter.entry(name(g)).or_insert(0);
+                        *c += 1;
+                        proptest::prop_assert_eq!(seq, *c);
+                        latest.insert((name(g), format!("u{u}")), seq);
+                    }
+                    Op::Advance(g, t, s) => {
+                        advance_cursor(&conn, name(g), u32::from(t), s).unwrap();
+                        let m = model_cursors.entry((name(g), u32::from(t))).or_insert(0);
+                        *m = (*m).max(s);
+                    }
+                }
+            }
+            for g in ["g", "h"] {
+                let conn = store.lock();
+                for cursor in 0..=counter.get(g).copied().unwrap_or(0) {
+                    let got: Vec<(u64, String)> = journal_after(&conn, g, cursor, usize::MAX)
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| (r.seq, r.user_id))
+                        .collect();
+                    let mut want: Vec<(u64, String)> = latest
+                        .iter()
+                        .filter(|((gg, _), s)| *gg == g && **s > cursor)
+                        .map(|((_, u), s)| (*s, u.clone()))
+                        .collect();
+                    want.sort();
+                    proptest::prop_assert_eq!(got, want);
+                }
+                let cs = cursors(&conn, g).unwrap();
+                for ((gg, t), s) in &model_cursors {
+                    if *gg == g {
+                        proptest::prop_assert_eq!(cs.get(t).copied(), Some(*s));
+                    }
+                }
+            }
+        }
+    }
 }

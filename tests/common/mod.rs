@@ -82,26 +82,28 @@ impl Daemon {
     }
 }
 
-/// Writes the simulator's CA into `dir` and builds a config with the first
-/// device as the source and the others as targets of group "main".
-pub fn config(sim: &Simulator, dir: &std::path::Path, extra_group: &str) -> Config {
+/// The group "main": the first device is the source, the others targets.
+pub fn main_group(sim: &Simulator) -> String {
     let devices = sim.device_ids();
-    config_with(
-        sim,
-        dir,
-        &format!(
-            "[[group]]\nname = \"main\"\nsources = [{}]\ntargets = [{}]\n{extra_group}",
-            devices[0],
-            devices[1..]
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+    format!(
+        "[[group]]\nname = \"main\"\nsources = [{}]\ntargets = [{}]\n",
+        devices[0],
+        devices[1..]
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
-pub fn config_with(sim: &Simulator, dir: &std::path::Path, groups: &str) -> Config {
+/// Config for group "main" plus `extra_group`.
+pub fn config(sim: &Simulator, dir: &std::path::Path, extra_group: &str) -> Config {
+    config_with(sim, dir, &format!("{}{extra_group}", main_group(sim)))
+}
+
+/// Writes the simulator's CA into `dir` and returns a config file's text
+/// with every simulated device and `groups`.
+pub fn config_text(sim: &Simulator, dir: &std::path::Path, groups: &str) -> String {
     let ca = sim
         .certs()
         .expect("TLS simulator")
@@ -123,6 +125,11 @@ pub fn config_with(sim: &Simulator, dir: &std::path::Path, groups: &str) -> Conf
         ));
     }
     text.push_str(groups);
+    text
+}
+
+pub fn config_with(sim: &Simulator, dir: &std::path::Path, groups: &str) -> Config {
+    let text = config_text(sim, dir, groups);
     usersync::config::parse(&dir.join("usersync.toml"), &text).expect("valid test config")
 }
 
