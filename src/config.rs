@@ -720,3 +720,137 @@ targets = [2]
         assert!(e.reason.contains("chains"), "{e}");
     }
 }
+
+/// What a reload changes (applied without a restart).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigDiff {
+    pub added_devices: Vec<u32>,
+    pub removed_devices: Vec<u32>,
+    /// Address, port or TLS changed: re-registered with the gateway.
+    pub changed_devices: Vec<u32>,
+    pub added_groups: Vec<String>,
+    pub removed_groups: Vec<String>,
+    /// Sources, targets or policies changed: the applier restarts.
+    pub changed_groups: Vec<String>,
+    /// Settings that only take effect at the next start.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl ConfigDiff {
+    pub fn is_empty(&self) -> bool {
+        *self == ConfigDiff::default()
+    }
+}
+
+impl fmt::Display for ConfigDiff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "devices +{:?} -{:?} ~{:?}, groups +{:?} -{:?} ~{:?}",
+            self.added_devices,
+            self.removed_devices,
+            self.changed_devices,
+            self.added_groups,
+            self.removed_groups,
+            self.changed_groups
+        )?;
+        if !self.needs_restart.is_empty() {
+            write!(f, "; needs a restart: {}", self.needs_restart.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Compares two configurations.
+pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
+    let mut d = ConfigDiff::default();
+    for (id, dev) in &new.devices {
+        match old.devices.get(id) {
+            None => d.added_devices.push(*id),
+            Some(o) if o != dev => d.changed_devices.push(*id),
+            Some(_) => {}
+        }
+    }
+    d.removed_devices = old
+        .devices
+        .keys()
+        .filter(|id| !new.devices.contains_key(id))
+        .copied()
+        .collect();
+    for g in &new.groups {
+        match old.group(&g.name) {
+            None => d.added_groups.push(g.name.clone()),
+            Some(o) if o != g => d.changed_groups.push(g.name.clone()),
+            Some(_) => {}
+        }
+    }
+    d.removed_groups = old
+        .groups
+        .iter()
+        .filter(|g| new.group(&g.name).is_none())
+        .map(|g| g.name.clone())
+        .collect();
+    // Batch sizes and the poll interval are read by appliers at start.
+    if old.sync != new.sync {
+        for g in &new.groups {
+            if !d.changed_groups.contains(&g.name) && !d.added_groups.contains(&g.name) {
+                d.changed_groups.push(g.name.clone());
+            }
+        }
+    }
+    if old.gateway != new.gateway {
+        d.needs_restart.push("[gateway]");
+    }
+    if old.state_dir != new.state_dir {
+        d.needs_restart.push("[state] dir");
+    }
+    if old.metrics_listen != new.metrics_listen {
+        d.needs_restart.push("[metrics] listen");
+    }
+    d
+}
+
+#[cfg(test)]
+mod diff_tests {
+    use super::*;
+
+    fn cfg(devices: &str, groups: &str) -> Config {
+        parse(
+            Path::new("/t.toml"),
+            &format!("[gateway]\naddress = \"h:1\"\ntls = false\n[state]\ndir = \"/s\"\n{devices}\n{groups}"),
+        )
+        .unwrap()
+    }
+
+    const D12: &str = "[[device]]\nid = 1\naddress = \"a\"\n[[device]]\nid = 2\naddress = \"b\"\n";
+
+    #[test]
+    fn diff_of_devices_and_groups() {
+        let old = cfg(
+            D12,
+            "[[group]]\nname = \"g\"\nsources = [1]\ntargets = [2]\n",
+        );
+        assert!(diff(&old, &old).is_empty());
+        let new = cfg(
+            "[[device]]\nid = 1\naddress = \"a2\"\n[[device]]\nid = 3\naddress = \"c\"\n",
+            "[[group]]\nname = \"h\"\nsources = [1]\ntargets = [3]\n",
+        );
+        let d = diff(&old, &new);
+        assert_eq!(d.added_devices, vec![3]);
+        assert_eq!(d.removed_devices, vec![2]);
+        assert_eq!(d.changed_devices, vec![1]);
+        assert_eq!(d.added_groups, vec!["h"]);
+        assert_eq!(d.removed_groups, vec!["g"]);
+        assert!(d.changed_groups.is_empty());
+        assert!(d.needs_restart.is_empty());
+
+        let pruned = cfg(
+            D12,
+            "[[group]]\nname = \"g\"\nsources = [1]\ntargets = [2]\nprune = true\n",
+        );
+        assert_eq!(diff(&old, &pruned).changed_groups, vec!["g"]);
+        let mut moved = old.clone();
+        moved.gateway.address = "other:2".into();
+        assert_eq!(diff(&old, &moved).needs_restart, vec!["[gateway]"]);
+    }
+}

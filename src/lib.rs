@@ -20,22 +20,32 @@
 //! * [`sync`] — the appliers: batches, Multi calls, partial failures,
 //!   quarantine, reconcile.
 //! * [`backoff`] — the retry policy.
+//! * [`service`] — systemd notifications, STATUS line, watchdog.
+//! * [`metrics`] — Prometheus metrics and their endpoint.
+//! * [`cli`] — operator commands (status, events, users, enroll, delete,
+//!   reconcile, import-config); [`demo`] — the scripted demo.
+//! * [`logging`] — journald / stderr / JSON logging.
 //! * [`sim`] — the gateway simulator used by the tests and the demo.
 
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod device;
 pub mod events;
 pub mod gateway;
+pub mod logging;
+pub mod metrics;
+pub mod service;
 pub mod sim;
 pub mod store;
 pub mod supervisor;
 pub mod sync;
 pub mod wire;
 
-pub use supervisor::{DaemonError, Shutdown};
+pub use supervisor::{DaemonError, Reload, Shutdown};
 
 /// Runs the daemon with `config` until `signals.shutdown` is cancelled.
 pub async fn run(config: config::Config, signals: Shutdown) -> Result<(), DaemonError> {

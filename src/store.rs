@@ -133,6 +133,8 @@ const MIGRATIONS: &[&str] = &[
         -- What the checkpoint event looked like, to notice a log that was
         -- reset and refilled past the checkpoint (IDs restart, WIRE.md §5.5).
         anchor     TEXT,
+        -- The newest event ID seen on the device (for the lag).
+        newest     INTEGER,
         updated_at INTEGER NOT NULL
     );
     CREATE TABLE journal (
@@ -276,8 +278,30 @@ impl Store {
         })
     }
 
+    /// Opens the store of a daemon that has run before (operator
+    /// commands): a missing database is an error, not created.
+    pub fn open_existing(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(StoreError::Unusable {
+                reason: "it does not exist yet (has the daemon ever run with this configuration?)"
+                    .into(),
+                path,
+            });
+        }
+        Store::open(dir)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs `f` with the connection, here and now (operator commands).
+    pub fn with<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        f(&mut self.lock())
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -420,6 +444,35 @@ pub fn set_checkpoint_anchored(
     Ok(())
 }
 
+/// Records the newest event ID seen on a device.
+pub fn set_newest(conn: &Connection, device: u32, newest: u32) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE checkpoint SET newest = MAX(COALESCE(newest, 0), ?2) WHERE device_id = ?1",
+        params![i64::from(device), i64::from(newest)],
+    )?;
+    Ok(())
+}
+
+/// A device's checkpoint row: (checkpoint, newest seen, updated_at).
+pub type CheckpointRow = (u32, Option<u32>, u64);
+
+/// Per device: its checkpoint row.
+pub fn checkpoint_rows(conn: &Connection) -> Result<BTreeMap<u32, CheckpointRow>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT device_id, event_id, newest, updated_at FROM checkpoint")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            u32_of(r.get(0)?),
+            (
+                u32_of(r.get(1)?),
+                r.get::<_, Option<i64>>(2)?.map(u32_of),
+                u64_of(r.get(3)?),
+            ),
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Checkpoints with their anchors.
 pub fn anchored_checkpoints(
     conn: &Connection,
@@ -486,6 +539,19 @@ pub fn journal_after(
             })
         },
     )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Journal rows each target has not applied yet, per (group, target).
+pub fn backlog(conn: &Connection) -> Result<BTreeMap<(String, u32), u64>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT c.grp, c.device_id,
+                (SELECT COUNT(*) FROM journal j WHERE j.grp = c.grp AND j.seq > c.seq)
+         FROM cursor c",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(((r.get(0)?, u32_of(r.get(1)?)), u64_of(r.get(2)?)))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 

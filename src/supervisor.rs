@@ -4,20 +4,22 @@
 //! jittered backoff; a panicked task at once — and shuts down cleanly.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::device::{Board, CatchUpRequest, DeviceTask, Input};
 use crate::events::{Consumer, ConsumerError};
 use crate::gateway::{GatewayClient, GatewayError};
+use crate::metrics::Metrics;
 use crate::proto::gsdk::connect::{AsyncConnectInfo, Status as DevStatus};
+use crate::service::{self, GatewayHealth, Health};
 use crate::store::{Store, StoreError};
 use crate::sync::Applier;
 
@@ -33,6 +35,46 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    #[error("another usersync daemon is running on {0} (it holds daemon.lock)")]
+    AlreadyRunning(std::path::PathBuf),
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A new configuration to apply; `done` receives a summary of the change.
+#[derive(Debug)]
+pub struct Reload {
+    pub config: Config,
+    pub done: oneshot::Sender<String>,
+}
+
+/// The lock a running daemon holds in its state directory; operator
+/// commands take it to know whether a daemon runs.
+pub const LOCK_FILE: &str = "daemon.lock";
+
+/// Takes the daemon lock of `dir` without waiting. `Ok(None)`: held by
+/// someone else.
+pub fn try_lock(dir: &std::path::Path) -> Result<Option<std::fs::File>, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| DaemonError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(source)) => Err(DaemonError::Lock { path, source }),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,32 +127,57 @@ fn send_one(inboxes: &Inboxes, device: u32, input: Input) {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum TaskKind {
     Device(u32),
     Group(String),
+    Service,
 }
 
 struct Tasks {
     set: JoinSet<()>,
-    kinds: HashMap<tokio::task::Id, TaskKind>,
+    kinds: HashMap<tokio::task::Id, (TaskKind, CancellationToken)>,
     cancel: CancellationToken,
+}
+
+impl Tasks {
+    /// Stops the task of `kind` (it is not restarted).
+    fn stop(&mut self, kind: &TaskKind) {
+        for (k, token) in self.kinds.values() {
+            if k == kind {
+                token.cancel();
+            }
+        }
+    }
 }
 
 /// Everything a task needs to be (re)spawned.
 struct Parts {
-    config: Arc<Config>,
+    config: RwLock<Arc<Config>>,
+    /// Tells the gateway session that the configuration changed.
+    config_changed: Notify,
     client: GatewayClient,
     store: Store,
     board: Board,
     inboxes: Inboxes,
     catch_up: mpsc::Sender<CatchUpRequest>,
-    wake: HashMap<String, Arc<Notify>>,
+    wake: RwLock<HashMap<String, Arc<Notify>>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl Parts {
+    fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn wake(&self) -> HashMap<String, Arc<Notify>> {
+        self.wake.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn spawn(&self, tasks: &mut Tasks, kind: TaskKind) {
         let cancel = tasks.cancel.child_token();
+        let config = self.config();
         let handle = match &kind {
             TaskKind::Device(id) => {
                 let (tx, rx) = mpsc::channel(64);
@@ -125,49 +192,126 @@ impl Parts {
                     board: self.board.clone(),
                     store: self.store.clone(),
                     backoff: Backoff::device(),
+                    metrics: Arc::clone(&self.metrics),
                 };
-                tasks.set.spawn(task.run(rx, cancel))
+                let span = tracing::info_span!("device", device = id);
+                tasks.set.spawn(tracing::Instrument::instrument(
+                    task.run(rx, cancel.clone()),
+                    span,
+                ))
             }
             TaskKind::Group(name) => {
-                let Some(group) = self.config.group(name).cloned() else {
+                let Some(group) = config.group(name).cloned() else {
                     return;
                 };
-                let wake = self.wake.get(name).cloned().unwrap_or_default();
+                let wake = self.wake().get(name).cloned().unwrap_or_default();
                 let applier = Applier::new(
                     group,
                     self.client.clone(),
                     self.store.clone(),
                     self.board.clone(),
-                    self.config.sync.clone(),
+                    config.sync.clone(),
                     wake,
+                    Arc::clone(&self.metrics),
                 );
-                tasks.set.spawn(applier.run(cancel))
+                let span = tracing::info_span!("group", group = %name);
+                tasks.set.spawn(tracing::Instrument::instrument(
+                    applier.run(cancel.clone()),
+                    span,
+                ))
+            }
+            TaskKind::Service => {
+                let notifier = service::notifier(
+                    Arc::clone(&self.health),
+                    self.board.clone(),
+                    self.store.clone(),
+                    cancel.clone(),
+                );
+                tasks.set.spawn(notifier)
             }
         };
-        tasks.kinds.insert(handle.id(), kind);
+        tasks.kinds.insert(handle.id(), (kind, cancel));
+    }
+
+    /// Applies a new configuration to the tasks (the gateway session
+    /// applies its part when woken). Returns a summary.
+    fn reconfigure(&self, tasks: &mut Tasks, new: Config) -> String {
+        let old = self.config();
+        let d = config::diff(&old, &new);
+        if d.is_empty() {
+            return "configuration unchanged".to_owned();
+        }
+        for name in &d.added_groups {
+            self.wake
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.clone(), Arc::new(Notify::new()));
+        }
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        for id in &d.removed_devices {
+            tasks.stop(&TaskKind::Device(*id));
+            self.inboxes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            self.board.remove(*id);
+            self.metrics.forget_device(*id);
+        }
+        for id in &d.added_devices {
+            self.board.set(*id, crate::device::Phase::Disconnected);
+            self.spawn(tasks, TaskKind::Device(*id));
+        }
+        for name in d.removed_groups.iter().chain(&d.changed_groups) {
+            tasks.stop(&TaskKind::Group(name.clone()));
+        }
+        for name in d.added_groups.iter().chain(&d.changed_groups) {
+            self.spawn(tasks, TaskKind::Group(name.clone()));
+        }
+        self.config_changed.notify_one();
+        if !d.needs_restart.is_empty() {
+            tracing::warn!(settings = ?d.needs_restart, "these settings take effect at the next start");
+        }
+        d.to_string()
     }
 }
 
 /// Runs the daemon until `signals.shutdown` is cancelled.
 pub async fn run(config: Config, signals: Shutdown) -> Result<(), DaemonError> {
-    let config = Arc::new(config);
+    run_with(config, signals, None, Arc::new(Health::default())).await
+}
+
+/// Runs the daemon with reloads from `reload` and liveness in `health`.
+pub async fn run_with(
+    config: Config,
+    signals: Shutdown,
+    mut reload: Option<mpsc::Receiver<Reload>>,
+    health: Arc<Health>,
+) -> Result<(), DaemonError> {
     let store = Store::open(&config.state_dir)?;
+    let Some(_lock) = try_lock(&config.state_dir)? else {
+        return Err(DaemonError::AlreadyRunning(config.state_dir.clone()));
+    };
     let client = GatewayClient::new(&config.gateway.settings())?;
     let board = Board::new(config.devices.keys().copied());
+    let metrics = Arc::new(Metrics::new());
     let wake: HashMap<String, Arc<Notify>> = config
         .groups
         .iter()
         .map(|g| (g.name.clone(), Arc::new(Notify::new())))
         .collect();
     let (catch_tx, mut catch_rx) = mpsc::channel::<CatchUpRequest>(1024);
+    let config = Arc::new(config);
     let parts = Parts {
-        config: Arc::clone(&config),
+        config: RwLock::new(Arc::clone(&config)),
+        config_changed: Notify::new(),
         client: client.clone(),
         store: store.clone(),
         board: board.clone(),
         inboxes: Arc::new(Mutex::new(HashMap::new())),
         catch_up: catch_tx,
-        wake: wake.clone(),
+        wake: RwLock::new(wake.clone()),
+        metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
     };
     let mut tasks = Tasks {
         set: JoinSet::new(),
@@ -180,6 +324,15 @@ pub async fn run(config: Config, signals: Shutdown) -> Result<(), DaemonError> {
     for g in &config.groups {
         parts.spawn(&mut tasks, TaskKind::Group(g.name.clone()));
     }
+    parts.spawn(&mut tasks, TaskKind::Service);
+    if let Some(addr) = config.metrics_listen {
+        let (m, cancel) = (Arc::clone(&metrics), tasks.cancel.child_token());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, m, cancel).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
     tracing::info!(
         devices = config.devices.len(),
         groups = config.groups.len(),
@@ -188,11 +341,21 @@ pub async fn run(config: Config, signals: Shutdown) -> Result<(), DaemonError> {
         state = %store.path().display(),
         "usersync started"
     );
+    // Config and state are loaded: ready, without waiting for the gateway.
+    service::ready();
 
-    let mut consumer = Consumer::new(client.clone(), store.clone(), Arc::clone(&config), wake);
+    let mut consumer = Consumer::new(
+        client.clone(),
+        store.clone(),
+        Arc::clone(&config),
+        wake,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+    );
     let backoff = Backoff::gateway();
     let mut attempt = 0u32;
     let mut delay = Duration::ZERO;
+    let mut beat = tokio::time::interval(Duration::from_millis(500));
     loop {
         let started = Instant::now();
         let session = session(&parts, &mut consumer, &mut catch_rx, delay);
@@ -204,25 +367,38 @@ pub async fn run(config: Config, signals: Shutdown) -> Result<(), DaemonError> {
                 Some(joined) = tasks.set.join_next_with_id() => {
                     restart_if_needed(&parts, &mut tasks, joined, &signals.shutdown);
                 }
+                Some(r) = recv(&mut reload) => {
+                    let summary = parts.reconfigure(&mut tasks, r.config);
+                    tracing::info!(change = %summary, "configuration reloaded");
+                    let _ = r.done.send(summary);
+                }
+                _ = beat.tick() => health.beat_main(),
                 r = &mut session => break Some(r),
             }
         };
         let Some(result) = result else { break };
+        health.set_consumer_active(false);
+        metrics.gateway_up.set(0);
+        metrics.gateway_reconnects.inc();
         send_all(&parts.inboxes, Input::LinkDown);
         if started.elapsed() >= HEALTHY + delay {
             attempt = 0;
         }
         delay = backoff.delay(attempt);
         attempt = attempt.saturating_add(1);
-        match result {
-            Ok(()) => tracing::warn!(retry_in = ?delay, "gateway session ended; reconnecting"),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "gateway session failed; reconnecting")
-            }
-        }
+        let error = match result {
+            Ok(()) => "session ended".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(error = %error, retry_in = ?delay, "gateway session ended; reconnecting");
+        health.set_gateway(GatewayHealth::Down {
+            error,
+            retry_at: std::time::Instant::now() + delay,
+        });
     }
 
     tracing::info!("shutting down");
+    service::stopping();
     tasks.cancel.cancel();
     let deadline = tokio::time::sleep(SHUTDOWN_GRACE);
     tokio::pin!(deadline);
@@ -247,6 +423,13 @@ pub async fn run(config: Config, signals: Shutdown) -> Result<(), DaemonError> {
     Ok(())
 }
 
+async fn recv(rx: &mut Option<mpsc::Receiver<Reload>>) -> Option<Reload> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn restart_if_needed(
     parts: &Parts,
     tasks: &mut Tasks,
@@ -257,10 +440,10 @@ fn restart_if_needed(
         Ok((id, ())) => (*id, false),
         Err(e) => (e.id(), e.is_panic()),
     };
-    let Some(kind) = tasks.kinds.remove(&id) else {
+    let Some((kind, token)) = tasks.kinds.remove(&id) else {
         return;
     };
-    if shutdown.is_cancelled() {
+    if shutdown.is_cancelled() || token.is_cancelled() {
         return;
     }
     if panicked {
@@ -280,30 +463,28 @@ async fn session(
     delay: Duration,
 ) -> Result<(), SessionError> {
     tokio::time::sleep(delay).await;
-    let config = &parts.config;
+    let mut config = parts.config();
     let client = &parts.client;
+    consumer.set_config(Arc::clone(&config), parts.wake());
     consumer.load().await?;
-    let infos: Vec<AsyncConnectInfo> = config
-        .devices
-        .values()
-        .map(|d| AsyncConnectInfo {
-            device_id: d.id,
-            ip_addr: d.address.clone(),
-            port: i32::from(d.port),
-            use_ssl: d.tls,
-        })
-        .collect();
     let ids: Vec<u32> = config.devices.keys().copied().collect();
     // Subscribe before looking at the device list and before any replay,
-    // so nothing falls between replay and live.
+    // so nothing falls between replay and live. The realtime stream covers
+    // every device (empty filter, WIRE.md B9) so a reload that adds devices
+    // needs no new subscription; events of other devices are ignored.
     let mut status = client.subscribe_status(STATUS_QUEUE).await?;
     let mut realtime = client
-        .subscribe_realtime_log(config.sync.realtime_queue, ids.clone(), Vec::new())
+        .subscribe_realtime_log(config.sync.realtime_queue, Vec::new(), Vec::new())
         .await?;
-    client.add_async_connection(infos).await?;
+    client
+        .add_async_connection(config.devices.values().map(connect_info).collect())
+        .await?;
     let list = client.get_device_list().await?;
     let info = client.admin_get_info().await.ok();
     tracing::info!(gateway_version = ?info.map(|i| i.version), devices = list.len(), "gateway session up");
+    parts.health.set_gateway(GatewayHealth::Up);
+    parts.health.set_consumer_active(true);
+    parts.metrics.gateway_up.set(1);
     for id in &ids {
         let up = list
             .iter()
@@ -317,9 +498,37 @@ async fn session(
 
     let mut poll = tokio::time::interval(config.sync.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             biased;
+            _ = beat.tick() => parts.health.beat_consumer(),
+            _ = parts.config_changed.notified() => {
+                let new = parts.config();
+                let d = config::diff(&config, &new);
+                let gone: Vec<u32> = d.removed_devices.iter().chain(&d.changed_devices).copied().collect();
+                if !gone.is_empty() {
+                    client.delete_async_connection(gone).await?;
+                }
+                let added: Vec<AsyncConnectInfo> = d
+                    .added_devices
+                    .iter()
+                    .chain(&d.changed_devices)
+                    .filter_map(|id| new.devices.get(id))
+                    .map(connect_info)
+                    .collect();
+                if !added.is_empty() {
+                    client.add_async_connection(added).await?;
+                    // Their status may already be "connected"; ask.
+                    let list = client.get_device_list().await?;
+                    for id in d.added_devices.iter().chain(&d.changed_devices) {
+                        let up = list.iter().any(|x| x.device_id == *id && is_connected(x.status));
+                        send_one(&parts.inboxes, *id, if up { Input::LinkUp } else { Input::LinkDown });
+                    }
+                }
+                consumer.set_config(Arc::clone(&new), parts.wake());
+                config = new;
+            }
             msg = status.message() => match msg {
                 Ok(Some(change)) => {
                     if config.devices.contains_key(&change.device_id) {
@@ -369,6 +578,15 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+fn connect_info(d: &crate::config::DeviceConfig) -> AsyncConnectInfo {
+    AsyncConnectInfo {
+        device_id: d.id,
+        ip_addr: d.address.clone(),
+        port: i32::from(d.port),
+        use_ssl: d.tls,
     }
 }
 

@@ -27,6 +27,7 @@ pub struct DeviceTask {
     pub board: Board,
     pub store: Store,
     pub backoff: Backoff,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl DeviceTask {
@@ -134,6 +135,7 @@ impl DeviceTask {
 
     async fn publish(&self, state: DeviceState, detail: &str) {
         self.board.set(self.id, state.phase());
+        self.metrics.set_phase(self.id, state.phase());
         let (id, name, detail) = (self.id, state.name(), detail.to_owned());
         let r = self
             .store

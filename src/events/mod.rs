@@ -24,7 +24,9 @@ use tonic::Code;
 
 use crate::config::{Config, EventShipping};
 use crate::gateway::{GatewayClient, GatewayError};
+use crate::metrics::Metrics;
 use crate::proto::gsdk::event::EventLog;
+use crate::service::Health;
 use crate::store::{self, Change, ChangeKind, Store, StoreError};
 use codes::Meaning;
 
@@ -139,6 +141,10 @@ pub struct Consumer {
     /// is requested.
     wake: HashMap<String, Arc<Notify>>,
     checkpoints: BTreeMap<u32, (u32, Option<String>)>,
+    /// The newest event ID seen per device (for the lag metric).
+    newest: BTreeMap<u32, u32>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl Consumer {
@@ -147,6 +153,8 @@ impl Consumer {
         store: Store,
         config: Arc<Config>,
         wake: HashMap<String, Arc<Notify>>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Self {
         Consumer {
             client,
@@ -154,7 +162,30 @@ impl Consumer {
             config,
             wake,
             checkpoints: BTreeMap::new(),
+            newest: BTreeMap::new(),
+            metrics,
+            health,
         }
+    }
+
+    fn seen(&mut self, device: u32, id: u32) {
+        let n = self.newest.entry(device).or_insert(id);
+        *n = (*n).max(id);
+        self.update_lag(device);
+    }
+
+    fn update_lag(&self, device: u32) {
+        let cp = self.checkpoint(device).unwrap_or(0);
+        let newest = self.newest.get(&device).copied().unwrap_or(cp);
+        let label = Metrics::device(device);
+        self.metrics
+            .checkpoint
+            .get_or_create(&label)
+            .set(i64::from(cp));
+        self.metrics
+            .checkpoint_lag
+            .get_or_create(&label)
+            .set(i64::from(newest.saturating_sub(cp)));
     }
 
     pub fn set_config(&mut self, config: Arc<Config>, wake: HashMap<String, Arc<Notify>>) {
@@ -196,6 +227,7 @@ impl Consumer {
             );
             return Ok(());
         }
+        self.seen(device, ev.id);
         match self.checkpoint(device) {
             // Not caught up yet: the device's catch-up handles its log.
             None => Ok(()),
@@ -237,6 +269,7 @@ impl Consumer {
                 }
                 continue;
             }
+            self.health.beat_consumer();
             let page = match self.client.get_log(device, cp, PAGE).await {
                 Ok(page) => page,
                 // Some gateways may refuse a start older than the oldest
@@ -381,17 +414,30 @@ impl Consumer {
         let fx = Arc::new(fx);
         let recorded = Arc::clone(&fx);
         let a = last_anchor.clone();
+        let newest = self
+            .newest
+            .get(&device)
+            .copied()
+            .unwrap_or(last_id)
+            .max(last_id);
         self.store
             .run(move |c| {
                 let tx = c.transaction()?;
                 apply_effects(&tx, &recorded)?;
                 store::set_checkpoint_anchored(&tx, device, last_id, Some(&a))?;
+                store::set_newest(&tx, device, newest)?;
                 tx.commit()?;
                 Ok(())
             })
             .await?;
         self.checkpoints
             .insert(device, (last_id, Some(last_anchor)));
+        self.metrics
+            .events
+            .get_or_create(&Metrics::device(device))
+            .inc_by(events.len() as u64);
+        self.seen(device, last_id);
+        self.health.beat_consumer();
         self.wake_groups(&fx);
         Ok(())
     }

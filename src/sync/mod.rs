@@ -27,6 +27,7 @@ use crate::backoff::Backoff;
 use crate::config::{GroupConfig, SyncConfig};
 use crate::device::Board;
 use crate::gateway::{Disposition, GatewayClient, GatewayError};
+use crate::metrics::Metrics;
 use crate::store::{self, JournalRow, QuarantineEntry, Store, StoreError};
 use crate::wire::UserRecord;
 use plan::Batch;
@@ -73,6 +74,7 @@ pub struct Applier {
     /// Woken when the journal grows or a reconcile is requested.
     pub wake: Arc<Notify>,
     pub backoff: Backoff,
+    metrics: Arc<Metrics>,
     retry: HashMap<u32, (u32, Instant)>,
     poison: HashMap<(u32, String), u32>,
     reconcile: Option<ReconcileRun>,
@@ -94,8 +96,10 @@ impl Applier {
         board: Board,
         sync: SyncConfig,
         wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Applier {
+            metrics,
             group,
             client,
             store,
@@ -145,6 +149,8 @@ impl Applier {
                 _ = self.wake.notified() => {}
                 r = board.changed() => if r.is_err() { return },
                 _ = sleep_until(next_retry), if next_retry.is_some() => {}
+                // Requests written by `usersync reconcile` arrive this way.
+                _ = tokio::time::sleep(self.sync.poll_interval) => {}
             }
         }
     }
@@ -228,12 +234,7 @@ impl Applier {
         let fresh =
             self.reconcile.as_ref().is_none_or(|r| r.target != target) || req.after_user.is_none();
         if fresh {
-            let mut sources = BTreeMap::new();
-            for s in &self.group.sources {
-                for id in self.client.user_ids(*s).await? {
-                    sources.entry(id).or_insert(*s);
-                }
-            }
+            let sources = source_users(&self.client, &self.group.sources).await?;
             let target_users: BTreeSet<String> =
                 self.client.user_ids(target).await?.into_iter().collect();
             tracing::info!(
@@ -265,35 +266,11 @@ impl Applier {
 
         let mut changes: Vec<(String, u32)> = Vec::new();
         if let Some((last, _)) = chunk.last().cloned() {
-            let (present, missing): (Vec<_>, Vec<_>) = chunk
-                .into_iter()
-                .partition(|(u, _)| run.target_users.contains(u));
-            run.missing += missing.len();
-            changes.extend(missing);
-            // Contents: same bytes on the target as on the source?
-            let on_target = get_users(
-                &self.client,
-                target,
-                present.iter().map(|(u, _)| u.clone()).collect(),
-            )
-            .await?;
-            let mut by_source: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-            for (u, s) in &present {
-                by_source.entry(*s).or_default().push(u.clone());
-            }
-            for (s, ids) in by_source {
-                let on_source = get_users(&self.client, s, ids.clone()).await?;
-                for u in ids {
-                    let same = match (on_source.get(&u), on_target.get(&u)) {
-                        (Some(a), Some(b)) => a.raw == b.raw,
-                        _ => false,
-                    };
-                    if !same {
-                        run.different += 1;
-                        changes.push((u, s));
-                    }
-                }
-            }
+            let diff = compare(&self.client, target, &run.target_users, chunk).await?;
+            run.missing += diff.missing.len();
+            run.different += diff.different.len();
+            changes.extend(diff.missing);
+            changes.extend(diff.different);
             let n = name.clone();
             self.store
                 .run(move |c| {
@@ -337,6 +314,12 @@ impl Applier {
             })
             .await?;
         self.reconcile = None;
+        self.metrics
+            .reconciles
+            .get_or_create(&crate::metrics::GroupLabel {
+                group: name.clone(),
+            })
+            .inc();
         tracing::info!(group = %name, target, missing, different, pruned, "reconcile done");
         Ok(true)
     }
@@ -361,6 +344,13 @@ impl Applier {
             .copied()
             .filter(|t| self.eligible(*t))
             .collect();
+        for t in &self.group.targets {
+            let behind = cursors.get(t).map_or(0, |c| head.saturating_sub(*c));
+            self.metrics
+                .backlog
+                .get_or_create(&Metrics::target(&name, *t))
+                .set(i64::try_from(behind).unwrap_or(i64::MAX));
+        }
         let Some((cursor, cohort)) = plan::cohort(&cursors, &eligible, head) else {
             return Ok(false);
         };
@@ -631,6 +621,10 @@ impl Applier {
         // Past it: the quarantine entry stays until the user gets through.
         self.complete_only(target, lane, std::slice::from_ref(row))
             .await?;
+        self.metrics
+            .quarantined
+            .get_or_create(&Metrics::target(&self.group.name, target))
+            .inc();
         tracing::error!(group = %self.group.name, target, user = %row.user_id, error = %msg, "user quarantined on device: it keeps refusing it; other users go on (retried on reconcile)");
         Ok(true)
     }
@@ -647,6 +641,10 @@ impl Applier {
         for u in &users {
             self.poison.remove(&(target, u.clone()));
         }
+        self.metrics
+            .applied
+            .get_or_create(&Metrics::target(&self.group.name, target))
+            .inc_by(rows.len() as u64);
         let name = self.group.name.clone();
         self.store
             .run(move |c| {
@@ -679,6 +677,10 @@ impl Applier {
     }
 
     fn back_off(&mut self, target: u32, msg: &str) {
+        self.metrics
+            .failed
+            .get_or_create(&Metrics::target(&self.group.name, target))
+            .inc();
         let attempt = self.retry.get(&target).map_or(0, |(a, _)| *a);
         let delay = self.backoff.delay(attempt);
         tracing::warn!(group = %self.group.name, target, error = %msg, retry_in = ?delay, "target failed; retrying later");
@@ -726,6 +728,69 @@ fn record_failure(outcomes: &mut BTreeMap<u32, Outcome>, e: &GatewayError) {
             }
         }
     }
+}
+
+/// Every user ID of `sources`, with the first source that holds it.
+pub async fn source_users(
+    client: &GatewayClient,
+    sources: &[u32],
+) -> Result<BTreeMap<String, u32>, GatewayError> {
+    let mut out = BTreeMap::new();
+    for s in sources {
+        for id in client.user_ids(*s).await? {
+            out.entry(id).or_insert(*s);
+        }
+    }
+    Ok(out)
+}
+
+/// What a target lacks of some source users.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Comparison {
+    /// (user, source): not on the target.
+    pub missing: Vec<(String, u32)>,
+    /// (user, source): on the target with other bytes.
+    pub different: Vec<(String, u32)>,
+}
+
+/// Compares `users` (user, source) with what `target` holds: IDs against
+/// `target_users`, and record bytes of the users both hold.
+pub async fn compare(
+    client: &GatewayClient,
+    target: u32,
+    target_users: &BTreeSet<String>,
+    users: Vec<(String, u32)>,
+) -> Result<Comparison, GatewayError> {
+    let (present, missing): (Vec<_>, Vec<_>) = users
+        .into_iter()
+        .partition(|(u, _)| target_users.contains(u));
+    let mut out = Comparison {
+        missing,
+        different: Vec::new(),
+    };
+    let on_target = get_users(
+        client,
+        target,
+        present.iter().map(|(u, _)| u.clone()).collect(),
+    )
+    .await?;
+    let mut by_source: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (u, s) in &present {
+        by_source.entry(*s).or_default().push(u.clone());
+    }
+    for (s, ids) in by_source {
+        let on_source = get_users(client, s, ids.clone()).await?;
+        for u in ids {
+            let same = match (on_source.get(&u), on_target.get(&u)) {
+                (Some(a), Some(b)) => a.raw == b.raw,
+                _ => false,
+            };
+            if !same {
+                out.different.push((u, s));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `User.Get` that tolerates both answers for unknown IDs (WIRE.md §5.3):
