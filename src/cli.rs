@@ -33,6 +33,14 @@ pub enum CliError {
     Usage(String),
 }
 
+/// Whether a daemon holds the lock of the state directory.
+fn daemon_running(config: &Config) -> Result<bool, CliError> {
+    if !config.state_dir.exists() {
+        return Ok(false);
+    }
+    Ok(supervisor::try_lock(&config.state_dir)?.is_none())
+}
+
 fn client(config: &Config) -> Result<GatewayClient, CliError> {
     Ok(GatewayClient::new(&config.gateway.settings())?)
 }
@@ -99,8 +107,8 @@ pub struct Status {
 
 /// Reads the state database; works whether the daemon runs or not.
 pub fn status(config: &Config) -> Result<Status, CliError> {
-    let running = supervisor::try_lock(&config.state_dir)?.is_none();
     let st = Store::open_existing(&config.state_dir)?;
+    let running = daemon_running(config)?;
     let (cps, devs, cursors, backlog, pending, quarantine, requests, diverged) = st.with(|c| {
         let mut cursors = BTreeMap::new();
         for g in &config.groups {
@@ -610,8 +618,7 @@ pub async fn reconcile(
     group: Option<&str>,
     prune: bool,
 ) -> Result<String, CliError> {
-    let lock = supervisor::try_lock(&config.state_dir)?;
-    if lock.is_none() {
+    if daemon_running(config)? {
         let st = Store::open_existing(&config.state_dir)?;
         let mut n = 0;
         for g in config

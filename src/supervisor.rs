@@ -123,7 +123,11 @@ fn send_one(inboxes: &Inboxes, device: u32, input: Input) {
     if let Some(tx) = tx
         && tx.try_send(input).is_err()
     {
-        tracing::warn!(device, ?input, "device inbox full or closed; input dropped");
+        tracing::warn!(
+            device_id = device,
+            ?input,
+            "device inbox full or closed; input dropped"
+        );
     }
 }
 
@@ -194,7 +198,7 @@ impl Parts {
                     backoff: Backoff::device(),
                     metrics: Arc::clone(&self.metrics),
                 };
-                let span = tracing::info_span!("device", device = id);
+                let span = tracing::info_span!("device", device_id = id);
                 tasks.set.spawn(tracing::Instrument::instrument(
                     task.run(rx, cancel.clone()),
                     span,
@@ -545,7 +549,7 @@ async fn session(
                     match consumer.realtime(ev).await {
                         Ok(()) => {}
                         Err(ConsumerError::Gateway(e)) => {
-                            tracing::warn!(device, error = %e, "cannot replay a realtime gap now; the next poll retries");
+                            tracing::warn!(device_id = device, error = %e, "cannot replay a realtime gap now; the next poll retries");
                         }
                         Err(e) => return Err(e.into()),
                     }
@@ -571,7 +575,7 @@ async fn session(
                     match consumer.catch_up(device).await {
                         Ok(()) => {}
                         Err(ConsumerError::Gateway(e)) => {
-                            tracing::debug!(device, error = %e, "poll failed");
+                            tracing::debug!(device_id = device, error = %e, "poll failed");
                         }
                         Err(e) => return Err(e.into()),
                     }

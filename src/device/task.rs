@@ -54,7 +54,7 @@ impl DeviceTask {
                 let (next, actions) = transition(state, input, &self.backoff);
                 if next != state {
                     tracing::info!(
-                        device = self.id,
+                        device_id = self.id,
                         from = state.name(),
                         to = next.name(),
                         ?input,
@@ -79,7 +79,7 @@ impl DeviceTask {
                                 r = self.client.enable_monitoring(self.id) => Some(match r {
                                     Ok(()) => Input::MonitoringEnabled,
                                     Err(e) => {
-                                        tracing::warn!(device = self.id, error = %e, "enable monitoring failed");
+                                        tracing::warn!(device_id = self.id, error = %e, "enable monitoring failed");
                                         Input::MonitoringFailed
                                     }
                                 }),
@@ -119,7 +119,7 @@ impl DeviceTask {
                 r = &mut answer => return Some(match r {
                     Ok(Ok(())) => Input::CaughtUp,
                     Ok(Err(e)) => {
-                        tracing::warn!(device = self.id, error = %e, "catch-up failed");
+                        tracing::warn!(device_id = self.id, error = %e, "catch-up failed");
                         Input::CatchUpFailed
                     }
                     Err(_) => Input::CatchUpFailed,
@@ -142,7 +142,7 @@ impl DeviceTask {
             .run(move |c| store::set_device_status(c, id, name, &detail))
             .await;
         if let Err(e) = r {
-            tracing::warn!(device = self.id, error = %e, "cannot record device status");
+            tracing::warn!(device_id = self.id, error = %e, "cannot record device status");
         }
     }
 }

@@ -221,7 +221,7 @@ impl Consumer {
         let device = ev.device_id;
         if !self.config.devices.contains_key(&device) {
             tracing::debug!(
-                device,
+                device_id = device,
                 event = ev.id,
                 "event of an unconfigured device ignored"
             );
@@ -238,7 +238,7 @@ impl Consumer {
             // A gap: events were dropped on the way. Replay from the log.
             Some(cp) => {
                 tracing::info!(
-                    device,
+                    device_id = device,
                     checkpoint = cp,
                     event = ev.id,
                     "realtime gap; replaying from the device log"
@@ -295,7 +295,7 @@ impl Consumer {
                 }
                 Some(first) if first > cp => {
                     tracing::warn!(
-                        device,
+                        device_id = device,
                         checkpoint = cp,
                         oldest = first,
                         "the device's log no longer holds the events after the checkpoint (ring buffer overwritten); reconciling"
@@ -320,7 +320,7 @@ impl Consumer {
                         return Ok(());
                     }
                     tracing::warn!(
-                        device,
+                        device_id = device,
                         checkpoint = cp,
                         "the device's log was reset (newest event below the checkpoint or changed); reconciling"
                     );
@@ -362,7 +362,7 @@ impl Consumer {
             .run(move |c| store::set_checkpoint_anchored(c, device, id, a.as_deref()))
             .await?;
         tracing::info!(
-            device,
+            device_id = device,
             checkpoint = id,
             "first sight of device; starting at its newest event"
         );

@@ -505,7 +505,7 @@ impl Applier {
                 } else {
                     "deleted"
                 };
-                tracing::info!(group = %self.group.name, user = %r.user_id, source = r.source, targets = ?cohort, action, reconcile = lane == Lane::Pending, "change propagated");
+                tracing::info!(group = %self.group.name, user_id = %r.user_id, source = r.source, targets = ?cohort, action, reconcile = lane == Lane::Pending, "change propagated");
             }
         }
         Ok(progressed)
@@ -601,7 +601,7 @@ impl Applier {
         let count = self.poison.entry(key.clone()).or_insert(0);
         *count += 1;
         if *count < self.sync.quarantine_after {
-            tracing::warn!(group = %self.group.name, target, user = %row.user_id, attempt = *count, error = %msg, "device refused user; will retry");
+            tracing::warn!(group = %self.group.name, target, user_id = %row.user_id, attempt = *count, error = %msg, "device refused user; will retry");
             self.back_off(target, msg);
             return Ok(false);
         }
@@ -625,7 +625,7 @@ impl Applier {
             .quarantined
             .get_or_create(&Metrics::target(&self.group.name, target))
             .inc();
-        tracing::error!(group = %self.group.name, target, user = %row.user_id, error = %msg, "user quarantined on device: it keeps refusing it; other users go on (retried on reconcile)");
+        tracing::error!(group = %self.group.name, target, user_id = %row.user_id, error = %msg, "user quarantined on device: it keeps refusing it; other users go on (retried on reconcile)");
         Ok(true)
     }
 

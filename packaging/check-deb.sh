@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Checks the contents of the .deb built by `cargo deb`: the files it must
+# install, the conffile, and maintainer scripts that enable the service
+# without starting it.
+set -euo pipefail
+deb=${1:-$(ls -t target/debian/usersync_*.deb | head -n 1)}
+echo "checking $deb"
+contents=$(dpkg-deb -c "$deb" | awk '{print $6}')
+fail=0
+need() {
+    if ! grep -qxE "$1" <<<"$contents"; then
+        echo "missing from the package: $1"; fail=1
+    fi
+}
+need '\./usr/bin/usersync'
+need '\./etc/usersync/usersync\.toml'
+need '\./(usr/)?lib/systemd/system/usersync\.service'
+need '\./usr/share/doc/usersync/README\.md'
+need '\./usr/share/man/man1/usersync\.1(\.gz)?'
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+dpkg-deb -e "$deb" "$tmp"
+grep -qx '/etc/usersync/usersync.toml' "$tmp/conffiles" || { echo "usersync.toml is not a conffile"; fail=1; }
+grep -q 'enable' "$tmp/postinst" || { echo "postinst does not enable the unit"; fail=1; }
+if grep -E '^\s*(systemctl|invoke-rc\.d|deb-systemd-invoke)\b.*\bstart\b' "$tmp/postinst" | grep -vq 'try-restart'; then
+    echo "postinst starts the service before it is configured"; fail=1
+fi
+dpkg-deb -x "$deb" "$tmp/root"
+"$tmp/root/usr/bin/usersync" --version
+"$tmp/root/usr/bin/usersync" check-config "$tmp/root/etc/usersync/usersync.toml" >/dev/null 2>&1 && {
+    echo "the shipped config should need the site's CA before it validates"; fail=1; } || true
+[ "$fail" = 0 ] && echo "package ok: $(dpkg-deb -f "$deb" Package) $(dpkg-deb -f "$deb" Version), $(wc -l <<<"$contents") entries"
+exit "$fail"

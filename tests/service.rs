@@ -1,0 +1,205 @@
+//! The real binary under a fake service manager: a `NOTIFY_SOCKET`
+//! datagram listener receives READY, STATUS, WATCHDOG, RELOADING (with
+//! MONOTONIC_USEC) and STOPPING; SIGHUP reloads a config that adds a target
+//! without dropping the others; an invalid reload is rejected and the
+//! running config stays; metrics are served.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{DEADLINE, config_text, eventually, sim, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixDatagram;
+use tokio::process::Command;
+use usersync::wire::Api;
+
+struct Notifications {
+    socket: UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl Notifications {
+    /// Waits for a datagram containing `needle`; returns it.
+    async fn expect(&mut self, needle: &str) -> String {
+        let mut buf = vec![0u8; 4096];
+        within(&format!("notification {needle:?}"), async {
+            loop {
+                let n = self.socket.recv(&mut buf).await.expect("recv");
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.seen.push(msg.clone());
+                if msg.contains(needle) {
+                    return msg;
+                }
+            }
+        })
+        .await
+    }
+}
+
+fn hup(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+async fn scrape(port: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("metrics port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_reload_watchdog_and_metrics() {
+    let sim = sim(Api::V1_8, 3).await;
+    let ids = sim.device_ids();
+    let (src, t1, t2) = (ids[0], ids[1], ids[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let group = |targets: &str| {
+        format!(
+            "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[[group]]\nname = \"main\"\nsources = [{src}]\ntargets = [{targets}]\n"
+        )
+    };
+    let cfg_path = dir.path().join("usersync.toml");
+    std::fs::write(
+        &cfg_path,
+        config_text(&sim, dir.path(), &group(&t1.to_string())),
+    )
+    .unwrap();
+
+    let notify_path = dir.path().join("notify.sock");
+    let mut notes = Notifications {
+        socket: UnixDatagram::bind(&notify_path).unwrap(),
+        seen: Vec::new(),
+    };
+    let stderr_path = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .args(["run", "--log-target", "journald", "--config"])
+        .arg(&cfg_path)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&stderr_path).unwrap()))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+
+    // READY without waiting for anything; then STATUS and WATCHDOG.
+    notes.expect("READY=1").await;
+    let status = notes.expect("STATUS=").await;
+    assert!(
+        status.contains("devices live") || status.contains("gateway"),
+        "{status}"
+    );
+    notes.expect("WATCHDOG=1").await;
+    notes.expect("gateway ok").await;
+
+    sim.enroll_on_device(src, "u1").unwrap();
+    eventually("u1 reaches the first target", || async {
+        sim.users(t1).contains_key("u1")
+    })
+    .await;
+    assert!(sim.users(t2).is_empty(), "t2 is not configured yet");
+
+    // Metrics are served and count what happened.
+    let m = scrape(port).await;
+    assert!(m.contains("200 OK"), "{m}");
+    assert!(
+        m.contains(&format!(
+            "usersync_device_phase{{device=\"{src}\",phase=\"live\"}} 1"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "usersync_changes_applied_total{{group=\"main\",target=\"{t1}\"}}"
+        )),
+        "{m}"
+    );
+    assert!(m.contains("usersync_gateway_up 1"), "{m}");
+
+    // Reload: add the second target. The first one is not dropped.
+    sim.clear_rpc_log();
+    std::fs::write(
+        &cfg_path,
+        config_text(&sim, dir.path(), &group(&format!("{t1}, {t2}"))),
+    )
+    .unwrap();
+    hup(pid, "-HUP");
+    let reloading = notes.expect("RELOADING=1").await;
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    notes.expect("READY=1").await;
+    eventually("the added target is reconciled", || async {
+        sim.users(t2).contains_key("u1")
+    })
+    .await;
+    sim.enroll_on_device(src, "u2").unwrap();
+    eventually("u2 on both targets", || async {
+        sim.users(t1).contains_key("u2") && sim.users(t2).contains_key("u2")
+    })
+    .await;
+    let log = sim.rpc_log();
+    assert!(
+        !log.iter().any(|r| r.method == "DeleteAsyncConnection"),
+        "unaffected devices were dropped: {log:?}"
+    );
+    assert!(
+        !log.iter().any(|r| r.method == "SubscribeRealtimeLog"),
+        "the reload must not resubscribe"
+    );
+
+    // An invalid reload is rejected; the daemon keeps going.
+    std::fs::write(&cfg_path, "[gateway]\naddress = 1\n").unwrap();
+    hup(pid, "-HUP");
+    notes.expect("RELOADING=1").await;
+    notes.expect("READY=1").await;
+    sim.enroll_on_device(src, "u3").unwrap();
+    eventually("still syncing after a rejected reload", || async {
+        sim.users(t2).contains_key("u3")
+    })
+    .await;
+
+    hup(pid, "-TERM");
+    notes.expect("STOPPING=1").await;
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("stops")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    if !std::path::Path::new("/run/systemd/journal/socket").exists() {
+        // No journal here: the daemon said so and logged to stderr.
+        assert!(stderr.contains("journald unavailable"), "{stderr}");
+        assert!(stderr.contains("reload rejected"), "{stderr}");
+    }
+    let watchdogs = notes
+        .seen
+        .iter()
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    eprintln!(
+        "received {} notifications, {watchdogs} watchdog pings",
+        notes.seen.len()
+    );
+}
