@@ -10,8 +10,11 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use usersync::config::EventShipping;
 use usersync::proto::gsdk::event::EventLog;
 
+/// One captured event: level, target, (FIELD, value) pairs.
+type Record = (tracing::Level, String, Vec<(String, String)>);
+
 #[derive(Default, Clone)]
-struct Captured(Arc<Mutex<Vec<(tracing::Level, String, Vec<(String, String)>)>>>);
+struct Captured(Arc<Mutex<Vec<Record>>>);
 
 struct Fields(Vec<(String, String)>);
 

@@ -7,7 +7,6 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::{DEADLINE, config_text, eventually, sim, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
