@@ -27,9 +27,12 @@ fn site(sim: &usersync::sim::Simulator) -> Site {
 async fn run(cfg: &Path, args: &[&str]) -> (i32, String, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"));
     cmd.args(args).arg("--config").arg(cfg);
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run usersync"))
-        .await
-        .unwrap();
+    let out = common::within(
+        &format!("usersync {args:?}"),
+        tokio::task::spawn_blocking(move || cmd.output().expect("run usersync")),
+    )
+    .await
+    .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -221,9 +224,15 @@ async fn operator_commands_against_the_simulator() {
     assert_eq!(sim.users(t2), sim.users(src));
 
     // A second daemon on the same state is refused.
+    sim.clear_rpc_log();
     let first = Daemon::start(config.clone());
-    eventually("first daemon up", || async { sim.is_monitoring(src) }).await;
-    let err = usersync::run(config, usersync::Shutdown::default())
+    // It takes the lock before it ever calls the gateway.
+    eventually("the first daemon is up", || async {
+        sim.rpc_log().iter().any(|r| r.method == "SubscribeStatus")
+    })
+    .await;
+    let second = usersync::run(config, usersync::Shutdown::default());
+    let err = common::within("the second daemon gives up", second)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("another usersync daemon"), "{err}");
