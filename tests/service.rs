@@ -202,3 +202,54 @@ async fn notify_reload_watchdog_and_metrics() {
         notes.seen.len()
     );
 }
+
+#[tokio::test]
+async fn json_log_lines_for_collectors() {
+    let sim = sim(Api::V1_8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("usersync.toml");
+    std::fs::write(
+        &cfg_path,
+        config_text(&sim, dir.path(), &common::main_group(&sim)),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .args([
+            "run",
+            "--log-target",
+            "stderr",
+            "--log-format",
+            "json",
+            "--config",
+        ])
+        .arg(&cfg_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    use tokio::io::AsyncBufReadExt;
+    let started = within("the first log line", async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("a log line");
+            if line.contains("usersync started") {
+                return line;
+            }
+        }
+    })
+    .await;
+    let v: serde_json::Value =
+        serde_json::from_str(&started).unwrap_or_else(|e| panic!("{e}: {started}"));
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["message"], "usersync started");
+    assert_eq!(v["devices"], 2);
+    hup(child.id().unwrap(), "-TERM");
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("stops")
+        .unwrap();
+    assert!(status.success());
+}
