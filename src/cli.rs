@@ -346,40 +346,36 @@ pub struct UserSummary {
     pub disabled: Option<bool>,
 }
 
+/// The fields both numberings share (UserInfo numbers never changed).
+macro_rules! summary {
+    ($u:expr, $id:expr, $raw:expr, $disabled:expr) => {
+        UserSummary {
+            id: $id,
+            name: $u.name,
+            cards: $u.cards.len(),
+            fingers: $u.fingers.len(),
+            faces: $u.faces.len(),
+            access_groups: $u.access_group_i_ds,
+            has_pin: !$u.pin.is_empty(),
+            photo_bytes: $u.photo.len(),
+            record_bytes: $raw.len(),
+            disabled: $disabled,
+        }
+    };
+}
+
 /// Summarises a raw record with the configured numbering.
 pub fn summarize(raw: &[u8], numbering: Numbering) -> Result<UserSummary, String> {
     match numbering {
         Numbering::V18 => {
             let u = v18::UserInfo::decode(raw).map_err(|e| e.to_string())?;
-            let hdr = u.hdr.unwrap_or_default();
-            Ok(UserSummary {
-                id: hdr.id,
-                name: u.name,
-                cards: u.cards.len(),
-                fingers: u.fingers.len(),
-                faces: u.faces.len(),
-                access_groups: u.access_group_i_ds,
-                has_pin: !u.pin.is_empty(),
-                photo_bytes: u.photo.len(),
-                record_bytes: raw.len(),
-                disabled: Some(hdr.user_flag & 0x80 != 0),
-            })
+            let hdr = u.hdr.clone().unwrap_or_default();
+            Ok(summary!(u, hdr.id, raw, Some(hdr.user_flag & 0x80 != 0)))
         }
         Numbering::V16 => {
             let u = v16::UserInfo::decode(raw).map_err(|e| e.to_string())?;
-            let hdr = u.hdr.unwrap_or_default();
-            Ok(UserSummary {
-                id: hdr.id,
-                name: u.name,
-                cards: u.cards.len(),
-                fingers: u.fingers.len(),
-                faces: u.faces.len(),
-                access_groups: u.access_group_i_ds,
-                has_pin: !u.pin.is_empty(),
-                photo_bytes: u.photo.len(),
-                record_bytes: raw.len(),
-                disabled: None,
-            })
+            let id = u.hdr.clone().unwrap_or_default().id;
+            Ok(summary!(u, id, raw, None))
         }
     }
 }

@@ -546,6 +546,14 @@ async fn session(
             msg = realtime.message() => match msg {
                 Ok(Some(ev)) => {
                     let device = ev.device_id;
+                    // Until a device is caught up after (re)connecting, its
+                    // log may have been reset (a rebooted device restarts its
+                    // IDs); its catch-up verifies the log and reads these
+                    // events there.
+                    if parts.board.phase(device) != crate::device::Phase::Live {
+                        tracing::debug!(device_id = device, event = ev.id, "event before catch-up left to the catch-up");
+                        continue;
+                    }
                     match consumer.realtime(ev).await {
                         Ok(()) => {}
                         Err(ConsumerError::Gateway(e)) => {

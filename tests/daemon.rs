@@ -9,6 +9,16 @@ use common::{Daemon, config, config_with, eventually, open_store, sim, sim_with,
 use usersync::sim::{MissingUser, Policies, SimOptions, Simulator, StaleStart};
 use usersync::wire::Api;
 
+/// Group "main": the first device as source, the second as the only
+/// target, with `extra` settings.
+fn one_target_group(sim: &Simulator, extra: &str) -> String {
+    let ids = sim.device_ids();
+    format!(
+        "[[group]]\nname = \"main\"\nsources = [{}]\ntargets = [{}]\n{extra}\n",
+        ids[0], ids[1]
+    )
+}
+
 fn split(sim: &Simulator) -> (u32, Vec<u32>) {
     let ids = sim.device_ids();
     (ids[0], ids[1..].to_vec())
@@ -318,14 +328,7 @@ async fn factory_reset_of_a_source_with_prune() {
     let sim = sim(Api::V1_8, 2).await;
     let dir = tempfile::tempdir().unwrap();
     let (src, targets) = split(&sim);
-    let cfg = config_with(
-        &sim,
-        dir.path(),
-        &format!(
-            "[[group]]\nname = \"main\"\nsources = [{src}]\ntargets = [{}]\nprune = true\n",
-            targets[0]
-        ),
-    );
+    let cfg = config_with(&sim, dir.path(), &one_target_group(&sim, "prune = true"));
     let daemon = Daemon::start(cfg);
     for u in ["1", "2"] {
         sim.enroll_on_device(src, u).unwrap();
@@ -342,6 +345,38 @@ async fn factory_reset_of_a_source_with_prune() {
     daemon.stop().await;
 }
 
+/// A database reset that keeps the link up and restarts event IDs: the
+/// reset event arrives in realtime with an ID at or below the checkpoint.
+#[tokio::test]
+async fn database_reset_without_reboot_of_a_source_with_prune() {
+    let sim = sim(Api::V1_8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, targets) = split(&sim);
+    let daemon = Daemon::start(config_with(
+        &sim,
+        dir.path(),
+        &one_target_group(&sim, "prune = true"),
+    ));
+    for u in ["1", "2", "3", "4"] {
+        sim.enroll_on_device(src, u).unwrap();
+    }
+    wait_converged(&sim, src, &targets).await;
+    sim.database_reset(src).unwrap();
+    assert!(sim.is_connected(src) && sim.is_monitoring(src));
+    // Enough new events that the restarted IDs pass the old checkpoint: an
+    // event with ID checkpoint + 1 must not be taken for the next one.
+    let after: Vec<String> = (0..8).map(|i| format!("after{i}")).collect();
+    for u in &after {
+        sim.enroll_on_device(src, u).unwrap();
+    }
+    wait_converged(&sim, src, &targets).await;
+    assert_eq!(
+        sim.users(targets[0]).keys().cloned().collect::<Vec<_>>(),
+        after
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn delete_all_policy() {
     for propagate in [false, true] {
@@ -351,10 +386,7 @@ async fn delete_all_policy() {
         let cfg = config_with(
             &sim,
             dir.path(),
-            &format!(
-                "[[group]]\nname = \"main\"\nsources = [{src}]\ntargets = [{}]\npropagate_delete_all = {propagate}\n",
-                targets[0]
-            ),
+            &one_target_group(&sim, &format!("propagate_delete_all = {propagate}")),
         );
         let daemon = Daemon::start(cfg);
         for u in ["1", "2"] {

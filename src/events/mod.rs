@@ -231,7 +231,22 @@ impl Consumer {
         match self.checkpoint(device) {
             // Not caught up yet: the device's catch-up handles its log.
             None => Ok(()),
-            Some(cp) if ev.id <= cp && cp != 0 => Ok(()),
+            // At or below the checkpoint: a duplicate — unless it says the
+            // log was reset, whose IDs may restart without a reboot
+            // (WIRE.md §5.5): then verify the log against the anchor.
+            Some(cp) if ev.id <= cp && cp != 0 => {
+                if codes::meaning(ev.event_code, ev.sub_code) == Meaning::Reset {
+                    tracing::info!(
+                        device_id = device,
+                        checkpoint = cp,
+                        event = ev.id,
+                        "reset event at or below the checkpoint; verifying the log"
+                    );
+                    self.catch_up(device).await
+                } else {
+                    Ok(())
+                }
+            }
             Some(cp) if ev.id == cp.wrapping_add(1) || (cp == 0 && ev.id == 1) => {
                 self.commit(device, vec![ev], Effects::default()).await
             }

@@ -307,6 +307,12 @@ impl Simulator {
         Ok(())
     }
 
+    /// Database reset without a reboot: users and log gone, event IDs
+    /// restart, the device stays connected and monitored.
+    pub fn database_reset(&self, device: u32) -> Result<(), SimError> {
+        self.control(|m| m.database_reset(device))
+    }
+
     /// Delays every call of `method` (e.g. "EnrollMulti") by `delay`.
     pub fn set_latency(&self, method: &str, delay: Duration) {
         let mut m = self.shared.model();

@@ -31,6 +31,7 @@ pub mod codes {
     pub const USER_DELETE_ALL_SUCCESS: u32 = 0x2600;
     pub const DEVICE_SYSTEM_STARTED: u32 = 0x3100;
     pub const DEVICE_EVENT_LOG_CLEARED: u32 = 0x4200;
+    pub const DEVICE_DATABASE_RESET: u32 = 0x4501;
     pub const DEVICE_FACTORY_RESET: u32 = 0x4502;
     pub const VERIFY_SUCCESS: u32 = 0x1000;
 }
@@ -937,6 +938,18 @@ impl Model {
         self.refresh_status(id);
         self.append_event(id, codes::DEVICE_FACTORY_RESET, "", false);
         self.append_event(id, codes::DEVICE_SYSTEM_STARTED, "", false);
+        Ok(())
+    }
+
+    /// Database reset (0x4501) without a reboot: users and logs gone, event
+    /// IDs restart at the first ID, the link stays up and monitored.
+    pub fn database_reset(&mut self, id: u32) -> Result<(), String> {
+        let capacity = self.log_capacity;
+        let dev = self.device_mut(id)?;
+        dev.users.clear();
+        dev.revisions.clear();
+        dev.log = EventRing::new(capacity, dev.spec.first_event_id);
+        self.append_event(id, codes::DEVICE_DATABASE_RESET, "", false);
         Ok(())
     }
 

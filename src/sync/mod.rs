@@ -173,6 +173,16 @@ impl Applier {
         self.board.is_live(device) && !self.retry.contains_key(&device)
     }
 
+    /// Targets that are live and not backing off.
+    fn eligible_targets(&self) -> Vec<u32> {
+        self.group
+            .targets
+            .iter()
+            .copied()
+            .filter(|t| self.eligible(*t))
+            .collect()
+    }
+
     fn sources_live(&self) -> bool {
         self.group.sources.iter().all(|s| self.board.is_live(*s))
     }
@@ -337,13 +347,7 @@ impl Applier {
                 .run(move |c| Ok((store::cursors(c, &n)?, store::head(c, &n)?)))
                 .await?
         };
-        let eligible: Vec<u32> = self
-            .group
-            .targets
-            .iter()
-            .copied()
-            .filter(|t| self.eligible(*t))
-            .collect();
+        let eligible = self.eligible_targets();
         for t in &self.group.targets {
             let behind = cursors.get(t).map_or(0, |c| head.saturating_sub(*c));
             self.metrics
@@ -369,13 +373,7 @@ impl Applier {
 
     /// Users a reconcile queued for one target, applied to it alone.
     async fn pending_step(&mut self) -> Result<bool, SyncError> {
-        let targets: Vec<u32> = self
-            .group
-            .targets
-            .iter()
-            .copied()
-            .filter(|t| self.eligible(*t))
-            .collect();
+        let targets = self.eligible_targets();
         for t in targets {
             let (n, limit) = (self.group.name.clone(), self.sync.batch_users);
             let rows = self
