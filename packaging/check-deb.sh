@@ -3,7 +3,7 @@
 # install, the conffile, and maintainer scripts that enable the service
 # without starting it.
 set -euo pipefail
-deb=${1:-$(ls -t target/debian/usersync_*.deb | head -n 1)}
+deb=${1:-$(ls -t "${CARGO_TARGET_DIR:-target}"/debian/usersync_*.deb | head -n 1)}
 echo "checking $deb"
 contents=$(dpkg-deb -c "$deb" | awk '{print $6}')
 fail=0
