@@ -45,7 +45,8 @@ fn client(config: &Config) -> Result<GatewayClient, CliError> {
     Ok(GatewayClient::new(&config.gateway.settings())?)
 }
 
-fn to_json<T: Serialize>(v: &T) -> String {
+/// Pretty JSON for `--json` output.
+pub fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
@@ -770,10 +771,6 @@ pub fn import_config(json: &Path, output: &Path, t: &ImportTarget) -> Result<Str
         config.devices.len(),
         st.path().display()
     ))
-}
-
-pub fn json<T: Serialize>(v: &T) -> String {
-    to_json(v)
 }
 
 #[cfg(test)]

@@ -247,7 +247,7 @@ impl Consumer {
                     Ok(())
                 }
             }
-            Some(cp) if ev.id == cp.wrapping_add(1) || (cp == 0 && ev.id == 1) => {
+            Some(cp) if ev.id == cp.wrapping_add(1) => {
                 self.commit(device, vec![ev], Effects::default()).await
             }
             // A gap: events were dropped on the way. Replay from the log.
