@@ -104,6 +104,9 @@ struct RawSync {
     batch_users: Option<Spanned<usize>>,
     batch_bytes: Option<Spanned<usize>>,
     poll_interval_secs: Option<Spanned<u64>>,
+    tail_check_delay_ms: Option<Spanned<u64>>,
+    idle_check_interval_secs: Option<Spanned<u64>>,
+    device_concurrency: Option<Spanned<usize>>,
     realtime_queue: Option<Spanned<i32>>,
     quarantine_after: Option<Spanned<u32>>,
 }
@@ -190,10 +193,20 @@ pub struct SyncConfig {
     /// Bytes of user records per Multi call (well under the 4 MiB gRPC
     /// default of other peers; the gateway accepts 72 MiB, WIRE.md B25).
     pub batch_bytes: usize,
-    /// How often a quiet device's log is asked for anything past its
-    /// checkpoint (a dropped *last* realtime event is revealed by nothing
-    /// else).
+    /// How often appliers look for work nothing woke them for (operator
+    /// requests such as `usersync reconcile` written to the state
+    /// database). No device is called for it.
     pub poll_interval: Duration,
+    /// A device's log tail is read this long after its last realtime event
+    /// (debounced) and after each catch-up: a dropped *last* event is
+    /// revealed by nothing else.
+    pub tail_check_delay: Duration,
+    /// A device with no event and no read for this long has its log tail
+    /// read once (the idle sweep; one call per device per interval).
+    pub idle_check_interval: Duration,
+    /// Device log reads in flight at once (each is a LAN round trip to a
+    /// reader, relayed by the gateway).
+    pub device_concurrency: usize,
     /// `queueSize` of the realtime subscription.
     pub realtime_queue: i32,
     /// Permanent failures of one user on one device before it is quarantined.
@@ -206,6 +219,9 @@ impl Default for SyncConfig {
             batch_users: 64,
             batch_bytes: 2 * 1024 * 1024,
             poll_interval: Duration::from_secs(5),
+            tail_check_delay: Duration::from_secs(1),
+            idle_check_interval: Duration::from_secs(600),
+            device_concurrency: 16,
             realtime_queue: 4096,
             quarantine_after: 3,
         }
@@ -581,6 +597,29 @@ impl Validator<'_> {
             "sync.poll_interval_secs",
             s.poll_interval,
         )?;
+        if let Some(v) = raw.tail_check_delay_ms {
+            if !(10..=600_000).contains(v.get_ref()) {
+                return self.err(
+                    v.span(),
+                    "sync.tail_check_delay_ms must be between 10 and 600000",
+                );
+            }
+            s.tail_check_delay = Duration::from_millis(v.into_inner());
+        }
+        s.idle_check_interval = self.secs(
+            raw.idle_check_interval_secs,
+            "sync.idle_check_interval_secs",
+            s.idle_check_interval,
+        )?;
+        if let Some(v) = raw.device_concurrency {
+            if !(1..=1024).contains(v.get_ref()) {
+                return self.err(
+                    v.span(),
+                    "sync.device_concurrency must be between 1 and 1024",
+                );
+            }
+            s.device_concurrency = v.into_inner();
+        }
         if let Some(v) = raw.realtime_queue {
             if !(1..=1_000_000).contains(v.get_ref()) {
                 return self.err(

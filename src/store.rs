@@ -193,6 +193,15 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     );
     ",
+    // 2: progress of the search for a device's newest event (first sight),
+    // so a restart resumes it.
+    "
+    CREATE TABLE log_search (
+        device_id INTEGER PRIMARY KEY,
+        low       INTEGER NOT NULL,
+        high      INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// The state store. Cheap to clone; calls run on the blocking pool.
@@ -440,6 +449,45 @@ pub fn set_checkpoint_anchored(
         "INSERT INTO checkpoint (device_id, event_id, anchor, updated_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (device_id) DO UPDATE SET event_id = ?2, anchor = ?3, updated_at = ?4",
         params![i64::from(device), i64::from(event_id), anchor, now()],
+    )?;
+    Ok(())
+}
+
+/// The progress of the search for a device's newest event: (newest event
+/// known, an ID known to be past the newest).
+pub fn log_search(conn: &Connection, device: u32) -> Result<Option<(u32, u64)>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT low, high FROM log_search WHERE device_id = ?1",
+            [i64::from(device)],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .optional()?
+        .map(|(low, high)| (u32_of(low), u64_of(high))))
+}
+
+pub fn set_log_search(
+    conn: &Connection,
+    device: u32,
+    low: u32,
+    high: u64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO log_search (device_id, low, high) VALUES (?1, ?2, ?3)
+         ON CONFLICT (device_id) DO UPDATE SET low = ?2, high = ?3",
+        params![
+            i64::from(device),
+            i64::from(low),
+            i64::try_from(high).unwrap_or(i64::MAX)
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn clear_log_search(conn: &Connection, device: u32) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM log_search WHERE device_id = ?1",
+        [i64::from(device)],
     )?;
     Ok(())
 }

@@ -1,13 +1,26 @@
-//! The supervisor: owns the gateway channel, the gateway session (status
-//! and realtime streams, the event consumer), one task per device and one
-//! applier per group. Restarts what fails — a broken session with capped,
-//! jittered backoff; a panicked task at once — and shuts down cleanly.
+//! The supervisor: owns the gateway channel, the gateway session (device
+//! registration, the status and realtime streams), the event consumer's
+//! task, one task per device and one applier per group. Restarts what fails
+//! (a broken session with capped, jittered backoff; a panicked device or
+//! group task at once) and shuts down cleanly.
+//!
+//! Opening a stream never gates the session: tonic returns a server stream
+//! only when its response headers arrive, and a gateway may send them only
+//! with the first message (WIRE.md §5.14, §6), hours later on a quiet site.
+//! Each stream is opened and read by a task of its own; the session goes on
+//! to register and list the devices at once. What we rely on for "subscribe
+//! first, replay second": the subscription's request is handed to the
+//! channel before any device is registered (and so before any replay), and
+//! one HTTP/2 connection carries requests in the order they were handed
+//! over. The gateway may still register the subscription later than it
+//! answers a `GetLog`; nothing is lost then either, because every catch-up
+//! ends with a settling tail check of the device's log (events::consumer).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -15,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::{self, Config};
 use crate::device::{Board, CatchUpRequest, DeviceTask, Input};
-use crate::events::{Consumer, ConsumerError};
+use crate::events::{self, Consumer, Wakers};
 use crate::gateway::{GatewayClient, GatewayError};
 use crate::metrics::Metrics;
 use crate::proto::gsdk::connect::{AsyncConnectInfo, Status as DevStatus};
+use crate::proto::gsdk::event::EventLog;
 use crate::service::{self, GatewayHealth, Health};
 use crate::store::{Store, StoreError};
 use crate::sync::Applier;
@@ -28,6 +42,14 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A session that lasted this long resets the backoff.
 const HEALTHY: Duration = Duration::from_secs(60);
 const STATUS_QUEUE: i32 = 1024;
+/// Events buffered between the realtime stream and the consumer; when full,
+/// the stream is not read, the gateway's queue fills and it drops events
+/// (WIRE.md B10), which the consumer then reads from the device logs.
+const REALTIME_BUFFER: usize = 8192;
+/// How often the device list is read while the session is up: a status
+/// change the status stream did not deliver (it may have been opened late)
+/// is noticed this way. Gateway-local, no device is called.
+const LIST_REFRESH: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -35,6 +57,10 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    #[error(
+        "the event consumer stopped unexpectedly (a bug); exiting so the service manager restarts usersync"
+    )]
+    EventsStopped,
     #[error("another usersync daemon is running on {0} (it holds daemon.lock)")]
     AlreadyRunning(std::path::PathBuf),
     #[error("cannot lock {path}: {source}")]
@@ -81,8 +107,6 @@ pub fn try_lock(dir: &std::path::Path) -> Result<Option<std::fs::File>, DaemonEr
 enum SessionError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
-    #[error(transparent)]
-    Consumer(#[from] ConsumerError),
     #[error("{0} stream ended")]
     StreamEnded(&'static str),
     #[error("{stream} stream failed: {status}")]
@@ -136,6 +160,7 @@ enum TaskKind {
     Device(u32),
     Group(String),
     Service,
+    Events,
 }
 
 struct Tasks {
@@ -160,12 +185,16 @@ struct Parts {
     config: RwLock<Arc<Config>>,
     /// Tells the gateway session that the configuration changed.
     config_changed: Notify,
+    /// Tells the event consumer.
+    config_tx: watch::Sender<Arc<Config>>,
+    /// Realtime events for the consumer.
+    realtime: mpsc::Sender<EventLog>,
     client: GatewayClient,
     store: Store,
     board: Board,
     inboxes: Inboxes,
     catch_up: mpsc::Sender<CatchUpRequest>,
-    wake: RwLock<HashMap<String, Arc<Notify>>>,
+    wake: Wakers,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 }
@@ -224,6 +253,7 @@ impl Parts {
                     span,
                 ))
             }
+            TaskKind::Events => return,
             TaskKind::Service => {
                 let notifier = service::notifier(
                     Arc::clone(&self.health),
@@ -251,7 +281,9 @@ impl Parts {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(name.clone(), Arc::new(Notify::new()));
         }
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        let new = Arc::new(new);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&new);
+        self.config_tx.send_replace(new);
         for id in &d.removed_devices {
             tasks.stop(&TaskKind::Device(*id));
             self.inboxes
@@ -298,22 +330,28 @@ pub async fn run_with(
     let client = GatewayClient::new(&config.gateway.settings())?;
     let board = Board::new(config.devices.keys().copied());
     let metrics = Arc::new(Metrics::new());
-    let wake: HashMap<String, Arc<Notify>> = config
-        .groups
-        .iter()
-        .map(|g| (g.name.clone(), Arc::new(Notify::new())))
-        .collect();
-    let (catch_tx, mut catch_rx) = mpsc::channel::<CatchUpRequest>(1024);
+    let wake: Wakers = Arc::new(RwLock::new(
+        config
+            .groups
+            .iter()
+            .map(|g| (g.name.clone(), Arc::new(Notify::new())))
+            .collect(),
+    ));
+    let (catch_tx, catch_rx) = mpsc::channel::<CatchUpRequest>(1024);
+    let (realtime_tx, realtime_rx) = mpsc::channel::<EventLog>(REALTIME_BUFFER);
     let config = Arc::new(config);
+    let (config_tx, config_rx) = watch::channel(Arc::clone(&config));
     let parts = Parts {
         config: RwLock::new(Arc::clone(&config)),
         config_changed: Notify::new(),
+        config_tx,
+        realtime: realtime_tx,
         client: client.clone(),
         store: store.clone(),
         board: board.clone(),
         inboxes: Arc::new(Mutex::new(HashMap::new())),
         catch_up: catch_tx,
-        wake: RwLock::new(wake.clone()),
+        wake: Arc::clone(&wake),
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
     };
@@ -322,6 +360,30 @@ pub async fn run_with(
         kinds: HashMap::new(),
         cancel: CancellationToken::new(),
     };
+    // The event consumer: one for the daemon's life, across gateway
+    // sessions (its reads fail while the gateway is away and are retried).
+    let consumer = Consumer::new(
+        client.clone(),
+        store.clone(),
+        Arc::clone(&config),
+        Arc::clone(&wake),
+        board.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+    );
+    let inbox = events::Inbox {
+        realtime: realtime_rx,
+        catch_ups: catch_rx,
+        config: config_rx,
+    };
+    let events_cancel = tasks.cancel.child_token();
+    let handle = tasks.set.spawn(tracing::Instrument::instrument(
+        events::run(consumer, inbox, events_cancel.clone()),
+        tracing::info_span!("events"),
+    ));
+    tasks
+        .kinds
+        .insert(handle.id(), (TaskKind::Events, events_cancel));
     for id in config.devices.keys() {
         parts.spawn(&mut tasks, TaskKind::Device(*id));
     }
@@ -348,28 +410,24 @@ pub async fn run_with(
     // Config and state are loaded: ready, without waiting for the gateway.
     service::ready();
 
-    let mut consumer = Consumer::new(
-        client.clone(),
-        store.clone(),
-        Arc::clone(&config),
-        wake,
-        Arc::clone(&metrics),
-        Arc::clone(&health),
-    );
     let backoff = Backoff::gateway();
     let mut attempt = 0u32;
     let mut delay = Duration::ZERO;
     let mut beat = tokio::time::interval(Duration::from_millis(500));
+    let mut fatal = None;
     loop {
         let started = Instant::now();
-        let session = session(&parts, &mut consumer, &mut catch_rx, delay);
+        let session = session(&parts, delay);
         tokio::pin!(session);
         let result = loop {
             tokio::select! {
                 biased;
                 _ = signals.shutdown.cancelled() => break None,
                 Some(joined) = tasks.set.join_next_with_id() => {
-                    restart_if_needed(&parts, &mut tasks, joined, &signals.shutdown);
+                    if let Err(e) = restart_if_needed(&parts, &mut tasks, joined, &signals.shutdown) {
+                        fatal = Some(e);
+                        break None;
+                    }
                 }
                 Some(r) = recv(&mut reload) => {
                     let summary = parts.reconfigure(&mut tasks, r.config);
@@ -381,7 +439,6 @@ pub async fn run_with(
             }
         };
         let Some(result) = result else { break };
-        health.set_consumer_active(false);
         metrics.gateway_up.set(0);
         metrics.gateway_reconnects.inc();
         send_all(&parts.inboxes, Input::LinkDown);
@@ -423,6 +480,10 @@ pub async fn run_with(
         }
     }
     while tasks.set.join_next().await.is_some() {}
+    if let Some(e) = fatal {
+        tracing::error!(error = %e, "usersync stopped");
+        return Err(e);
+    }
     tracing::info!("usersync stopped");
     Ok(())
 }
@@ -439,16 +500,21 @@ fn restart_if_needed(
     tasks: &mut Tasks,
     joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
     shutdown: &CancellationToken,
-) {
+) -> Result<(), DaemonError> {
     let (id, panicked) = match &joined {
         Ok((id, ())) => (*id, false),
         Err(e) => (e.id(), e.is_panic()),
     };
     let Some((kind, token)) = tasks.kinds.remove(&id) else {
-        return;
+        return Ok(());
     };
     if shutdown.is_cancelled() || token.is_cancelled() {
-        return;
+        return Ok(());
+    }
+    if kind == TaskKind::Events {
+        // The one owner of checkpoints cannot be replaced in place (device
+        // tasks hold its inbox); what it committed is safe in the store.
+        return Err(DaemonError::EventsStopped);
     }
     if panicked {
         tracing::error!(task = ?kind, "task panicked; restarting it");
@@ -456,57 +522,144 @@ fn restart_if_needed(
         tracing::warn!(task = ?kind, "task ended unexpectedly; restarting it");
     }
     parts.spawn(tasks, kind);
+    Ok(())
 }
 
-/// One gateway session: register the devices, open both streams, then feed
-/// the consumer until something breaks.
-async fn session(
+/// Opens the status stream and forwards its changes; returns when it ends.
+/// Opening may take until the first change (lazy headers, WIRE.md §6).
+async fn status_stream(
+    client: GatewayClient,
+    tx: mpsc::Sender<crate::proto::gsdk::connect::StatusChange>,
+) -> SessionError {
+    let mut stream = match client.subscribe_status(STATUS_QUEUE).await {
+        Ok(s) => s,
+        Err(e) => return SessionError::Gateway(e),
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(change)) => {
+                if tx.send(change).await.is_err() {
+                    return SessionError::StreamEnded("status");
+                }
+            }
+            Ok(None) => return SessionError::StreamEnded("status"),
+            Err(s) => {
+                return SessionError::Stream {
+                    stream: "status",
+                    status: GatewayError::from_status("SubscribeStatus", s),
+                };
+            }
+        }
+    }
+}
+
+/// Opens the realtime stream (all devices, all codes: WIRE.md B9, so a
+/// reload that adds devices needs no new subscription) and forwards its
+/// events to the consumer.
+async fn realtime_stream(
+    client: GatewayClient,
+    queue: i32,
+    tx: mpsc::Sender<EventLog>,
+) -> SessionError {
+    let mut stream = match client
+        .subscribe_realtime_log(queue, Vec::new(), Vec::new())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return SessionError::Gateway(e),
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(ev)) => {
+                if tx.send(ev).await.is_err() {
+                    return SessionError::StreamEnded("realtime");
+                }
+            }
+            Ok(None) => return SessionError::StreamEnded("realtime"),
+            Err(s) => {
+                return SessionError::Stream {
+                    stream: "realtime",
+                    status: GatewayError::from_status("SubscribeRealtimeLog", s),
+                };
+            }
+        }
+    }
+}
+
+/// Tells each device task what the gateway's device list says of it.
+/// `only_changed`: only devices whose view differs (a missed status change).
+fn apply_list(
     parts: &Parts,
-    consumer: &mut Consumer,
-    catch_rx: &mut mpsc::Receiver<CatchUpRequest>,
-    delay: Duration,
-) -> Result<(), SessionError> {
-    tokio::time::sleep(delay).await;
-    let mut config = parts.config();
-    let client = &parts.client;
-    consumer.set_config(Arc::clone(&config), parts.wake());
-    consumer.load().await?;
-    let ids: Vec<u32> = config.devices.keys().copied().collect();
-    // Subscribe before looking at the device list and before any replay,
-    // so nothing falls between replay and live. The realtime stream covers
-    // every device (empty filter, WIRE.md B9) so a reload that adds devices
-    // needs no new subscription; events of other devices are ignored.
-    let mut status = client.subscribe_status(STATUS_QUEUE).await?;
-    let mut realtime = client
-        .subscribe_realtime_log(config.sync.realtime_queue, Vec::new(), Vec::new())
-        .await?;
-    client
-        .add_async_connection(config.devices.values().map(connect_info).collect())
-        .await?;
-    let list = client.get_device_list().await?;
-    let info = client.admin_get_info().await.ok();
-    tracing::info!(gateway_version = ?info.map(|i| i.version), devices = list.len(), "gateway session up");
-    parts.health.set_gateway(GatewayHealth::Up);
-    parts.health.set_consumer_active(true);
-    parts.metrics.gateway_up.set(1);
-    for id in &ids {
+    ids: &[u32],
+    list: &[crate::proto::gsdk::connect::DeviceInfo],
+    only_changed: bool,
+) {
+    for id in ids {
         let up = list
             .iter()
             .any(|d| d.device_id == *id && is_connected(d.status));
+        let phase = parts.board.phase(*id);
+        let known_down = phase == crate::device::Phase::Disconnected;
+        if only_changed && up != known_down {
+            continue;
+        }
         send_one(
             &parts.inboxes,
             *id,
             if up { Input::LinkUp } else { Input::LinkDown },
         );
     }
+}
 
-    let mut poll = tokio::time::interval(config.sync.poll_interval);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut beat = tokio::time::interval(Duration::from_millis(500));
+/// One gateway session: open both streams (in tasks of their own), register
+/// the devices, then route status changes until something breaks.
+async fn session(parts: &Parts, delay: Duration) -> Result<(), SessionError> {
+    tokio::time::sleep(delay).await;
+    let mut config = parts.config();
+    let client = &parts.client;
+    let mut streams: JoinSet<SessionError> = JoinSet::new();
+    let (status_tx, mut status_rx) = mpsc::channel(STATUS_QUEUE as usize);
+    streams.spawn(status_stream(client.clone(), status_tx));
+    streams.spawn(realtime_stream(
+        client.clone(),
+        config.sync.realtime_queue,
+        parts.realtime.clone(),
+    ));
+    // Let the stream tasks hand their requests to the channel before any
+    // device is registered (see the module doc).
+    tokio::task::yield_now().await;
+    client
+        .add_async_connection(config.devices.values().map(connect_info).collect())
+        .await?;
+    let list = client.get_device_list().await?;
+    tracing::info!(devices = list.len(), "gateway session up");
+    {
+        let client = client.clone();
+        streams.spawn(async move {
+            // Informational; a gateway that never answers is not an error.
+            if let Ok(info) = client.admin_get_info().await {
+                tracing::info!(gateway_version = %info.version, "gateway version");
+            }
+            std::future::pending().await
+        });
+    }
+    parts.health.set_gateway(GatewayHealth::Up);
+    parts.metrics.gateway_up.set(1);
+    let ids: Vec<u32> = config.devices.keys().copied().collect();
+    apply_list(parts, &ids, &list, false);
+
+    let mut refresh = tokio::time::interval(LIST_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.tick().await;
     loop {
         tokio::select! {
             biased;
-            _ = beat.tick() => parts.health.beat_consumer(),
+            Some(ended) = streams.join_next() => {
+                return Err(match ended {
+                    Ok(e) => e,
+                    Err(e) => SessionError::StreamEnded(if e.is_panic() { "panicked" } else { "cancelled" }),
+                });
+            }
             _ = parts.config_changed.notified() => {
                 let new = parts.config();
                 let d = config::diff(&config, &new);
@@ -525,69 +678,21 @@ async fn session(
                     client.add_async_connection(added).await?;
                     // Their status may already be "connected"; ask.
                     let list = client.get_device_list().await?;
-                    for id in d.added_devices.iter().chain(&d.changed_devices) {
-                        let up = list.iter().any(|x| x.device_id == *id && is_connected(x.status));
-                        send_one(&parts.inboxes, *id, if up { Input::LinkUp } else { Input::LinkDown });
-                    }
+                    let ids: Vec<u32> = d.added_devices.iter().chain(&d.changed_devices).copied().collect();
+                    apply_list(parts, &ids, &list, false);
                 }
-                consumer.set_config(Arc::clone(&new), parts.wake());
                 config = new;
             }
-            msg = status.message() => match msg {
-                Ok(Some(change)) => {
-                    if config.devices.contains_key(&change.device_id) {
-                        let input = if is_connected(change.status) { Input::LinkUp } else { Input::LinkDown };
-                        send_one(&parts.inboxes, change.device_id, input);
-                    }
-                }
-                Ok(None) => return Err(SessionError::StreamEnded("status")),
-                Err(s) => return Err(SessionError::Stream { stream: "status", status: GatewayError::from_status("SubscribeStatus", s) }),
-            },
-            msg = realtime.message() => match msg {
-                Ok(Some(ev)) => {
-                    let device = ev.device_id;
-                    // Until a device is caught up after (re)connecting, its
-                    // log may have been reset (a rebooted device restarts its
-                    // IDs); its catch-up verifies the log and reads these
-                    // events there.
-                    if parts.board.phase(device) != crate::device::Phase::Live {
-                        tracing::debug!(device_id = device, event = ev.id, "event before catch-up left to the catch-up");
-                        continue;
-                    }
-                    match consumer.realtime(ev).await {
-                        Ok(()) => {}
-                        Err(ConsumerError::Gateway(e)) => {
-                            tracing::warn!(device_id = device, error = %e, "cannot replay a realtime gap now; the next poll retries");
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Ok(None) => return Err(SessionError::StreamEnded("realtime")),
-                Err(s) => return Err(SessionError::Stream { stream: "realtime", status: GatewayError::from_status("SubscribeRealtimeLog", s) }),
-            },
-            Some(req) = catch_rx.recv() => {
-                let r = consumer.catch_up(req.device).await;
-                let fatal = matches!(r, Err(ConsumerError::Store(_)));
-                let reply = r.as_ref().map(|_| ()).map_err(ToString::to_string);
-                let _ = req.reply.send(reply);
-                if let (true, Err(e)) = (fatal, r) {
-                    return Err(e.into());
+            Some(change) = status_rx.recv() => {
+                if config.devices.contains_key(&change.device_id) {
+                    let input = if is_connected(change.status) { Input::LinkUp } else { Input::LinkDown };
+                    send_one(&parts.inboxes, change.device_id, input);
                 }
             }
-            _ = poll.tick() => {
-                // A dropped *last* event is revealed by nothing else.
-                for (device, phase) in parts.board.snapshot() {
-                    if phase != crate::device::Phase::Live {
-                        continue;
-                    }
-                    match consumer.catch_up(device).await {
-                        Ok(()) => {}
-                        Err(ConsumerError::Gateway(e)) => {
-                            tracing::debug!(device_id = device, error = %e, "poll failed");
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+            _ = refresh.tick() => {
+                let list = client.get_device_list().await?;
+                let ids: Vec<u32> = config.devices.keys().copied().collect();
+                apply_list(parts, &ids, &list, true);
             }
         }
     }

@@ -1,44 +1,111 @@
-//! The one event consumer: the only owner of per-device checkpoints.
+//! The event path: the one consumer of device events and the only owner of
+//! per-device checkpoints.
 //!
 //! For every device event, from the realtime stream or from a `GetLog`
-//! replay: drop it if its ID is at or below the checkpoint; if it jumps past
-//! checkpoint + 1, replay the gap with `GetLog` first (the gateway drops
+//! read: drop it if its ID is at or below the checkpoint; if it jumps past
+//! checkpoint + 1, read the gap from the device log first (the gateway drops
 //! realtime events when its queue is full, WIRE.md B10); ship it to the
 //! journal (log shipping); record user changes of source devices in the
-//! change journal; then advance the checkpoint — in the same transaction as
-//! the changes it covers.
+//! change journal; then advance the checkpoint, in the same transaction as
+//! the changes it covers. What the consumer drained at once is committed in
+//! one transaction (group commit).
 //!
-//! Replays are anchored: `GetLog(startEventID = checkpoint)` must return the
+//! Reads are anchored: `GetLog(startEventID = checkpoint)` must return the
 //! checkpoint event itself, unchanged. If it does not, the device's ring
 //! buffer overwrote events we never saw, or its log was reset (cleared,
 //! factory reset: IDs may restart, WIRE.md §5.5), and the affected groups are
-//! reconciled.
+//! reconciled ([`read`] judges every answer a gateway may give).
+//!
+//! Device calls never run inside the consumer's loop: reads are tasks, at
+//! most `[sync] device_concurrency` at a time, whose results come back to
+//! the loop. A device's log tail is checked shortly after its own last
+//! realtime event (debounced) and after each catch-up, and every device is
+//! checked rarely when idle, so a dropped *last* event is found without a
+//! sweep of every device.
+//!
+//! Must never: write a checkpoint past an event whose effects are not in
+//! the same transaction; take a page that does not hold the verified
+//! checkpoint as "nothing lost"; wait on a device inside its loop.
 
 pub mod codes;
-
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-
-use tokio::sync::Notify;
-use tonic::Code;
+mod consumer;
+pub mod read;
 
 use crate::config::{Config, EventShipping};
-use crate::gateway::{GatewayClient, GatewayError};
-use crate::metrics::Metrics;
 use crate::proto::gsdk::event::EventLog;
-use crate::service::Health;
-use crate::store::{self, Change, ChangeKind, Store, StoreError};
+use crate::store::{self, Change, ChangeKind, StoreError};
 use codes::Meaning;
 
-/// Records per `GetLog` page.
-pub const PAGE: u32 = 4096;
+pub use consumer::{Consumer, EventsError, Inbox, Wakers, run};
+pub use read::PAGE;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConsumerError {
-    #[error(transparent)]
-    Gateway(#[from] GatewayError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+/// Where a device's log is read from next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Never seen: its newest event is searched for; history before it is
+    /// neither shipped nor synced (the first-start reconcile covers users).
+    Unseen,
+    /// Its log was reset (or was empty): read from the oldest record; every
+    /// record is new.
+    Reset,
+    /// Everything up to `event` is handled; `anchor` is what that event
+    /// looked like, to notice a log whose IDs restarted past it.
+    At { event: u32, anchor: Option<Anchor> },
+}
+
+impl Checkpoint {
+    /// The event ID handled last (0 for none).
+    pub fn event(&self) -> u32 {
+        match self {
+            Checkpoint::At { event, .. } => *event,
+            _ => 0,
+        }
+    }
+
+    pub fn after(ev: &EventLog) -> Self {
+        Checkpoint::At {
+            event: ev.id,
+            anchor: Some(Anchor::of(ev)),
+        }
+    }
+
+    /// From the stored row (`None`: no row). Event 0 without an anchor is
+    /// how a reset is stored.
+    pub fn from_row(row: Option<(u32, Option<String>)>) -> Self {
+        match row {
+            None => Checkpoint::Unseen,
+            Some((0, None)) => Checkpoint::Reset,
+            Some((event, anchor)) => Checkpoint::At {
+                event,
+                anchor: anchor.map(Anchor),
+            },
+        }
+    }
+
+    /// The stored row: (event, anchor); `None` for [`Checkpoint::Unseen`].
+    pub fn to_row(&self) -> Option<(u32, Option<String>)> {
+        match self {
+            Checkpoint::Unseen => None,
+            Checkpoint::Reset => Some((0, None)),
+            Checkpoint::At { event, anchor } => {
+                Some((*event, anchor.as_ref().map(|a| a.0.clone())))
+            }
+        }
+    }
+}
+
+/// The fingerprint of an event, to recognise the checkpoint event later:
+/// time, code, sub-code and user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor(pub String);
+
+impl Anchor {
+    pub fn of(ev: &EventLog) -> Self {
+        Anchor(format!(
+            "{}/{:x}/{:x}/{}",
+            ev.timestamp, ev.event_code, ev.sub_code, ev.user_id
+        ))
+    }
 }
 
 /// What a batch of events of one device does to the state.
@@ -122,340 +189,6 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
         }
     }
     fx
-}
-
-/// The fingerprint of an event, to recognise the checkpoint event later.
-pub fn anchor(ev: &EventLog) -> String {
-    format!(
-        "{}/{:x}/{:x}/{}",
-        ev.timestamp, ev.event_code, ev.sub_code, ev.user_id
-    )
-}
-
-/// Consumer state for one daemon.
-pub struct Consumer {
-    client: GatewayClient,
-    store: Store,
-    config: Arc<Config>,
-    /// Wakes a group's applier when its journal grows or a reconcile of it
-    /// is requested.
-    wake: HashMap<String, Arc<Notify>>,
-    checkpoints: BTreeMap<u32, (u32, Option<String>)>,
-    /// The newest event ID seen per device (for the lag metric).
-    newest: BTreeMap<u32, u32>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-}
-
-impl Consumer {
-    pub fn new(
-        client: GatewayClient,
-        store: Store,
-        config: Arc<Config>,
-        wake: HashMap<String, Arc<Notify>>,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-    ) -> Self {
-        Consumer {
-            client,
-            store,
-            config,
-            wake,
-            checkpoints: BTreeMap::new(),
-            newest: BTreeMap::new(),
-            metrics,
-            health,
-        }
-    }
-
-    fn seen(&mut self, device: u32, id: u32) {
-        let n = self.newest.entry(device).or_insert(id);
-        *n = (*n).max(id);
-        self.update_lag(device);
-    }
-
-    fn update_lag(&self, device: u32) {
-        let cp = self.checkpoint(device).unwrap_or(0);
-        let newest = self.newest.get(&device).copied().unwrap_or(cp);
-        let label = Metrics::device(device);
-        self.metrics
-            .checkpoint
-            .get_or_create(&label)
-            .set(i64::from(cp));
-        self.metrics
-            .checkpoint_lag
-            .get_or_create(&label)
-            .set(i64::from(newest.saturating_sub(cp)));
-    }
-
-    pub fn set_config(&mut self, config: Arc<Config>, wake: HashMap<String, Arc<Notify>>) {
-        self.config = config;
-        self.wake = wake;
-    }
-
-    fn wake_groups(&self, fx: &Effects) {
-        let groups = fx
-            .changes
-            .iter()
-            .map(|c| &c.group)
-            .chain(fx.reconciles.iter().map(|r| &r.0));
-        for g in groups {
-            if let Some(n) = self.wake.get(g) {
-                n.notify_one();
-            }
-        }
-    }
-
-    /// Reloads the checkpoints from the store (at each gateway session).
-    pub async fn load(&mut self) -> Result<(), ConsumerError> {
-        self.checkpoints = self.store.run(|c| store::anchored_checkpoints(c)).await?;
-        Ok(())
-    }
-
-    pub fn checkpoint(&self, device: u32) -> Option<u32> {
-        self.checkpoints.get(&device).map(|c| c.0)
-    }
-
-    /// Handles one realtime event.
-    pub async fn realtime(&mut self, ev: EventLog) -> Result<(), ConsumerError> {
-        let device = ev.device_id;
-        if !self.config.devices.contains_key(&device) {
-            tracing::debug!(
-                device_id = device,
-                event = ev.id,
-                "event of an unconfigured device ignored"
-            );
-            return Ok(());
-        }
-        self.seen(device, ev.id);
-        match self.checkpoint(device) {
-            // Not caught up yet: the device's catch-up handles its log.
-            None => Ok(()),
-            // At or below the checkpoint: a duplicate — unless it says the
-            // log was reset, whose IDs may restart without a reboot
-            // (WIRE.md §5.5): then verify the log against the anchor.
-            Some(cp) if ev.id <= cp && cp != 0 => {
-                if codes::meaning(ev.event_code, ev.sub_code) == Meaning::Reset {
-                    tracing::info!(
-                        device_id = device,
-                        checkpoint = cp,
-                        event = ev.id,
-                        "reset event at or below the checkpoint; verifying the log"
-                    );
-                    self.catch_up(device).await
-                } else {
-                    Ok(())
-                }
-            }
-            Some(cp) if ev.id == cp.wrapping_add(1) => {
-                self.commit(device, vec![ev], Effects::default()).await
-            }
-            // A gap: events were dropped on the way. Replay from the log.
-            Some(cp) => {
-                tracing::info!(
-                    device_id = device,
-                    checkpoint = cp,
-                    event = ev.id,
-                    "realtime gap; replaying from the device log"
-                );
-                self.catch_up(device).await
-            }
-        }
-    }
-
-    /// Replays a device's log from its checkpoint until caught up.
-    pub async fn catch_up(&mut self, device: u32) -> Result<(), ConsumerError> {
-        // Bounded: every pass either returns or advances the checkpoint by
-        // a full page or resets it once.
-        let mut resets = 0;
-        loop {
-            let Some((cp, anchor_text)) = self.checkpoints.get(&device).cloned() else {
-                return self.first_sight(device).await;
-            };
-            if cp == 0 {
-                let page = self.client.get_log(device, 0, PAGE).await?;
-                let full = page.len() == PAGE as usize;
-                if page.is_empty() {
-                    return Ok(());
-                }
-                self.commit(device, page, Effects::default()).await?;
-                if !full {
-                    return Ok(());
-                }
-                continue;
-            }
-            self.health.beat_consumer();
-            let page = match self.client.get_log(device, cp, PAGE).await {
-                Ok(page) => page,
-                // Some gateways may refuse a start older than the oldest
-                // record (WIRE.md §5.4): read from the oldest instead.
-                Err(e) if e.code() == Some(Code::OutOfRange) => {
-                    self.client.get_log(device, 0, PAGE).await?
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let full = page.len() == PAGE as usize;
-            let anchor_ok = page.first().is_some_and(|first| {
-                first.id == cp && anchor_text.as_deref().is_none_or(|a| a == anchor(first))
-            });
-            let first_id = page.first().map(|e| e.id);
-            match first_id {
-                // The checkpoint event itself may just have been overwritten
-                // while the next one is still the oldest: nothing was lost.
-                Some(first) if anchor_ok || first < cp || first == cp.wrapping_add(1) => {
-                    let fresh: Vec<EventLog> = page.into_iter().filter(|e| e.id > cp).collect();
-                    if !fresh.is_empty() {
-                        self.commit(device, fresh, Effects::default()).await?;
-                    }
-                }
-                Some(first) if first > cp => {
-                    tracing::warn!(
-                        device_id = device,
-                        checkpoint = cp,
-                        oldest = first,
-                        "the device's log no longer holds the events after the checkpoint (ring buffer overwritten); reconciling"
-                    );
-                    let mut fx = Effects::default();
-                    fx.reconcile_device(
-                        &self.config,
-                        device,
-                        &format!(
-                            "events {}..{} lost from the device log",
-                            cp.wrapping_add(1),
-                            first.wrapping_sub(1)
-                        ),
-                    );
-                    self.commit(device, page, fx).await?;
-                }
-                _ => {
-                    // Empty, or the checkpoint event is not what we saw: the
-                    // log was cleared or the device reset.
-                    resets += 1;
-                    if resets > 1 {
-                        return Ok(());
-                    }
-                    tracing::warn!(
-                        device_id = device,
-                        checkpoint = cp,
-                        "the device's log was reset (newest event below the checkpoint or changed); reconciling"
-                    );
-                    let mut fx = Effects::default();
-                    fx.reconcile_device(&self.config, device, "device log reset");
-                    self.reset_checkpoint(device, fx).await?;
-                    continue;
-                }
-            }
-            if !full {
-                return Ok(());
-            }
-        }
-    }
-
-    /// A device never seen before: start at its newest event. Its history is
-    /// not shipped or synced; the first-start reconcile of its groups covers
-    /// the users.
-    async fn first_sight(&mut self, device: u32) -> Result<(), ConsumerError> {
-        let mut newest: Option<EventLog> = None;
-        let mut start = 0;
-        loop {
-            let page = self.client.get_log(device, start, PAGE).await?;
-            let full = page.len() == PAGE as usize;
-            if let Some(last) = page.into_iter().last() {
-                start = last.id.wrapping_add(1);
-                newest = Some(last);
-            }
-            if !full || start == 0 {
-                break;
-            }
-        }
-        let (id, anchor_text) = match &newest {
-            Some(ev) => (ev.id, Some(anchor(ev))),
-            None => (0, None),
-        };
-        let a = anchor_text.clone();
-        self.store
-            .run(move |c| store::set_checkpoint_anchored(c, device, id, a.as_deref()))
-            .await?;
-        tracing::info!(
-            device_id = device,
-            checkpoint = id,
-            "first sight of device; starting at its newest event"
-        );
-        self.checkpoints.insert(device, (id, anchor_text));
-        Ok(())
-    }
-
-    async fn reset_checkpoint(&mut self, device: u32, fx: Effects) -> Result<(), ConsumerError> {
-        let fx = Arc::new(fx);
-        let recorded = Arc::clone(&fx);
-        self.store
-            .run(move |c| {
-                let tx = c.transaction()?;
-                apply_effects(&tx, &recorded)?;
-                store::set_checkpoint_anchored(&tx, device, 0, None)?;
-                tx.commit()?;
-                Ok(())
-            })
-            .await?;
-        self.checkpoints.insert(device, (0, None));
-        self.wake_groups(&fx);
-        Ok(())
-    }
-
-    /// Ships `events` (ascending, all past the checkpoint), records their
-    /// effects plus `extra`, and advances the checkpoint, in one transaction.
-    async fn commit(
-        &mut self,
-        device: u32,
-        events: Vec<EventLog>,
-        extra: Effects,
-    ) -> Result<(), ConsumerError> {
-        let Some(last) = events.last() else {
-            return Ok(());
-        };
-        let (last_id, last_anchor) = (last.id, anchor(last));
-        let mut fx = effects(&self.config, device, &events);
-        fx.changes.extend(extra.changes);
-        fx.reconciles.extend(extra.reconciles);
-        fx.diverged.extend(extra.diverged);
-        // Ship first: a crash before the commit ships again (at least once;
-        // DEVICE_ID + EVENT_ID identify duplicates).
-        for ev in &events {
-            ship(self.config.ship_events, ev);
-        }
-        for d in &fx.diverged {
-            tracing::warn!(group = %d.0, "group diverged: {}", d.1);
-        }
-        let fx = Arc::new(fx);
-        let recorded = Arc::clone(&fx);
-        let a = last_anchor.clone();
-        let newest = self
-            .newest
-            .get(&device)
-            .copied()
-            .unwrap_or(last_id)
-            .max(last_id);
-        self.store
-            .run(move |c| {
-                let tx = c.transaction()?;
-                apply_effects(&tx, &recorded)?;
-                store::set_checkpoint_anchored(&tx, device, last_id, Some(&a))?;
-                store::set_newest(&tx, device, newest)?;
-                tx.commit()?;
-                Ok(())
-            })
-            .await?;
-        self.checkpoints
-            .insert(device, (last_id, Some(last_anchor)));
-        self.metrics
-            .events
-            .get_or_create(&Metrics::device(device))
-            .inc_by(events.len() as u64);
-        self.seen(device, last_id);
-        self.health.beat_consumer();
-        self.wake_groups(&fx);
-        Ok(())
-    }
 }
 
 fn apply_effects(tx: &rusqlite::Transaction<'_>, fx: &Effects) -> Result<(), StoreError> {

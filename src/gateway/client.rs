@@ -136,8 +136,8 @@ impl GatewayClient {
         .map(drop)
     }
 
-    /// Opens the status stream. The stream has no deadline; keepalive
-    /// notices a dead connection.
+    /// Opens the status stream (see `open_stream`: may wait for the first
+    /// change).
     pub async fn subscribe_status(
         &self,
         queue_size: i32,
@@ -451,6 +451,10 @@ impl GatewayClient {
         }
     }
 
+    /// Opens a server stream. No deadline: a gateway may send the response
+    /// headers only with the first message (WIRE.md §5.14, §6), so opening
+    /// may take as long as the stream stays quiet. Callers open streams in
+    /// tasks of their own; keepalive finds a dead connection.
     async fn open_stream<T, Fut>(
         &self,
         method: &'static str,
@@ -459,13 +463,9 @@ impl GatewayClient {
     where
         Fut: Future<Output = Result<tonic::Response<Streaming<T>>, tonic::Status>>,
     {
-        match tokio::time::timeout(self.call_timeout, open).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(GatewayError::from_status(method, status)),
-            Err(_) => Err(GatewayError::Timeout {
-                method,
-                after: self.call_timeout,
-            }),
+        match open.await {
+            Ok(resp) => Ok(resp.into_inner()),
+            Err(status) => Err(GatewayError::from_status(method, status)),
         }
     }
 }

@@ -1,0 +1,828 @@
+//! The consumer's loop ([`run`]) and its state ([`Consumer`]).
+//!
+//! Inputs: realtime events (forwarded by the gateway session's stream
+//! task), catch-up requests (from device tasks), configuration changes, the
+//! results of log reads (tasks it spawned) and a ticker for the tail checks.
+//! After each drained burst of inputs it commits once.
+//!
+//! A device's reads form a *pass*: reads follow each other until the log
+//! says nothing follows the checkpoint. Every read must advance the
+//! checkpoint or find a reset (at most one per pass); a read that does
+//! neither ends the pass with an error, and the device is retried after a
+//! backoff, so no pass loops.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::read::{self, PAGE, Read, ReadError, Search};
+use super::{Checkpoint, Effects, apply_effects, codes, effects, ship};
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::device::{Board, CatchUpRequest, Phase};
+use crate::gateway::GatewayClient;
+use crate::metrics::Metrics;
+use crate::proto::gsdk::event::EventLog;
+use crate::service::Health;
+use crate::store::{self, Store, StoreError};
+
+/// Inputs drained before one commit, at most.
+const BURST: usize = 4096;
+/// How often tail checks and idle checks are looked for.
+const TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The wakers of the groups' appliers, by group name (shared with the
+/// supervisor, which adds groups on reload).
+pub type Wakers = Arc<RwLock<HashMap<String, Arc<Notify>>>>;
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// Where a device's reads stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    Idle,
+    /// Waiting for a free slot.
+    Queued,
+    /// A read is in flight.
+    InFlight,
+}
+
+/// Reads that follow each other until the device is caught up.
+#[derive(Debug, Default)]
+struct Pass {
+    /// Device tasks waiting for the end of the pass (catch-up).
+    waiters: Vec<Reply>,
+    /// Resets found in this pass; a second ends it with an error.
+    resets: u32,
+    /// Something arrived during a read that the read may have missed.
+    again: bool,
+    /// A catch-up asked for it: a settling tail check follows its end.
+    settle: bool,
+}
+
+#[derive(Debug)]
+struct Track {
+    checkpoint: Checkpoint,
+    /// The newest event ID seen (realtime or read), for the lag and to know
+    /// a read is due.
+    newest: u32,
+    reading: Reading,
+    pass: Option<Pass>,
+    /// Debounced tail check.
+    tail_at: Option<Instant>,
+    /// Idle check.
+    idle_at: Instant,
+    /// Failed passes in a row (for the retry delay).
+    failures: u32,
+}
+
+/// The result of one read task.
+struct Fetched {
+    device: u32,
+    /// The checkpoint the read started from: a result for another one is
+    /// stale (the device was removed and re-added meanwhile).
+    from: Checkpoint,
+    result: Result<Read, ReadError>,
+}
+
+/// Writes staged since the last commit.
+#[derive(Default)]
+struct Staged {
+    fx: Effects,
+    checkpoints: BTreeMap<u32, Checkpoint>,
+    events: BTreeMap<u32, u64>,
+    searches_done: Vec<u32>,
+    replies: Vec<(Reply, Result<(), String>)>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.checkpoints.is_empty()
+            && self.fx.changes.is_empty()
+            && self.fx.reconciles.is_empty()
+            && self.fx.diverged.is_empty()
+            && self.searches_done.is_empty()
+            && self.replies.is_empty()
+    }
+}
+
+/// The consumer's state: every configured device's checkpoint and reads.
+pub struct Consumer {
+    client: GatewayClient,
+    store: Store,
+    config: Arc<Config>,
+    /// Wakes a group's applier when its journal grows or a reconcile of it
+    /// is requested.
+    wake: Wakers,
+    board: Board,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    retry: Backoff,
+    tracks: BTreeMap<u32, Track>,
+    reads: JoinSet<Fetched>,
+    queue: VecDeque<u32>,
+    staged: Staged,
+}
+
+impl Consumer {
+    pub fn new(
+        client: GatewayClient,
+        store: Store,
+        config: Arc<Config>,
+        wake: Wakers,
+        board: Board,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        Consumer {
+            client,
+            store,
+            config,
+            wake,
+            board,
+            metrics,
+            health,
+            retry: Backoff::device(),
+            tracks: BTreeMap::new(),
+            reads: JoinSet::new(),
+            queue: VecDeque::new(),
+            staged: Staged::default(),
+        }
+    }
+
+    /// Loads the checkpoints of the configured devices from the store.
+    async fn load(&mut self) -> Result<(), StoreError> {
+        let rows = self.store.run(|c| store::anchored_checkpoints(c)).await?;
+        self.tracks.clear();
+        self.queue.clear();
+        self.reads.abort_all();
+        self.staged = Staged::default();
+        let devices: Vec<u32> = self.config.devices.keys().copied().collect();
+        let n = devices.len().max(1) as u32;
+        for (i, device) in devices.into_iter().enumerate() {
+            let checkpoint = Checkpoint::from_row(rows.get(&device).cloned());
+            self.add_track(device, checkpoint, i as u32, n);
+        }
+        Ok(())
+    }
+
+    /// Idle checks are spread over the interval so a big site never checks
+    /// every device at once.
+    fn add_track(&mut self, device: u32, checkpoint: Checkpoint, slot: u32, slots: u32) {
+        let spread = self.config.sync.idle_check_interval.mul_f64(
+            f64::from(slot + 1) / f64::from(slots), // never 0: first checks are not all now
+        );
+        let newest = checkpoint.event();
+        self.tracks.insert(
+            device,
+            Track {
+                checkpoint,
+                newest,
+                reading: Reading::Idle,
+                pass: None,
+                tail_at: None,
+                idle_at: Instant::now() + spread,
+                failures: 0,
+            },
+        );
+        self.update_lag(device);
+    }
+
+    pub fn checkpoint(&self, device: u32) -> Option<&Checkpoint> {
+        self.tracks.get(&device).map(|t| &t.checkpoint)
+    }
+
+    fn set_config(&mut self, config: Arc<Config>) {
+        self.config = config;
+        let removed: Vec<u32> = self
+            .tracks
+            .keys()
+            .filter(|d| !self.config.devices.contains_key(d))
+            .copied()
+            .collect();
+        for d in removed {
+            if let Some(mut t) = self.tracks.remove(&d)
+                && let Some(pass) = t.pass.take()
+            {
+                for w in pass.waiters {
+                    let _ = w.send(Err("device removed from the configuration".into()));
+                }
+            }
+            self.queue.retain(|q| *q != d);
+        }
+        let added: Vec<u32> = self
+            .config
+            .devices
+            .keys()
+            .filter(|d| !self.tracks.contains_key(d))
+            .copied()
+            .collect();
+        if added.is_empty() {
+            return;
+        }
+        // A checkpoint stored from an earlier time in the configuration is
+        // stale: the device is searched as on first sight.
+        let n = added.len() as u32;
+        for (i, d) in added.into_iter().enumerate() {
+            self.add_track(d, Checkpoint::Unseen, i as u32, n);
+        }
+    }
+
+    fn update_lag(&self, device: u32) {
+        let Some(t) = self.tracks.get(&device) else {
+            return;
+        };
+        let cp = t.checkpoint.event();
+        let label = Metrics::device(device);
+        self.metrics
+            .checkpoint
+            .get_or_create(&label)
+            .set(i64::from(cp));
+        self.metrics
+            .checkpoint_lag
+            .get_or_create(&label)
+            .set(i64::from(t.newest.saturating_sub(cp)));
+    }
+
+    // ---- inputs -------------------------------------------------------------
+
+    /// Handles one realtime event.
+    fn realtime(&mut self, ev: EventLog) {
+        let device = ev.device_id;
+        let live = self.board.phase(device) == Phase::Live;
+        let delay = self.config.sync.tail_check_delay;
+        let now = Instant::now();
+        let idle_at = now + self.config.sync.idle_check_interval;
+        let Some(t) = self.tracks.get_mut(&device) else {
+            tracing::debug!(
+                device_id = device,
+                event = ev.id,
+                "event of an unconfigured device ignored"
+            );
+            return;
+        };
+        t.idle_at = idle_at;
+        if t.reading != Reading::Idle {
+            // A read is under way or queued: it reads this event from the
+            // log, or the pass reads once more.
+            t.newest = t.newest.max(ev.id);
+            if let Some(p) = t.pass.as_mut() {
+                p.again = true;
+            }
+            return;
+        }
+        if !live {
+            // Until a device is caught up after (re)connecting, its log may
+            // have been reset (a rebooted device restarts its IDs): its
+            // catch-up reads and verifies the log, and a settling tail
+            // check after it reads what came meanwhile.
+            tracing::debug!(
+                device_id = device,
+                event = ev.id,
+                "event before catch-up left to the catch-up"
+            );
+            return;
+        }
+        let Checkpoint::At { event: cp, .. } = t.checkpoint else {
+            self.request_read(device, None, false);
+            return;
+        };
+        if ev.id <= cp {
+            // A duplicate, unless it says the log was reset, whose IDs may
+            // restart without a reboot (WIRE.md §5.5): verify the log.
+            if codes::meaning(ev.event_code, ev.sub_code) == codes::Meaning::Reset {
+                tracing::info!(
+                    device_id = device,
+                    checkpoint = cp,
+                    event = ev.id,
+                    "reset event at or below the checkpoint; verifying the log"
+                );
+                self.request_read(device, None, false);
+            } else {
+                // Low IDs may also come from a reset that logged no reset
+                // event: the tail check verifies the log.
+                t.tail_at = Some(now + delay);
+            }
+            return;
+        }
+        t.newest = t.newest.max(ev.id);
+        if ev.id == cp.wrapping_add(1) {
+            t.tail_at = Some(now + delay);
+            self.stage(device, vec![ev], Effects::default());
+            return;
+        }
+        // A gap: events were dropped on the way. Read them from the log.
+        tracing::info!(
+            device_id = device,
+            checkpoint = cp,
+            event = ev.id,
+            "realtime gap; reading the device log"
+        );
+        self.request_read(device, None, false);
+    }
+
+    /// A device task asks for its catch-up (after link-up and monitoring).
+    fn catch_up(&mut self, req: CatchUpRequest) {
+        if !self.tracks.contains_key(&req.device) {
+            let _ = req
+                .reply
+                .send(Err("device is not in the configuration".into()));
+            return;
+        }
+        self.request_read(req.device, Some(req.reply), true);
+    }
+
+    /// Starts (or joins) a pass for `device`.
+    fn request_read(&mut self, device: u32, waiter: Option<Reply>, settle: bool) {
+        let Some(t) = self.tracks.get_mut(&device) else {
+            return;
+        };
+        t.tail_at = None;
+        let pass = t.pass.get_or_insert_with(Pass::default);
+        pass.waiters.extend(waiter);
+        pass.settle |= settle;
+        match t.reading {
+            Reading::Idle => {
+                t.reading = Reading::Queued;
+                self.queue.push_back(device);
+            }
+            Reading::Queued => {}
+            Reading::InFlight => pass.again = true,
+        }
+    }
+
+    /// Due tail checks and idle checks of live devices.
+    fn timers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .tracks
+            .iter()
+            .filter(|(d, t)| {
+                t.reading == Reading::Idle
+                    && t.tail_at.map_or(t.idle_at <= now, |at| at <= now)
+                    && self.board.phase(**d) == Phase::Live
+            })
+            .map(|(d, _)| *d)
+            .collect();
+        for d in due {
+            self.request_read(d, None, false);
+        }
+    }
+
+    /// Starts queued reads while slots are free.
+    fn start_reads(&mut self) {
+        while self.reads.len() < self.config.sync.device_concurrency {
+            let Some(device) = self.queue.pop_front() else {
+                return;
+            };
+            let Some(t) = self.tracks.get_mut(&device) else {
+                continue;
+            };
+            if t.reading != Reading::Queued {
+                continue;
+            }
+            t.reading = Reading::InFlight;
+            if let Some(p) = t.pass.as_mut() {
+                p.again = false;
+            }
+            let from = t.checkpoint.clone();
+            let client = self.client.clone();
+            let store = self.store.clone();
+            self.reads.spawn(async move {
+                let result = read_once(&client, &store, device, &from).await;
+                Fetched {
+                    device,
+                    from,
+                    result,
+                }
+            });
+        }
+    }
+
+    /// Handles the result of a read: stages what it found and decides
+    /// whether the pass goes on.
+    async fn fetched(&mut self, f: Fetched) -> Result<(), StoreError> {
+        let Fetched {
+            device,
+            from,
+            result,
+        } = f;
+        let Some(t) = self.tracks.get_mut(&device) else {
+            return Ok(());
+        };
+        t.reading = Reading::Idle;
+        t.idle_at = Instant::now() + self.config.sync.idle_check_interval;
+        if t.checkpoint != from {
+            // The device was replaced meanwhile: read again.
+            self.request_read(device, None, false);
+            return Ok(());
+        }
+        let outcome = match result {
+            Err(e) => Err(e.to_string()),
+            Ok(read) => self.judge(device, read).await?,
+        };
+        let Some(t) = self.tracks.get_mut(&device) else {
+            return Ok(());
+        };
+        match outcome {
+            Ok(true) => {
+                t.reading = Reading::Queued;
+                self.queue.push_back(device);
+            }
+            Ok(false) => {
+                t.failures = 0;
+                let pass = t.pass.take().unwrap_or_default();
+                if pass.settle || pass.again {
+                    // Events logged between this read and the moment the
+                    // realtime subscription took effect (its headers may
+                    // never come to say so, WIRE.md §6), or an event that
+                    // arrived during the read, show here.
+                    t.tail_at = Some(Instant::now() + self.config.sync.tail_check_delay);
+                }
+                for w in pass.waiters {
+                    self.staged.replies.push((w, Ok(())));
+                }
+            }
+            Err(e) => {
+                let delay = self.retry.delay(t.failures);
+                t.failures = t.failures.saturating_add(1);
+                t.tail_at = Some(Instant::now() + delay);
+                let pass = t.pass.take().unwrap_or_default();
+                tracing::warn!(device_id = device, error = %e, retry_in = ?delay, "reading the device log failed");
+                for w in pass.waiters {
+                    self.staged.replies.push((w, Err(e.clone())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages a read's findings. `Ok(true)`: read on; `Ok(false)`: caught
+    /// up; `Err`: the pass ends without progress.
+    async fn judge(&mut self, device: u32, read: Read) -> Result<Result<bool, String>, StoreError> {
+        let config = Arc::clone(&self.config);
+        let Some(t) = self.tracks.get_mut(&device) else {
+            return Ok(Ok(false));
+        };
+        let again = t.pass.as_ref().is_some_and(|p| p.again);
+        match read {
+            Read::Newest(newest) => {
+                let checkpoint = match &newest {
+                    Some(ev) => Checkpoint::after(ev),
+                    None => Checkpoint::Reset,
+                };
+                tracing::info!(
+                    device_id = device,
+                    checkpoint = checkpoint.event(),
+                    "first sight of device; starting at its newest event"
+                );
+                t.newest = t.newest.max(checkpoint.event());
+                t.checkpoint = checkpoint.clone();
+                self.staged.checkpoints.insert(device, checkpoint);
+                self.staged.searches_done.push(device);
+                self.update_lag(device);
+                Ok(Ok(true))
+            }
+            Read::Reset { why } => {
+                let Some(pass) = t.pass.as_mut() else {
+                    return Ok(Ok(false));
+                };
+                pass.resets += 1;
+                if pass.resets > 1 {
+                    return Ok(Err(format!(
+                        "log found reset again in the same pass ({why}); retrying later"
+                    )));
+                }
+                tracing::warn!(device_id = device, checkpoint = t.checkpoint.event(), why = %why, "the device's log was reset; reading it from its oldest event and reconciling");
+                t.checkpoint = Checkpoint::Reset;
+                t.newest = 0;
+                let mut fx = Effects::default();
+                fx.reconcile_device(&config, device, &format!("device log reset: {why}"));
+                self.staged.checkpoints.insert(device, Checkpoint::Reset);
+                self.staged.fx.extend(fx);
+                self.update_lag(device);
+                Ok(Ok(true))
+            }
+            Read::Next { events, more } => {
+                Ok(self.advance(device, events, more, again, Effects::default()))
+            }
+            Read::Lost {
+                events,
+                more,
+                first_lost,
+            } => {
+                let oldest = events.first().map_or(first_lost, |e| e.id);
+                tracing::warn!(
+                    device_id = device,
+                    checkpoint = t.checkpoint.event(),
+                    oldest,
+                    "the device's log no longer holds the events after the checkpoint (ring buffer overwritten); reconciling"
+                );
+                let mut fx = Effects::default();
+                fx.reconcile_device(
+                    &config,
+                    device,
+                    &format!(
+                        "events {}..{} lost from the device log",
+                        first_lost,
+                        oldest.wrapping_sub(1)
+                    ),
+                );
+                Ok(self.advance(device, events, more, again, fx))
+            }
+        }
+    }
+
+    /// Stages `events` read after the checkpoint. Returns whether to read
+    /// on: a full page goes on; a read that found nothing ends the pass
+    /// (an error if the page was full: no progress).
+    fn advance(
+        &mut self,
+        device: u32,
+        events: Vec<EventLog>,
+        more: bool,
+        again: bool,
+        extra: Effects,
+    ) -> Result<bool, String> {
+        let cp = self.tracks.get(&device).map_or(0, |t| t.checkpoint.event());
+        let reset = matches!(
+            self.tracks.get(&device).map(|t| &t.checkpoint),
+            Some(Checkpoint::Reset)
+        );
+        let fresh: Vec<EventLog> = if reset {
+            events
+        } else {
+            events.into_iter().filter(|e| e.id > cp).collect()
+        };
+        let progressed = !fresh.is_empty();
+        self.stage(device, fresh, extra);
+        match (progressed, more) {
+            (true, true) => Ok(true),
+            (false, true) => Err(format!(
+                "a full page after checkpoint {cp} held nothing new; retrying later"
+            )),
+            // Something arrived during the read that it may have missed.
+            (_, false) => Ok(again && progressed),
+        }
+    }
+
+    /// Stages `events` (ascending, all new) with their effects plus
+    /// `extra`, and moves the checkpoint past them.
+    fn stage(&mut self, device: u32, events: Vec<EventLog>, extra: Effects) {
+        let mut fx = effects(&self.config, device, &events);
+        fx.extend(extra);
+        for d in &fx.diverged {
+            tracing::warn!(group = %d.0, "group diverged: {}", d.1);
+        }
+        self.staged.fx.extend(fx);
+        let Some(last) = events.last() else {
+            return;
+        };
+        // Ship now: a crash before the commit ships again (at least once;
+        // DEVICE_ID + EVENT_ID identify duplicates).
+        for ev in &events {
+            ship(self.config.ship_events, ev);
+        }
+        let checkpoint = Checkpoint::after(last);
+        *self.staged.events.entry(device).or_default() += events.len() as u64;
+        if let Some(t) = self.tracks.get_mut(&device) {
+            t.newest = t.newest.max(last.id);
+            t.checkpoint = checkpoint.clone();
+        }
+        self.staged.checkpoints.insert(device, checkpoint);
+        self.update_lag(device);
+    }
+
+    /// Commits everything staged in one transaction, then wakes appliers
+    /// and answers catch-ups.
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let newest: BTreeMap<u32, u32> = staged
+            .checkpoints
+            .keys()
+            .filter_map(|d| self.tracks.get(d).map(|t| (*d, t.newest)))
+            .collect();
+        let fx = Arc::new(staged.fx);
+        let recorded = Arc::clone(&fx);
+        let checkpoints: Vec<(u32, Option<(u32, Option<String>)>)> = staged
+            .checkpoints
+            .iter()
+            .map(|(d, c)| (*d, c.to_row()))
+            .collect();
+        let searches = staged.searches_done;
+        self.store
+            .run(move |c| {
+                let tx = c.transaction()?;
+                apply_effects(&tx, &recorded)?;
+                for (device, row) in &checkpoints {
+                    if let Some((event, anchor)) = row {
+                        store::set_checkpoint_anchored(&tx, *device, *event, anchor.as_deref())?;
+                    }
+                    if let Some(n) = newest.get(device) {
+                        store::set_newest(&tx, *device, *n)?;
+                    }
+                }
+                for d in &searches {
+                    store::clear_log_search(&tx, *d)?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+        for (device, n) in staged.events {
+            self.metrics
+                .events
+                .get_or_create(&Metrics::device(device))
+                .inc_by(n);
+        }
+        let groups = fx
+            .changes
+            .iter()
+            .map(|c| &c.group)
+            .chain(fx.reconciles.iter().map(|r| &r.0));
+        let wake = self.wake.read().unwrap_or_else(|e| e.into_inner());
+        for g in groups {
+            if let Some(n) = wake.get(g) {
+                n.notify_one();
+            }
+        }
+        drop(wake);
+        for (reply, result) in staged.replies {
+            let _ = reply.send(result);
+        }
+        Ok(())
+    }
+}
+
+/// One read of `device`'s log from `from` (a search for its newest event
+/// if it was never seen), with no state but the search's progress.
+async fn read_once(
+    client: &GatewayClient,
+    store: &Store,
+    device: u32,
+    from: &Checkpoint,
+) -> Result<Read, ReadError> {
+    match from {
+        Checkpoint::Unseen => {
+            // A checkpoint stored earlier (the device was in the
+            // configuration before a reload removed it) is not trusted; the
+            // search is resumable across restarts.
+            let resume = store
+                .run(move |c| store::log_search(c, device))
+                .await
+                .ok()
+                .flatten()
+                .map(|(low, high)| Search { low, high });
+            let newest = read::find_newest(client, device, resume, Some(store)).await?;
+            Ok(Read::Newest(newest))
+        }
+        other => read::read_after(client, device, other, PAGE).await,
+    }
+}
+
+/// Runs the consumer until cancelled. A store failure (a full disk) is
+/// retried after a delay from the stored checkpoints: nothing uncommitted
+/// was acknowledged, so nothing is lost.
+pub async fn run(mut consumer: Consumer, mut inbox: Inbox, cancel: CancellationToken) {
+    let backoff = Backoff::gateway();
+    let mut failures = 0u32;
+    consumer.health.set_consumer_active(true);
+    loop {
+        let result = match consumer.load().await {
+            Ok(()) => serve(&mut consumer, &mut inbox, &cancel).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                let delay = backoff.delay(failures);
+                failures = failures.saturating_add(1);
+                tracing::error!(error = %e, retry_in = ?delay, "event consumer cannot write its state; retrying from the stored checkpoints");
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = beat_while(&consumer.health, delay) => {}
+                }
+            }
+        }
+    }
+    consumer.reads.abort_all();
+    consumer.health.set_consumer_active(false);
+}
+
+/// Sleeps `d`, beating so the watchdog sees a consumer that waits on
+/// purpose, not a stalled one.
+async fn beat_while(health: &Health, d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        health.beat_consumer();
+        tokio::time::sleep_until(end.min(Instant::now() + Duration::from_secs(1))).await;
+    }
+}
+
+/// What the consumer is told, by whom.
+pub struct Inbox {
+    /// Events from the realtime stream (the gateway session's stream task).
+    pub realtime: mpsc::Receiver<EventLog>,
+    /// Catch-up requests of device tasks.
+    pub catch_ups: mpsc::Receiver<CatchUpRequest>,
+    /// The configuration, replaced on reload.
+    pub config: watch::Receiver<Arc<Config>>,
+}
+
+enum Next {
+    Realtime(EventLog),
+    CatchUp(CatchUpRequest),
+    Config(Arc<Config>),
+    Fetched(Fetched),
+    Tick,
+}
+
+async fn serve(
+    consumer: &mut Consumer,
+    inbox: &mut Inbox,
+    cancel: &CancellationToken,
+) -> Result<(), StoreError> {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            Some(f) = consumer.reads.join_next() => match f {
+                Ok(f) => Next::Fetched(f),
+                Err(e) => {
+                    tracing::error!(error = %e, "a log read task failed");
+                    continue;
+                }
+            },
+            r = inbox.config.changed() => match r {
+                Ok(()) => Next::Config(Arc::clone(&inbox.config.borrow_and_update())),
+                Err(_) => return Ok(()),
+            },
+            Some(req) = inbox.catch_ups.recv() => Next::CatchUp(req),
+            msg = inbox.realtime.recv() => match msg {
+                Some(ev) => Next::Realtime(ev),
+                None => return Ok(()),
+            },
+            _ = tick.tick() => Next::Tick,
+        };
+        consumer.handle(next).await?;
+        // Drain what is ready too, then commit once (group commit).
+        for _ in 0..BURST {
+            let next = if let Some(Ok(f)) = consumer.reads.try_join_next() {
+                Next::Fetched(f)
+            } else if let Ok(req) = inbox.catch_ups.try_recv() {
+                Next::CatchUp(req)
+            } else if let Ok(ev) = inbox.realtime.try_recv() {
+                Next::Realtime(ev)
+            } else {
+                break;
+            };
+            consumer.handle(next).await?;
+        }
+        consumer.commit().await?;
+        consumer.start_reads();
+        consumer.health.beat_consumer();
+    }
+}
+
+impl Consumer {
+    async fn handle(&mut self, next: Next) -> Result<(), StoreError> {
+        match next {
+            Next::Realtime(ev) => self.realtime(ev),
+            Next::Config(config) => {
+                // What was staged under the old configuration is committed
+                // first: its effects name the old groups.
+                self.commit().await?;
+                self.set_config(config);
+            }
+            Next::CatchUp(req) => self.catch_up(req),
+            Next::Fetched(f) => self.fetched(f).await?,
+            Next::Tick => self.timers(),
+        }
+        Ok(())
+    }
+}
+
+impl Effects {
+    pub(crate) fn extend(&mut self, other: Effects) {
+        self.changes.extend(other.changes);
+        self.reconciles.extend(other.reconciles);
+        self.diverged.extend(other.diverged);
+    }
+}
