@@ -29,6 +29,8 @@ pub enum CliError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Read(#[from] crate::events::read::ReadError),
     #[error("{0}")]
     Usage(String),
 }
@@ -282,22 +284,22 @@ pub async fn events(
     let events = match since {
         Some(start) => gw.get_log(device, start, limit).await?,
         None => {
-            let mut all: Vec<EventLog> = Vec::new();
-            let mut start = 0;
-            loop {
-                let page = gw.get_log(device, start, crate::events::PAGE).await?;
-                let full = page.len() == crate::events::PAGE as usize;
-                if let Some(last) = page.last() {
-                    start = last.id.wrapping_add(1);
+            // The newest event in O(log n) calls, then the page before it.
+            let Some(newest) = crate::events::read::find_newest(&gw, device, None, None).await?
+            else {
+                return Ok(Vec::new());
+            };
+            let start = newest.id.saturating_sub(limit.saturating_sub(1)).max(1);
+            let page = match gw.get_log(device, start, limit).await {
+                Ok(page) => page,
+                // Older than the oldest record (WIRE.md §5.4): the log is
+                // shorter than `limit`; read it from its start.
+                Err(e) if e.code() == Some(tonic::Code::OutOfRange) => {
+                    gw.get_log(device, 0, limit).await?
                 }
-                all.extend(page);
-                let keep = all.len().saturating_sub(limit as usize);
-                all.drain(..keep);
-                if !full || start == 0 {
-                    break;
-                }
-            }
-            all
+                Err(e) => return Err(e.into()),
+            };
+            page.into_iter().filter(|e| e.id <= newest.id).collect()
         }
     };
     Ok(events.iter().map(event_line).collect())

@@ -373,7 +373,20 @@ impl Applier {
 
     /// Users a reconcile queued for one target, applied to it alone.
     async fn pending_step(&mut self) -> Result<bool, SyncError> {
-        let targets = self.eligible_targets();
+        let name = self.group.name.clone();
+        let waiting = self
+            .store
+            .run(move |c| store::pending_counts(c))
+            .await?
+            .into_keys()
+            .filter(|(g, _)| *g == name)
+            .map(|(_, t)| t)
+            .collect::<BTreeSet<u32>>();
+        let targets: Vec<u32> = self
+            .eligible_targets()
+            .into_iter()
+            .filter(|t| waiting.contains(t))
+            .collect();
         for t in targets {
             let (n, limit) = (self.group.name.clone(), self.sync.batch_users);
             let rows = self
@@ -401,7 +414,7 @@ impl Applier {
         for (t, o) in outcomes {
             match o {
                 Outcome::Ok => {
-                    self.complete(t, Lane::Journal, std::slice::from_ref(&row))
+                    self.complete(&[t], Lane::Journal, std::slice::from_ref(&row))
                         .await?;
                     tracing::info!(group = %self.group.name, target = t, "all users deleted (propagated)");
                     progressed = true;
@@ -482,13 +495,13 @@ impl Applier {
             }
         }
 
-        let mut progressed = false;
+        let done: Vec<u32> = ok_targets(&outcomes);
+        let mut progressed = !done.is_empty();
+        // Every target that took the batch moves in one transaction.
+        self.complete(&done, lane, &rows).await?;
         for (t, o) in outcomes {
             match o {
-                Outcome::Ok => {
-                    self.complete(t, lane, &rows).await?;
-                    progressed = true;
-                }
+                Outcome::Ok => {}
                 Outcome::Transient(msg) => self.back_off(t, &msg),
                 Outcome::Permanent(_, msg) => {
                     tracing::info!(group = %self.group.name, target = t, error = %msg, "permanent failure in a batch; applying its users one by one");
@@ -564,7 +577,7 @@ impl Applier {
             };
             match result.as_ref().map_err(outcome_of) {
                 Ok(()) => {
-                    self.complete(target, lane, std::slice::from_ref(row))
+                    self.complete(&[target], lane, std::slice::from_ref(row))
                         .await?;
                     progressed = true;
                 }
@@ -627,32 +640,45 @@ impl Applier {
         Ok(true)
     }
 
-    /// `rows` reached `target`: move past them and clear any quarantine of
-    /// their users there.
+    /// `rows` reached `targets`: move them past the rows and clear any
+    /// quarantine of their users there, in one transaction.
     async fn complete(
         &mut self,
-        target: u32,
+        targets: &[u32],
         lane: Lane,
         rows: &[JournalRow],
     ) -> Result<(), SyncError> {
-        let users: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
-        for u in &users {
-            self.poison.remove(&(target, u.clone()));
+        if targets.is_empty() {
+            return Ok(());
         }
-        self.metrics
-            .applied
-            .get_or_create(&Metrics::target(&self.group.name, target))
-            .inc_by(rows.len() as u64);
+        let users: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
+        for t in targets {
+            for u in &users {
+                self.poison.remove(&(*t, u.clone()));
+            }
+            self.metrics
+                .applied
+                .get_or_create(&Metrics::target(&self.group.name, *t))
+                .inc_by(rows.len() as u64);
+        }
         let name = self.group.name.clone();
+        let seq = rows.iter().map(|r| r.seq).max().unwrap_or(0);
+        let targets = targets.to_vec();
         self.store
             .run(move |c| {
                 let tx = c.transaction()?;
-                store::clear_quarantine(&tx, &name, target, &users)?;
+                for t in &targets {
+                    store::clear_quarantine(&tx, &name, *t, &users)?;
+                    match lane {
+                        Lane::Journal => store::advance_cursor(&tx, &name, *t, seq)?,
+                        Lane::Pending => store::remove_pending(&tx, &name, *t, &users)?,
+                    }
+                }
                 tx.commit()?;
                 Ok(())
             })
-            .await?;
-        self.complete_only(target, lane, rows).await
+            .await
+            .map_err(SyncError::from)
     }
 
     /// Moves `target` past `rows` (cursor, or pending rows removed).
