@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{sim, within};
+use common::{sim_registered, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use usersync::gateway::GatewayClient;
+use usersync::sim::StreamHeaders;
 use usersync::wire::Api;
 
 /// Forwards one direction until `frozen`; then holds the sockets open and
@@ -57,7 +58,10 @@ async fn proxy(target: std::net::SocketAddr, frozen: Arc<AtomicBool>) -> std::ne
 
 #[tokio::test]
 async fn keepalive_notices_a_silent_peer() {
-    let sim = sim(Api::V1_8, 1).await;
+    // Registered devices and eager headers (not the defaults): this test is
+    // about a stream that is open and then goes silent.
+    let sim = sim_registered(Api::V1_8, 1).await;
+    sim.set_stream_headers(StreamHeaders::Eager);
     let frozen = Arc::new(AtomicBool::new(false));
     let via = proxy(sim.address(), Arc::clone(&frozen)).await;
 

@@ -138,7 +138,7 @@ struct Running {
     devices: Vec<u32>,
 }
 
-async fn start(api: &str, dir: &std::path::Path) -> Running {
+async fn start(api: &str, dir: &std::path::Path, extra: &[&str]) -> Running {
     let mut child = Command::new(env!("CARGO_BIN_EXE_usersync"))
         .args([
             "sim",
@@ -149,6 +149,7 @@ async fn start(api: &str, dir: &std::path::Path) -> Running {
             "--api",
             api,
         ])
+        .args(extra)
         .arg("--cert-dir")
         .arg(dir)
         .stdin(Stdio::piped())
@@ -205,7 +206,9 @@ async fn channel(r: &Running) -> Channel {
 async fn independent_client_in_both_namespaces() {
     for (api, prefix) in [("v1.8", "gsdk."), ("v1.5", "gsdk."), ("v1.4", "")] {
         let dir = tempfile::tempdir().unwrap();
-        let mut sim = start(api, dir.path()).await;
+        // Registered devices (not the default): this test is about the
+        // calls, not registration.
+        let mut sim = start(api, dir.path(), &["--preconnect"]).await;
         let ch = channel(&sim).await;
         let p = |svc: &str, m: &str| format!("/{prefix}{svc}/{m}");
         let (a, b, c) = (sim.devices[0], sim.devices[1], sim.devices[2]);
@@ -323,4 +326,161 @@ async fn independent_client_in_both_namespaces() {
             .unwrap();
         assert!(status.success(), "{api}: {status}");
     }
+}
+
+/// Types a command and returns its answer (`lines` lines).
+async fn command(sim: &mut Running, cmd: &str, lines: usize) -> Vec<String> {
+    let stdin = sim.child.stdin.as_mut().unwrap();
+    stdin
+        .write_all(format!("{cmd}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..lines {
+        out.push(line(&mut sim.lines).await);
+    }
+    out
+}
+
+async fn get_log(
+    ch: &Channel,
+    device_id: u32,
+    start: u32,
+) -> Result<GetLogResponse, tonic::Status> {
+    call(
+        ch,
+        "/gsdk.event.Event/GetLog".into(),
+        GetLogRequest {
+            device_id,
+            start_event_id: start,
+            max_num_of_log: 0,
+        },
+    )
+    .await
+}
+
+async fn device_list(ch: &Channel) -> Result<GetDeviceListResponse, tonic::Status> {
+    call(ch, "/gsdk.connect.Connect/GetDeviceList".into(), Empty {}).await
+}
+
+async fn stop(mut sim: Running) {
+    command(&mut sim, "quit", 1).await;
+    let status = tokio::time::timeout(DEADLINE, sim.child.wait())
+        .await
+        .expect("exits after quit")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+const DEFAULT_ANSWERS: [&str; 6] = [
+    "stream-headers lazy",
+    "stale-start error",
+    "past-newest error",
+    "missing-user not-found",
+    "preconnect off",
+    "device-latency 0",
+];
+
+/// Without flags the simulator gives the least convenient answers; the
+/// stdin commands switch them while it runs.
+#[tokio::test]
+async fn inconvenient_defaults_switched_at_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = start("v1.8", dir.path(), &[]).await;
+    let ch = channel(&sim).await;
+    let a = sim.devices[0];
+    assert_eq!(command(&mut sim, "policies", 6).await, DEFAULT_ANSWERS);
+
+    // No device is known until a client adds it.
+    assert!(device_list(&ch).await.unwrap().device_infos.is_empty());
+    let err = get_log(&ch, a, 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+
+    // With preconnect, the restarted gateway knows every device.
+    command(&mut sim, "preconnect on", 1).await;
+    let restarted = command(&mut sim, "restart 0.1", 1).await;
+    assert_eq!(restarted, ["gateway restarted"]);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if device_list(&ch)
+            .await
+            .is_ok_and(|l| l.device_infos.len() == 3)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "devices registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // GetLog past the newest: OUT_OF_RANGE, then empty. Start 0: fine.
+    assert!(get_log(&ch, a, 0).await.unwrap().events.is_empty());
+    let err = get_log(&ch, a, 5).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
+    command(&mut sim, "past-newest empty", 1).await;
+    assert!(get_log(&ch, a, 5).await.unwrap().events.is_empty());
+
+    // User.Get of an unknown ID: NOT_FOUND, then omitted.
+    let get = GetRequest {
+        device_id: a,
+        user_ids: vec!["404".into()],
+    };
+    let err = call::<_, GetResponse>(&ch, "/gsdk.user.User/Get".into(), get.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    command(&mut sim, "missing-user omit", 1).await;
+    let got: GetResponse = call(&ch, "/gsdk.user.User/Get".into(), get).await.unwrap();
+    assert!(got.users.is_empty());
+
+    // Device latency: a lower bound only.
+    command(&mut sim, "device-latency 200", 1).await;
+    let t = tokio::time::Instant::now();
+    get_log(&ch, a, 0).await.unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(200));
+
+    assert_eq!(
+        command(&mut sim, "policies", 6).await,
+        [
+            "stream-headers lazy",
+            "stale-start error",
+            "past-newest empty",
+            "missing-user omit",
+            "preconnect on",
+            "device-latency 200",
+        ]
+    );
+    stop(sim).await;
+}
+
+/// Every answer from `--config`; a flag wins over the file.
+#[tokio::test]
+async fn answers_from_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sim.toml");
+    std::fs::write(
+        &file,
+        "stream_headers = \"eager\"\nstale_start = \"clamp\"\npast_newest = \"empty\"\n\
+         missing_user = \"omit\"\npreconnect = true\ndevice_latency_ms = 30\n",
+    )
+    .unwrap();
+    let mut sim = start(
+        "v1.8",
+        dir.path(),
+        &["--config", file.to_str().unwrap(), "--stale-start", "error"],
+    )
+    .await;
+    assert_eq!(
+        command(&mut sim, "policies", 6).await,
+        [
+            "stream-headers eager",
+            "stale-start error",
+            "past-newest empty",
+            "missing-user omit",
+            "preconnect on",
+            "device-latency 30",
+        ]
+    );
+    let ch = channel(&sim).await;
+    assert_eq!(device_list(&ch).await.unwrap().device_infos.len(), 3);
+    stop(sim).await;
 }

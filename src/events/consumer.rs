@@ -618,19 +618,15 @@ impl Consumer {
             .collect();
         let fx = Arc::new(staged.fx);
         let recorded = Arc::clone(&fx);
-        let checkpoints: Vec<(u32, Option<(u32, Option<String>)>)> = staged
-            .checkpoints
-            .iter()
-            .map(|(d, c)| (*d, c.to_row()))
-            .collect();
+        let checkpoints: BTreeMap<u32, Checkpoint> = staged.checkpoints;
         let searches = staged.searches_done;
         self.store
             .run(move |c| {
                 let tx = c.transaction()?;
                 apply_effects(&tx, &recorded)?;
-                for (device, row) in &checkpoints {
-                    if let Some((event, anchor)) = row {
-                        store::set_checkpoint_anchored(&tx, *device, *event, anchor.as_deref())?;
+                for (device, checkpoint) in &checkpoints {
+                    if let Some((event, anchor)) = checkpoint.to_row() {
+                        store::set_checkpoint_anchored(&tx, *device, event, anchor.as_deref())?;
                     }
                     if let Some(n) = newest.get(device) {
                         store::set_newest(&tx, *device, *n)?;

@@ -9,7 +9,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::{DeviceSpec, MissingUser, SimError, SimOptions, Simulator, StaleStart};
+use super::{
+    DeviceSpec, MissingUser, PastNewest, Policies, SimError, SimOptions, Simulator, StaleStart,
+    StreamHeaders,
+};
 use crate::wire::Api;
 
 /// Arguments of `usersync sim`.
@@ -36,18 +39,120 @@ pub struct SimArgs {
     /// Event log capacity of each device (a ring buffer).
     #[arg(long, default_value_t = 50_000)]
     pub log_capacity: usize,
-    /// TOML file describing the devices (replaces --devices/--users).
+    /// TOML file describing the devices (replaces --devices/--users) and
+    /// the answers below; a flag given here wins over the file.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Answer User.Get of an unknown ID with NOT_FOUND instead of omitting it.
-    #[arg(long)]
+    /// When SubscribeStatus/SubscribeRealtimeLog send response headers:
+    /// `lazy` (with the first message, as grpc-go servers) or `eager`
+    /// [default: lazy].
+    #[arg(long, value_name = "lazy|eager", value_parser = parse_stream_headers)]
+    pub stream_headers: Option<StreamHeaders>,
+    /// GetLog with a start older than the oldest record: `error`
+    /// (OUT_OF_RANGE) or `clamp` (answer from the oldest) [default: error].
+    #[arg(long, value_name = "error|clamp", value_parser = parse_stale_start)]
+    pub stale_start: Option<StaleStart>,
+    /// GetLog with a start past the newest record (also newest + 1, and any
+    /// start but 0 on an empty log): `error` (OUT_OF_RANGE) or `empty`
+    /// [default: error].
+    #[arg(long, value_name = "error|empty", value_parser = parse_past_newest)]
+    pub past_newest: Option<PastNewest>,
+    /// User.Get of an unknown ID and Delete of a missing user: `not-found`
+    /// (the call fails) or `omit` (omitted / success) [default: not-found].
+    #[arg(long, value_name = "not-found|omit", value_parser = parse_missing_user)]
+    pub missing_user: Option<MissingUser>,
+    /// Old name of `--missing-user not-found` (now the default).
+    #[arg(long, hide = true, conflicts_with = "missing_user")]
     pub strict_missing_user: bool,
-    /// Do not register the devices as async connections at start.
+    /// Register every device as an async connection at start and after a
+    /// restart, as if the gateway remembered them. Without it, GetDeviceList
+    /// is empty until a client calls AddAsyncConnection.
     #[arg(long)]
+    pub preconnect: bool,
+    /// Old flag; not registering the devices is now the default.
+    #[arg(long, hide = true, conflicts_with = "preconnect")]
     pub no_preconnect: bool,
+    /// Time each device takes to answer a relayed command (GetLog, User.*,
+    /// monitoring, ClearLog, Card.Scan), once per call; real readers take
+    /// tens of ms to 2 s [default: 0].
+    #[arg(long, value_name = "MS")]
+    pub device_latency_ms: Option<u64>,
     /// Reconnect delay after a device comes back, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub reconnect_delay_ms: u64,
+}
+
+// One vocabulary for the answers to WIRE.md's open questions, shared by the
+// flags, the `--config` keys and the stdin commands.
+
+fn expected<T>(what: &str, got: &str) -> Result<T, String> {
+    Err(format!("expected {what}, got {got:?}"))
+}
+
+pub fn parse_stream_headers(s: &str) -> Result<StreamHeaders, String> {
+    match s {
+        "lazy" => Ok(StreamHeaders::Lazy),
+        "eager" => Ok(StreamHeaders::Eager),
+        other => expected("lazy or eager", other),
+    }
+}
+
+pub fn parse_stale_start(s: &str) -> Result<StaleStart, String> {
+    match s {
+        "error" => Ok(StaleStart::OutOfRange),
+        "clamp" => Ok(StaleStart::Clamp),
+        other => expected("error or clamp", other),
+    }
+}
+
+pub fn parse_past_newest(s: &str) -> Result<PastNewest, String> {
+    match s {
+        "error" => Ok(PastNewest::OutOfRange),
+        "empty" => Ok(PastNewest::Empty),
+        other => expected("error or empty", other),
+    }
+}
+
+pub fn parse_missing_user(s: &str) -> Result<MissingUser, String> {
+    match s {
+        "not-found" => Ok(MissingUser::NotFound),
+        "omit" => Ok(MissingUser::Lenient),
+        other => expected("not-found or omit", other),
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => expected("on or off", other),
+    }
+}
+
+/// The switches as `policies` prints them, in the words the commands use.
+fn describe(p: &Policies, preconnect: bool, device_latency: Duration) -> String {
+    format!(
+        "stream-headers {}\nstale-start {}\npast-newest {}\nmissing-user {}\n\
+         preconnect {}\ndevice-latency {}",
+        match p.stream_headers {
+            StreamHeaders::Lazy => "lazy",
+            StreamHeaders::Eager => "eager",
+        },
+        match p.stale_start {
+            StaleStart::OutOfRange => "error",
+            StaleStart::Clamp => "clamp",
+        },
+        match p.past_newest {
+            PastNewest::OutOfRange => "error",
+            PastNewest::Empty => "empty",
+        },
+        match p.missing_user {
+            MissingUser::NotFound => "not-found",
+            MissingUser::Lenient => "omit",
+        },
+        if preconnect { "on" } else { "off" },
+        device_latency.as_millis(),
+    )
 }
 
 /// The `--config` file of the simulator.
@@ -56,8 +161,14 @@ pub struct SimArgs {
 struct SimFile {
     api: Option<String>,
     log_capacity: Option<usize>,
-    #[serde(default)]
-    device: Vec<SimFileDevice>,
+    stream_headers: Option<String>,
+    stale_start: Option<String>,
+    past_newest: Option<String>,
+    missing_user: Option<String>,
+    preconnect: Option<bool>,
+    device_latency_ms: Option<u64>,
+    /// Absent: the devices of `--devices`/`--users`.
+    device: Option<Vec<SimFileDevice>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,16 +200,37 @@ fn load_file(path: &Path, opts: &mut SimOptions) -> Result<(), SimError> {
     if let Some(cap) = file.log_capacity {
         opts.model.log_capacity = cap;
     }
-    opts.model.devices = file
-        .device
-        .into_iter()
-        .map(|d| DeviceSpec {
-            users: d.users,
-            first_event_id: d.first_event_id,
-            use_ssl: d.tls,
-            ..DeviceSpec::new(d.id)
-        })
-        .collect();
+    let key = |name: &str, e: String| SimError::Control(format!("{}: {name}: {e}", path.display()));
+    let policies = &mut opts.model.policies;
+    if let Some(v) = file.stream_headers {
+        policies.stream_headers = parse_stream_headers(&v).map_err(|e| key("stream_headers", e))?;
+    }
+    if let Some(v) = file.stale_start {
+        policies.stale_start = parse_stale_start(&v).map_err(|e| key("stale_start", e))?;
+    }
+    if let Some(v) = file.past_newest {
+        policies.past_newest = parse_past_newest(&v).map_err(|e| key("past_newest", e))?;
+    }
+    if let Some(v) = file.missing_user {
+        policies.missing_user = parse_missing_user(&v).map_err(|e| key("missing_user", e))?;
+    }
+    if let Some(on) = file.preconnect {
+        opts.model.preconnect = on;
+    }
+    if let Some(ms) = file.device_latency_ms {
+        opts.model.device_latency = Duration::from_millis(ms);
+    }
+    if let Some(devices) = file.device {
+        opts.model.devices = devices
+            .into_iter()
+            .map(|d| DeviceSpec {
+                users: d.users,
+                first_event_id: d.first_event_id,
+                use_ssl: d.tls,
+                ..DeviceSpec::new(d.id)
+            })
+            .collect();
+    }
     Ok(())
 }
 
@@ -112,13 +244,35 @@ pub fn options(args: &SimArgs) -> Result<SimOptions, SimError> {
     opts.tls = !args.plaintext;
     opts.model.api = args.api;
     opts.model.log_capacity = args.log_capacity;
-    opts.model.preconnect = !args.no_preconnect;
     opts.reconnect_delay = Duration::from_millis(args.reconnect_delay_ms);
-    if args.strict_missing_user {
-        opts.model.policies.missing_user = MissingUser::NotFound;
-    }
     if let Some(path) = &args.config {
         load_file(path, &mut opts)?;
+    }
+    // Flags given on the command line win over the file.
+    let policies = &mut opts.model.policies;
+    if let Some(h) = args.stream_headers {
+        policies.stream_headers = h;
+    }
+    if let Some(p) = args.stale_start {
+        policies.stale_start = p;
+    }
+    if let Some(p) = args.past_newest {
+        policies.past_newest = p;
+    }
+    if let Some(p) = args.missing_user {
+        policies.missing_user = p;
+    }
+    if args.strict_missing_user {
+        policies.missing_user = MissingUser::NotFound;
+    }
+    if args.preconnect {
+        opts.model.preconnect = true;
+    }
+    if args.no_preconnect {
+        opts.model.preconnect = false;
+    }
+    if let Some(ms) = args.device_latency_ms {
+        opts.model.device_latency = Duration::from_millis(ms);
     }
     Ok(opts)
 }
@@ -179,6 +333,8 @@ pub enum Command {
     DeleteAll(u32),
     Offline(u32),
     Online(u32),
+    Hold(u32),
+    Release(u32),
     Drop(Option<u32>, f64),
     FailMulti(u32, u32),
     Reject(u32, String),
@@ -191,6 +347,11 @@ pub enum Command {
     Log(u32, usize),
     MissingUser(MissingUser),
     StaleStart(StaleStart),
+    PastNewest(PastNewest),
+    StreamHeaders(StreamHeaders),
+    Preconnect(bool),
+    DeviceLatency(Duration),
+    Policies,
     Quit,
 }
 
@@ -202,6 +363,8 @@ commands (DEV = device ID):
   delete DEV USER              delete a user at the device
   delete-all DEV               delete every user at the device
   offline DEV | online DEV     take a device off the network / bring it back
+  hold DEV | release DEV       the device stops answering commands (calls to
+                               it wait; link stays up) / answers again
   drop DEV|all FRACTION        drop this fraction (0-1) of realtime events
   fail-multi DEV N             fail the next N Multi calls for DEV (transient)
   reject DEV USER | accept DEV USER   permanently refuse / accept a user
@@ -211,13 +374,26 @@ commands (DEV = device ID):
   latency METHOD MS            delay every METHOD call (0 = none)
   users DEV                    list the users stored on a device
   log DEV [N]                  show the last N (10) events of a device
-  missing-user omit|not-found  User.Get answer for unknown IDs
-  stale-start clamp|error      GetLog answer for a start older than the log
+answers to WIRE.md's open questions (default first):
+  policies                     show the current answers
+  stream-headers lazy|eager    streams send headers with the first message
+                               (a tonic client's subscribe blocks) / at once
+  stale-start error|clamp      GetLog start older than the oldest record
+  past-newest error|empty      GetLog start past the newest record
+                               (newest+1 too; start 0 is always fine)
+  missing-user not-found|omit  User.Get of an unknown ID, Delete of a missing one
+  preconnect off|on            devices registered again at the next restart
+  device-latency MS            every device command takes MS longer (0)
   quit";
 
 fn num<T: std::str::FromStr>(word: Option<&str>, what: &str) -> Result<T, String> {
     let w = word.ok_or_else(|| format!("missing {what}"))?;
     w.parse().map_err(|_| format!("bad {what}: {w:?}"))
+}
+
+/// The answer word of a policy command.
+fn word(w: Option<&str>) -> Result<&str, String> {
+    w.ok_or_else(|| "missing answer; type `help`".to_owned())
 }
 
 fn text(word: Option<&str>, what: &str) -> Result<String, String> {
@@ -240,6 +416,8 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         "delete-all" => Command::DeleteAll(num(w.next(), "device")?),
         "offline" => Command::Offline(num(w.next(), "device")?),
         "online" => Command::Online(num(w.next(), "device")?),
+        "hold" => Command::Hold(num(w.next(), "device")?),
+        "release" => Command::Release(num(w.next(), "device")?),
         "drop" => {
             let dev = match w.next() {
                 Some("all") => None,
@@ -272,16 +450,15 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
             };
             Command::Log(dev, n)
         }
-        "missing-user" => Command::MissingUser(match w.next() {
-            Some("omit") => MissingUser::Lenient,
-            Some("not-found") => MissingUser::NotFound,
-            other => return Err(format!("expected omit or not-found, got {other:?}")),
-        }),
-        "stale-start" => Command::StaleStart(match w.next() {
-            Some("clamp") => StaleStart::Clamp,
-            Some("error") => StaleStart::OutOfRange,
-            other => return Err(format!("expected clamp or error, got {other:?}")),
-        }),
+        "missing-user" => Command::MissingUser(parse_missing_user(word(w.next())?)?),
+        "stale-start" => Command::StaleStart(parse_stale_start(word(w.next())?)?),
+        "past-newest" => Command::PastNewest(parse_past_newest(word(w.next())?)?),
+        "stream-headers" => Command::StreamHeaders(parse_stream_headers(word(w.next())?)?),
+        "preconnect" => Command::Preconnect(parse_on_off(word(w.next())?)?),
+        "device-latency" => {
+            Command::DeviceLatency(Duration::from_millis(num(w.next(), "milliseconds")?))
+        }
+        "policies" => Command::Policies,
         "quit" | "exit" => Command::Quit,
         other => return Err(format!("unknown command {other:?}; type `help`")),
     };
@@ -306,7 +483,7 @@ pub async fn apply(sim: &Simulator, cmd: Command) -> String {
             .device_ids()
             .into_iter()
             .map(|d| {
-                let newest = sim.log(d).last().map_or(0, |e| e.id);
+                let newest = sim.newest_event_id(d).unwrap_or(0);
                 format!(
                     "{d}: {}{}, {} users, newest event {newest}",
                     if sim.is_connected(d) {
@@ -319,7 +496,7 @@ pub async fn apply(sim: &Simulator, cmd: Command) -> String {
                     } else {
                         ""
                     },
-                    sim.users(d).len()
+                    sim.user_count(d)
                 )
             })
             .collect::<Vec<_>>()
@@ -330,6 +507,15 @@ pub async fn apply(sim: &Simulator, cmd: Command) -> String {
         Command::DeleteAll(d) => done(sim.delete_all_on_device(d), "all users deleted"),
         Command::Offline(d) => result(sim.set_offline(d), "offline"),
         Command::Online(d) => result(sim.set_online(d), "online; reconnecting"),
+        Command::Hold(d) => {
+            sim.hold_device(d, true);
+            format!("device {d} answers nothing until `release {d}`")
+        }
+        Command::Release(d) => {
+            let waiting = sim.held_calls(d);
+            sim.hold_device(d, false);
+            format!("device {d} answers again ({waiting} waiting calls go on)")
+        }
         Command::Drop(d, f) => {
             sim.drop_realtime(d, f);
             format!("dropping {:.0}% of realtime events", f * 100.0)
@@ -361,28 +547,25 @@ pub async fn apply(sim: &Simulator, cmd: Command) -> String {
             }
             out
         }
-        Command::Log(d, n) => {
-            let log = sim.log(d);
-            let start = log.len().saturating_sub(n);
-            log[start..]
-                .iter()
-                .map(|e| {
-                    format!(
-                        "  #{} code 0x{:04X}/{:02X} user {:?}{}",
-                        e.id,
-                        e.event_code,
-                        e.sub_code,
-                        e.user_id,
-                        if e.changed_on_device {
-                            " (on device)"
-                        } else {
-                            ""
-                        }
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-        }
+        Command::Log(d, n) => sim
+            .log_tail(d, n)
+            .iter()
+            .map(|e| {
+                format!(
+                    "  #{} code 0x{:04X}/{:02X} user {:?}{}",
+                    e.id,
+                    e.event_code,
+                    e.sub_code,
+                    e.user_id,
+                    if e.changed_on_device {
+                        " (on device)"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
         Command::MissingUser(p) => {
             let mut pol = sim.policies();
             pol.missing_user = p;
@@ -395,6 +578,28 @@ pub async fn apply(sim: &Simulator, cmd: Command) -> String {
             sim.set_policies(pol);
             format!("stale GetLog start: {p:?}")
         }
+        Command::PastNewest(p) => {
+            let mut pol = sim.policies();
+            pol.past_newest = p;
+            sim.set_policies(pol);
+            format!("GetLog start past the newest: {p:?}")
+        }
+        Command::StreamHeaders(h) => {
+            sim.set_stream_headers(h);
+            format!("stream headers: {h:?} (for streams opened from now on)")
+        }
+        Command::Preconnect(on) => {
+            sim.set_preconnect(on);
+            format!(
+                "preconnect {}: takes effect at the next restart",
+                if on { "on" } else { "off" }
+            )
+        }
+        Command::DeviceLatency(d) => {
+            sim.set_device_latency(d);
+            format!("device commands delayed by {d:?}")
+        }
+        Command::Policies => describe(&sim.policies(), sim.preconnect(), sim.device_latency()),
         Command::Quit => "bye".to_owned(),
     }
 }
@@ -434,9 +639,185 @@ mod tests {
     }
 
     #[test]
-    fn sim_file_is_strict() {
-        let dir = std::env::temp_dir().join(format!("usersync-simfile-{}", std::process::id()));
+    fn parses_policy_commands() {
+        let ok = |line: &str| parse_command(line).unwrap().unwrap();
+        assert_eq!(
+            ok("stream-headers lazy"),
+            Command::StreamHeaders(StreamHeaders::Lazy)
+        );
+        assert_eq!(
+            ok("stream-headers eager"),
+            Command::StreamHeaders(StreamHeaders::Eager)
+        );
+        assert_eq!(
+            ok("stale-start error"),
+            Command::StaleStart(StaleStart::OutOfRange)
+        );
+        assert_eq!(
+            ok("stale-start clamp"),
+            Command::StaleStart(StaleStart::Clamp)
+        );
+        assert_eq!(
+            ok("past-newest error"),
+            Command::PastNewest(PastNewest::OutOfRange)
+        );
+        assert_eq!(
+            ok("past-newest empty"),
+            Command::PastNewest(PastNewest::Empty)
+        );
+        assert_eq!(
+            ok("missing-user not-found"),
+            Command::MissingUser(MissingUser::NotFound)
+        );
+        assert_eq!(
+            ok("missing-user omit"),
+            Command::MissingUser(MissingUser::Lenient)
+        );
+        assert_eq!(ok("preconnect on"), Command::Preconnect(true));
+        assert_eq!(ok("preconnect off"), Command::Preconnect(false));
+        assert_eq!(
+            ok("device-latency 250"),
+            Command::DeviceLatency(Duration::from_millis(250))
+        );
+        assert_eq!(ok("policies"), Command::Policies);
+        assert_eq!(ok("hold 3"), Command::Hold(3));
+        assert_eq!(ok("release 3"), Command::Release(3));
+        for bad in [
+            "stream-headers",
+            "stream-headers soon",
+            "past-newest clamp",
+            "stale-start empty",
+            "preconnect yes",
+            "device-latency -1",
+            "policies now",
+        ] {
+            assert!(parse_command(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    fn args(extra: &[&str]) -> SimArgs {
+        use clap::Parser;
+        let mut argv = vec!["sim", "--plaintext"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("valid arguments").sim
+    }
+
+    #[test]
+    fn defaults_are_the_inconvenient_answers() {
+        let opts = options(&args(&[])).unwrap();
+        assert_eq!(opts.model.policies, Policies::default());
+        assert_eq!(opts.model.policies.stream_headers, StreamHeaders::Lazy);
+        assert_eq!(opts.model.policies.stale_start, StaleStart::OutOfRange);
+        assert_eq!(opts.model.policies.past_newest, PastNewest::OutOfRange);
+        assert_eq!(opts.model.policies.missing_user, MissingUser::NotFound);
+        assert!(!opts.model.preconnect);
+        assert_eq!(opts.model.device_latency, Duration::ZERO);
+    }
+
+    #[test]
+    fn flags_switch_every_answer() {
+        let opts = options(&args(&[
+            "--stream-headers",
+            "eager",
+            "--stale-start",
+            "clamp",
+            "--past-newest",
+            "empty",
+            "--missing-user",
+            "omit",
+            "--preconnect",
+            "--device-latency-ms",
+            "40",
+        ]))
+        .unwrap();
+        assert_eq!(opts.model.policies, Policies::lenient());
+        assert!(opts.model.preconnect);
+        assert_eq!(opts.model.device_latency, Duration::from_millis(40));
+        // The old flags are still accepted.
+        let old = options(&args(&["--strict-missing-user", "--no-preconnect"])).unwrap();
+        assert_eq!(old.model.policies.missing_user, MissingUser::NotFound);
+        assert!(!old.model.preconnect);
+        use clap::Parser;
+        assert!(Cli::try_parse_from(["sim", "--plaintext", "--stale-start", "later"]).is_err());
+        assert!(
+            Cli::try_parse_from(["sim", "--plaintext", "--preconnect", "--no-preconnect"]).is_err()
+        );
+    }
+
+    #[test]
+    fn sim_file_sets_every_answer_and_flags_win() {
+        let dir = tempdir("answers");
+        let path = dir.join("answers.toml");
+        std::fs::write(
+            &path,
+            "stream_headers = \"eager\"\nstale_start = \"clamp\"\npast_newest = \"empty\"\n\
+             missing_user = \"omit\"\npreconnect = true\ndevice_latency_ms = 15\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let opts = options(&args(&["--devices", "2", "--config", p])).unwrap();
+        assert_eq!(opts.model.policies, Policies::lenient());
+        assert!(opts.model.preconnect);
+        assert_eq!(opts.model.device_latency, Duration::from_millis(15));
+        // No [[device]] in the file: the devices of --devices stay.
+        assert_eq!(opts.model.devices.len(), 2);
+        let opts = options(&args(&[
+            "--config",
+            p,
+            "--stream-headers",
+            "lazy",
+            "--no-preconnect",
+            "--device-latency-ms",
+            "0",
+        ]))
+        .unwrap();
+        assert_eq!(opts.model.policies.stream_headers, StreamHeaders::Lazy);
+        assert_eq!(opts.model.policies.stale_start, StaleStart::Clamp);
+        assert!(!opts.model.preconnect);
+        assert_eq!(opts.model.device_latency, Duration::ZERO);
+
+        std::fs::write(&path, "past_newest = \"clamp\"\n").unwrap();
+        let err = options(&args(&["--config", p])).unwrap_err().to_string();
+        assert!(
+            err.contains("past_newest") && err.contains("clamp"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn policies_describe_themselves_in_command_words() {
+        let text = describe(&Policies::default(), false, Duration::ZERO);
+        for line in [
+            "stream-headers lazy",
+            "stale-start error",
+            "past-newest error",
+            "missing-user not-found",
+            "preconnect off",
+            "device-latency 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+            // Each line is also a command that sets that answer.
+            assert!(parse_command(line).unwrap().is_some(), "{line}");
+        }
+    }
+
+    fn tempdir(what: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("usersync-simfile-{what}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn sim_file_is_strict() {
+        let dir = tempdir("strict");
         let good = dir.join("good.toml");
         std::fs::write(
             &good,

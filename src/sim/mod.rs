@@ -4,8 +4,27 @@
 //! survive. Used by the tests, the demo and `usersync sim`.
 //!
 //! It must behave as WIRE.md says, rough edges included (dropped realtime
-//! events, ring-buffer logs, Multi errors in status details), not as is
-//! convenient for the daemon.
+//! events, ring-buffer logs, Multi errors in status details, a reconnect
+//! delay), not as is convenient for the daemon. Where WIRE.md leaves a
+//! question open, every plausible answer can be switched on (API, `usersync
+//! sim` flag, `--config` key, stdin command) and the default is the least
+//! convenient one — see the table on [`Policies`]:
+//!
+//! * streams send their headers lazily, with the first message (§5.14);
+//! * GetLog outside the stored range fails with OUT_OF_RANGE (§5.4);
+//! * User.Get of an unknown ID fails with NOT_FOUND (§5.3);
+//! * devices are unknown to the gateway until a client adds them, and again
+//!   after a gateway restart (B14);
+//! * device commands can be given a latency (0 by default, for speed).
+//!
+//! Faults on top: devices offline, dropped realtime events, failing Multi
+//! calls, refused users, resets, gateway restarts, per-method latency, and
+//! held devices that answer nothing until released.
+//!
+//! For harnesses: [`Simulator::users_changed`] wakes on any user-table
+//! change, [`Simulator::holds`] and [`Simulator::user_bytes`] check single
+//! users without copying tables, and [`Simulator::append_events`] fills a
+//! log in bulk.
 
 pub mod cli;
 pub mod model;
@@ -23,6 +42,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -31,8 +51,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 pub use model::{
-    DeviceSpec, LowByteCodes, MissingUser, ModelOptions, Policies, RealtimeStats, RpcRecord,
-    StaleStart, codes,
+    DeviceSpec, LowByteCodes, MissingUser, ModelOptions, PastNewest, Policies, RealtimeStats,
+    RpcRecord, StaleStart, StreamHeaders, codes,
 };
 use service::{AdminSvc, CardSvc, ConnectSvc, EventSvc, Shared, UserSvc};
 pub use tls::SimCerts;
@@ -183,9 +203,9 @@ impl Simulator {
     }
 
     /// Restarts the gateway process: every connection and stream is cut, the
-    /// port refuses connections for `down_for`, monitoring and async
-    /// connections are lost (unless preconnect); devices keep their users
-    /// and logs.
+    /// port refuses connections for `down_for`, monitoring is lost and so
+    /// are the async connections (unless preconnect: then every device is
+    /// registered again); devices keep their users and logs.
     pub async fn restart(&self, down_for: Duration) -> Result<(), SimError> {
         self.stop_serving().await;
         self.shared.model().gateway_restarted();
@@ -258,6 +278,16 @@ impl Simulator {
         self.control(|m| m.device_event(device, code, user))
     }
 
+    /// Appends `n` non-user events with `code` (e.g.
+    /// [`codes::VERIFY_SUCCESS`]) to a device's log under one lock: bulk
+    /// history for benchmarks (raise `log_capacity` to keep them all; a
+    /// million records take 32–64 MB). They are real events: if the device is
+    /// monitored, realtime subscribers get them too, and drop what their
+    /// queue cannot hold (B10). Returns the first and last event ID.
+    pub fn append_events(&self, device: u32, n: u32, code: u32) -> Result<(u32, u32), SimError> {
+        self.control(|m| m.append_events(device, n, code))
+    }
+
     /// Takes a device off the network at once.
     pub fn set_offline(&self, device: u32) -> Result<(), SimError> {
         self.control(|m| m.set_online(device, false))
@@ -271,6 +301,28 @@ impl Simulator {
         }
         self.shared.schedule_reconnect(vec![device]);
         Ok(())
+    }
+
+    /// `device` stops answering commands (`true`) or answers again
+    /// (`false`): calls that address it wait meanwhile, its link stays up
+    /// and it keeps logging. A real gateway would end such calls after its
+    /// command timeout (B27); here they wait until released or cancelled.
+    pub fn hold_device(&self, device: u32, on: bool) {
+        self.shared.model().set_held(device, on);
+        if !on {
+            self.shared.released.notify_waiters();
+        }
+    }
+
+    /// Calls now waiting on a held device.
+    pub fn held_calls(&self, device: u32) -> usize {
+        self.shared.model().held_calls(device)
+    }
+
+    /// One device's event log capacity from now on; shrinking drops the
+    /// oldest records, as overwriting would.
+    pub fn set_log_capacity(&self, device: u32, capacity: usize) {
+        self.shared.model().set_log_capacity(device, capacity);
     }
 
     /// Drops this fraction (0–1) of the realtime events of `device` (all
@@ -323,12 +375,40 @@ impl Simulator {
         }
     }
 
+    /// Switches the answers to WIRE.md's open questions. Calls already
+    /// under way keep the answer they started with (a lazy stream that is
+    /// waiting for its first message stays lazy).
     pub fn set_policies(&self, policies: Policies) {
         self.shared.model().policies = policies;
     }
 
     pub fn policies(&self) -> Policies {
         self.shared.model().policies
+    }
+
+    /// Lazy or eager response headers for streams opened from now on.
+    pub fn set_stream_headers(&self, headers: StreamHeaders) {
+        self.shared.model().policies.stream_headers = headers;
+    }
+
+    /// How long every device takes to answer a command the gateway relays
+    /// (added once per call, on top of [`Self::set_latency`]).
+    pub fn set_device_latency(&self, delay: Duration) {
+        self.shared.model().device_latency = delay;
+    }
+
+    pub fn device_latency(&self) -> Duration {
+        self.shared.model().device_latency
+    }
+
+    /// Whether the next [`Self::restart`] registers every device again, as
+    /// if the gateway kept its async connections.
+    pub fn set_preconnect(&self, on: bool) {
+        self.shared.model().set_preconnect(on);
+    }
+
+    pub fn preconnect(&self) -> bool {
+        self.shared.model().preconnect()
     }
 
     /// Presents a card at the device for the next Card.Scan.
@@ -359,12 +439,50 @@ impl Simulator {
         self.shared.model().clear_rpc_log();
     }
 
+    /// A copy of a device's whole user table (see [`Self::holds`] and
+    /// [`Self::user_bytes`] for cheap checks).
     pub fn users(&self, device: u32) -> BTreeMap<String, Vec<u8>> {
         self.shared.model().users(device)
     }
 
+    /// A counter that changes every time any device's user table does
+    /// (enroll, update, delete, delete-all, resets; through the API or at
+    /// the device): `changed().await` instead of polling.
+    pub fn users_changed(&self) -> watch::Receiver<u64> {
+        self.shared.model().users_changed()
+    }
+
+    /// Whether `device` stores `user`.
+    pub fn holds(&self, device: u32, user: &str) -> bool {
+        self.shared.model().holds(device, user)
+    }
+
+    /// Whether `device` stores `user` with exactly the bytes `raw`.
+    pub fn holds_exactly(&self, device: u32, user: &str, raw: &[u8]) -> bool {
+        self.shared.model().holds_exactly(device, user, raw)
+    }
+
+    /// The raw record of one user, if stored.
+    pub fn user_bytes(&self, device: u32, user: &str) -> Option<Vec<u8>> {
+        self.shared.model().user_bytes(device, user)
+    }
+
+    pub fn user_count(&self, device: u32) -> usize {
+        self.shared.model().user_count(device)
+    }
+
+    /// A copy of a device's whole log.
     pub fn log(&self, device: u32) -> Vec<EventLog> {
         self.shared.model().log(device)
+    }
+
+    /// The newest `n` records of a device's log, oldest first.
+    pub fn log_tail(&self, device: u32, n: usize) -> Vec<EventLog> {
+        self.shared.model().log_tail(device, n)
+    }
+
+    pub fn newest_event_id(&self, device: u32) -> Option<u32> {
+        self.shared.model().newest_event_id(device)
     }
 
     pub fn is_connected(&self, device: u32) -> bool {

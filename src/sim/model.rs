@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 use super::users::{self, UserProfile};
@@ -40,29 +40,79 @@ pub mod codes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MissingUser {
     /// Get omits the user; Delete of a missing user succeeds.
-    #[default]
     Lenient,
-    /// Get fails with NOT_FOUND; Delete of a missing user fails with
-    /// NOT_FOUND for that device.
+    /// Get fails with NOT_FOUND as a whole (the client has to find out
+    /// which ID is missing); Delete of a missing user fails with NOT_FOUND
+    /// for that device (per device in a Multi call).
+    #[default]
     NotFound,
 }
 
-/// GetLog with a start older than the oldest stored record (WIRE.md §5.4).
+/// GetLog with a start older than the oldest stored record, i.e. the
+/// records from `start` on were overwritten (WIRE.md §5.4, B6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StaleStart {
     /// Answer from the oldest stored record.
-    #[default]
     Clamp,
-    /// Fail with OUT_OF_RANGE.
+    /// Fail with OUT_OF_RANGE naming the oldest stored ID.
+    #[default]
     OutOfRange,
 }
 
+/// GetLog with a start past the newest stored record (WIRE.md §5.4). This
+/// includes `newest + 1`, the usual resume point (B1) when nothing new was
+/// logged, and any `start != 0` on an empty log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PastNewest {
+    /// Answer an empty list.
+    Empty,
+    /// Fail with OUT_OF_RANGE naming the newest stored ID (or saying the
+    /// log is empty).
+    #[default]
+    OutOfRange,
+}
+
+/// When SubscribeStatus and SubscribeRealtimeLog send their response
+/// headers (WIRE.md §5.14, §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamHeaders {
+    /// With the first message, as grpc-go and grpc-python servers do: a
+    /// tonic client's `subscribe_*(..).await` returns only when the first
+    /// status change or event arrives. The subscription is registered when
+    /// the request arrives, so nothing produced meanwhile is lost (beyond
+    /// the queue's own drops, B10). An error before the first message ends
+    /// the call itself with that status.
+    #[default]
+    Lazy,
+    /// At once: the call returns as soon as the subscription is registered.
+    Eager,
+}
+
 /// Answers to WIRE.md's open questions; switchable so the daemon is tested
-/// against both.
+/// against every answer a conforming gateway may give. The defaults are the
+/// least convenient plausible ones.
+///
+/// # Switches and their defaults
+///
+/// | WIRE.md | question | switch (API · `usersync sim` flag · `--config` key · stdin) | default |
+/// |---|---|---|---|
+/// | §5.14, §6 | stream response headers | [`Policies::stream_headers`] · `--stream-headers` · `stream_headers` · `stream-headers` | [`StreamHeaders::Lazy`] |
+/// | §5.4 | GetLog start older than the oldest record | [`Policies::stale_start`] · `--stale-start` · `stale_start` · `stale-start` | [`StaleStart::OutOfRange`] |
+/// | §5.4 | GetLog start past the newest record (also `newest + 1`, and any `start != 0` on an empty log; `start = 0` never fails, B2) | [`Policies::past_newest`] · `--past-newest` · `past_newest` · `past-newest` | [`PastNewest::OutOfRange`] |
+/// | §5.3, B21 | User.Get of an unknown ID, Delete of a missing user | [`Policies::missing_user`] · `--missing-user` · `missing_user` · `missing-user` | [`MissingUser::NotFound`] |
+/// | §5.2 | status code of a Multi partial failure | [`Policies::multi_error_code`] (API only) | INTERNAL |
+/// | §5.9 | codes with a meaningful low byte | [`Policies::low_byte_codes`] (API only) | [`LowByteCodes::Full`] |
+/// | B14, B15 | devices known before a client adds them; after a gateway restart | [`ModelOptions::preconnect`] · `--preconnect` · `preconnect` · `preconnect on\|off` | off: GetDeviceList is empty until AddAsyncConnection, and again after a restart |
+/// | B27, B22 | time a device takes to answer a relayed command | [`ModelOptions::device_latency`] · `--device-latency-ms` · `device_latency_ms` · `device-latency` | 0 (real readers: tens of ms to 2 s) |
+///
+/// [`Policies::lenient`] gives the convenient answer to every question, for
+/// the rare test that is not about them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policies {
+    pub stream_headers: StreamHeaders,
     pub missing_user: MissingUser,
     pub stale_start: StaleStart,
+    pub past_newest: PastNewest,
     /// Status code of a Multi call that failed on some device (§5.2).
     pub multi_error_code: Code,
     /// How codes whose low byte is part of the code (0x4502 …) are
@@ -83,10 +133,26 @@ pub enum LowByteCodes {
 impl Default for Policies {
     fn default() -> Self {
         Policies {
+            stream_headers: StreamHeaders::default(),
+            missing_user: MissingUser::default(),
+            stale_start: StaleStart::default(),
+            past_newest: PastNewest::default(),
+            multi_error_code: Code::Internal,
+            low_byte_codes: LowByteCodes::default(),
+        }
+    }
+}
+
+impl Policies {
+    /// The convenient answers: eager headers, clamped and empty GetLog
+    /// answers, unknown users omitted.
+    pub fn lenient() -> Self {
+        Policies {
+            stream_headers: StreamHeaders::Eager,
             missing_user: MissingUser::Lenient,
             stale_start: StaleStart::Clamp,
-            multi_error_code: Code::Internal,
-            low_byte_codes: LowByteCodes::Full,
+            past_newest: PastNewest::Empty,
+            ..Policies::default()
         }
     }
 }
@@ -127,28 +193,49 @@ pub struct RealtimeStats {
 const RPC_LOG_LIMIT: usize = 200_000;
 const MAX_QUEUE: usize = 1 << 20;
 
+/// One stored record. Compact (32 bytes, against ~160 for an [`EventLog`])
+/// so a benchmark can fill a device's log with millions of records: only
+/// the fields the simulator ever sets are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StoredEvent {
+    id: u32,
+    timestamp: u32,
+    event_code: u32,
+    sub_code: u8,
+    changed_on_device: bool,
+    user_id: Box<str>,
+}
+
 /// A device's event log: a bounded ring with a per-device, only increasing
 /// 32-bit ID (WIRE.md B5, B6).
 #[derive(Debug, Clone)]
 pub struct EventRing {
+    device_id: u32,
     capacity: usize,
-    events: VecDeque<EventLog>,
+    events: VecDeque<StoredEvent>,
     next_id: u32,
 }
 
 impl EventRing {
-    pub fn new(capacity: usize, first_id: u32) -> Self {
+    pub fn new(device_id: u32, capacity: usize, first_id: u32) -> Self {
         EventRing {
+            device_id,
             capacity: capacity.max(1),
             events: VecDeque::new(),
             next_id: first_id.max(1),
         }
     }
 
-    /// Appends, assigning the next ID; overwrites the oldest record when full.
-    pub fn push(&mut self, mut ev: EventLog) -> u32 {
+    /// Appends a record, assigning the next ID; overwrites the oldest record
+    /// when full.
+    pub fn push(
+        &mut self,
+        timestamp: u32,
+        (event_code, sub_code): (u32, u8),
+        user_id: &str,
+        changed_on_device: bool,
+    ) -> u32 {
         let id = self.next_id;
-        ev.id = id;
         // Wrap-around is undocumented (§5.5); never hand out 0.
         self.next_id = match self.next_id.wrapping_add(1) {
             0 => 1,
@@ -157,8 +244,28 @@ impl EventRing {
         if self.events.len() == self.capacity {
             self.events.pop_front();
         }
-        self.events.push_back(ev);
+        self.events.push_back(StoredEvent {
+            id,
+            timestamp,
+            event_code,
+            sub_code,
+            changed_on_device,
+            user_id: user_id.into(),
+        });
         id
+    }
+
+    fn to_wire(&self, e: &StoredEvent) -> EventLog {
+        EventLog {
+            id: e.id,
+            timestamp: e.timestamp,
+            device_id: self.device_id,
+            user_id: e.user_id.to_string(),
+            event_code: e.event_code,
+            sub_code: u32::from(e.sub_code),
+            changed_on_device: e.changed_on_device,
+            ..Default::default()
+        }
     }
 
     pub fn oldest_id(&self) -> Option<u32> {
@@ -169,28 +276,81 @@ impl EventRing {
         self.events.back().map(|e| e.id)
     }
 
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
     /// GetLog: `start` inclusive, 0 = oldest, `max` 0 = all, ascending
-    /// (WIRE.md B1–B4).
-    pub fn read(&self, start: u32, max: u32, stale: StaleStart) -> Result<Vec<EventLog>, Status> {
-        let Some(oldest) = self.oldest_id() else {
-            return Ok(Vec::new());
+    /// (WIRE.md B1–B4). A start outside the stored range is answered as the
+    /// policies say (§5.4); `start = 0` never fails (B2).
+    pub fn read(
+        &self,
+        start: u32,
+        max: u32,
+        stale: StaleStart,
+        past: PastNewest,
+    ) -> Result<Vec<EventLog>, Status> {
+        let (Some(oldest), Some(newest)) = (self.oldest_id(), self.newest_id()) else {
+            if start == 0 || past == PastNewest::Empty {
+                return Ok(Vec::new());
+            }
+            return Err(Status::out_of_range(format!(
+                "event {start} is past the newest stored record: the log is empty"
+            )));
         };
         if start != 0 && start < oldest && stale == StaleStart::OutOfRange {
             return Err(Status::out_of_range(format!(
                 "event {start} is no longer stored; oldest is {oldest}"
             )));
         }
+        if start > newest && past == PastNewest::OutOfRange {
+            return Err(Status::out_of_range(format!(
+                "event {start} is past the newest stored record {newest}"
+            )));
+        }
         let from = self.events.partition_point(|e| e.id < start);
         let take = if max == 0 { usize::MAX } else { max as usize };
-        Ok(self.events.iter().skip(from).take(take).cloned().collect())
+        Ok(self
+            .events
+            .iter()
+            .skip(from)
+            .take(take)
+            .map(|e| self.to_wire(e))
+            .collect())
     }
 
     pub fn clear(&mut self) {
         self.events.clear();
     }
 
+    /// Changes the capacity; a ring holding more drops its oldest records,
+    /// as if they had been overwritten.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+        let excess = self.events.len().saturating_sub(self.capacity);
+        self.events.drain(..excess);
+    }
+
     pub fn all(&self) -> Vec<EventLog> {
-        self.events.iter().cloned().collect()
+        self.tail(usize::MAX)
+    }
+
+    /// The newest `n` records, oldest first.
+    pub fn tail(&self, n: usize) -> Vec<EventLog> {
+        let skip = self.events.len().saturating_sub(n);
+        self.events
+            .iter()
+            .skip(skip)
+            .map(|e| self.to_wire(e))
+            .collect()
+    }
+
+    fn newest(&self) -> Option<EventLog> {
+        self.events.back().map(|e| self.to_wire(e))
     }
 }
 
@@ -252,6 +412,14 @@ pub struct Model {
     fail_multi: HashMap<u32, u32>,
     rejects: HashSet<(u32, String)>,
     pub(crate) latency: HashMap<String, Duration>,
+    /// Added to every call that relays a command to devices (once per call).
+    pub(crate) device_latency: Duration,
+    /// Bumped whenever any device's user table changes.
+    users_changed: watch::Sender<u64>,
+    /// Devices that stopped answering commands (their link stays up).
+    held: HashSet<u32>,
+    /// Calls waiting on each held device.
+    held_calls: HashMap<u32, usize>,
     pub(crate) cards: HashMap<u32, VecDeque<CsnCardData>>,
     rpc_log: VecDeque<RpcRecord>,
     rng: SmallRng,
@@ -289,10 +457,19 @@ fn unique(ids: &[u32]) -> Vec<u32> {
 pub struct ModelOptions {
     pub api: Api,
     pub devices: Vec<DeviceSpec>,
+    /// Records per device log (a ring, B6). Records are stored compactly
+    /// (32 bytes plus the user ID), so millions per device are fine.
     pub log_capacity: usize,
     /// Register every device as an async connection at start and after a
-    /// gateway restart, as if an earlier client had added them.
+    /// gateway restart, as if an earlier client had added them (and the
+    /// gateway kept them). Off by default: a client must add its devices,
+    /// and add them again after a gateway restart (B14).
     pub preconnect: bool,
+    /// How long a device takes to answer a command the gateway relays to
+    /// it, added once per call to every call that addresses devices (Multi
+    /// calls run in parallel inside the gateway, B22). Real readers take
+    /// tens of milliseconds to 2 s; 0 by default so tests run fast.
+    pub device_latency: Duration,
     pub policies: Policies,
     pub profile: UserProfile,
     /// Card.Scan answers at once with a generated card when none was
@@ -307,7 +484,8 @@ impl Default for ModelOptions {
             api: Api::V1_8,
             devices: Vec::new(),
             log_capacity: 50_000,
-            preconnect: true,
+            preconnect: false,
+            device_latency: Duration::ZERO,
             policies: Policies::default(),
             profile: UserProfile::default(),
             auto_card: true,
@@ -334,6 +512,10 @@ impl Model {
             fail_multi: HashMap::new(),
             rejects: HashSet::new(),
             latency: HashMap::new(),
+            device_latency: opts.device_latency,
+            users_changed: watch::Sender::new(0),
+            held: HashSet::new(),
+            held_calls: HashMap::new(),
             cards: HashMap::new(),
             rpc_log: VecDeque::new(),
             rng: SmallRng::seed_from_u64(opts.seed),
@@ -354,7 +536,7 @@ impl Model {
     /// Adds a physical device (online, not yet managed unless preconnect).
     pub fn add_device(&mut self, spec: DeviceSpec) {
         let mut dev = Device {
-            log: EventRing::new(self.log_capacity, spec.first_event_id),
+            log: EventRing::new(spec.id, self.log_capacity, spec.first_event_id),
             spec: spec.clone(),
             online: true,
             monitoring: false,
@@ -551,7 +733,12 @@ impl Model {
     pub fn get_log(&self, id: u32, start: u32, max: u32) -> Result<Vec<EventLog>, Status> {
         self.require_connected(id)?;
         let dev = self.devices.get(&id).ok_or_else(|| not_connected(id))?;
-        dev.log.read(start, max, self.policies.stale_start)
+        dev.log.read(
+            start,
+            max,
+            self.policies.stale_start,
+            self.policies.past_newest,
+        )
     }
 
     /// ClearLog deletes every record (WIRE.md B7); IDs continue and the
@@ -567,31 +754,44 @@ impl Model {
     /// subscribers if the device is monitored. Delivery never blocks: a full
     /// queue drops the event (WIRE.md B10).
     pub fn append_event(&mut self, id: u32, code: u32, user_id: &str, on_device: bool) -> u32 {
+        let codes = self.reported_code(code);
         let Some(dev) = self.devices.get_mut(&id) else {
             return 0;
         };
-        let (event_code, sub_code) = match self.policies.low_byte_codes {
-            LowByteCodes::Full => (code, 0),
-            LowByteCodes::Split => (code & 0xFF00, code & 0x00FF),
-        };
-        let ev = EventLog {
-            timestamp: now_secs(),
-            device_id: id,
-            user_id: user_id.to_owned(),
-            event_code,
-            sub_code,
-            changed_on_device: on_device,
-            ..Default::default()
-        };
-        let event_id = dev.log.push(ev);
-        let monitored = dev.monitoring;
-        if monitored
+        let event_id = dev.log.push(now_secs(), codes, user_id, on_device);
+        if dev.monitoring
             && self.managed.contains_key(&id)
-            && let Some(ev) = dev.log.events.back().cloned()
+            && let Some(ev) = dev.log.newest()
         {
             self.deliver(ev);
         }
         event_id
+    }
+
+    /// `(eventCode, subCode)` of `code` as the policy reports it (§5.9).
+    fn reported_code(&self, code: u32) -> (u32, u8) {
+        match self.policies.low_byte_codes {
+            LowByteCodes::Full => (code, 0),
+            LowByteCodes::Split => (code & 0xFF00, (code & 0xFF) as u8),
+        }
+    }
+
+    /// Appends `n` events with `code` (e.g. [`codes::VERIFY_SUCCESS`], no
+    /// user) to a device's log under one lock: bulk history for benchmarks.
+    /// They are honest events: if the device is monitored, realtime
+    /// subscribers get them like any other (and their queues overflow and
+    /// drop as B10 says). Returns the IDs of the first and last one.
+    pub fn append_events(&mut self, id: u32, n: u32, code: u32) -> Result<(u32, u32), String> {
+        self.device_mut(id)?;
+        if n == 0 {
+            return Err("append_events: n must be at least 1".into());
+        }
+        let first = self.append_event(id, code, "", false);
+        let mut last = first;
+        for _ in 1..n {
+            last = self.append_event(id, code, "", false);
+        }
+        Ok((first, last))
     }
 
     fn deliver(&mut self, ev: EventLog) {
@@ -694,6 +894,7 @@ impl Model {
                 return Err((Code::AlreadyExists, format!("user {uid} already exists")));
             }
             dev.users.insert(uid.clone(), (*raw).clone());
+            self.touch_users();
             let code = if existed {
                 codes::USER_UPDATE_SUCCESS
             } else {
@@ -715,6 +916,7 @@ impl Model {
                 .and_then(|d| d.users.remove(uid))
                 .is_some();
             if removed {
+                self.touch_users();
                 self.append_event(id, codes::USER_DELETE_SUCCESS, uid, false);
             } else if self.policies.missing_user == MissingUser::NotFound {
                 return Err((Code::NotFound, format!("user {uid} not found")));
@@ -730,6 +932,7 @@ impl Model {
         if let Some(d) = self.devices.get_mut(&id) {
             d.users.clear();
         }
+        self.touch_users();
         self.append_event(id, codes::USER_DELETE_ALL_SUCCESS, "", false);
         Ok(())
     }
@@ -848,6 +1051,7 @@ impl Model {
             user_id.to_owned(),
             users::generate(user_id, revision, numbering, profile),
         );
+        self.touch_users();
         let code = if existed {
             codes::USER_UPDATE_SUCCESS
         } else {
@@ -870,6 +1074,7 @@ impl Model {
         let uid = wire::peek_user_id(&raw).map_err(|e| e.to_string())?;
         let dev = self.device_mut(id)?;
         let existed = dev.users.insert(uid.clone(), raw).is_some();
+        self.touch_users();
         let code = if existed {
             codes::USER_UPDATE_SUCCESS
         } else {
@@ -884,6 +1089,7 @@ impl Model {
         if let Some(d) = self.devices.get_mut(&id) {
             d.users.insert(key.to_owned(), raw);
         }
+        self.touch_users();
     }
 
     pub fn device_delete(&mut self, id: u32, user_id: &str) -> Result<u32, String> {
@@ -891,11 +1097,13 @@ impl Model {
         if dev.users.remove(user_id).is_none() {
             return Err(format!("device {id} has no user {user_id}"));
         }
+        self.touch_users();
         Ok(self.append_event(id, codes::USER_DELETE_SUCCESS, user_id, true))
     }
 
     pub fn device_delete_all(&mut self, id: u32) -> Result<u32, String> {
         self.device_mut(id)?.users.clear();
+        self.touch_users();
         Ok(self.append_event(id, codes::USER_DELETE_ALL_SUCCESS, "", true))
     }
 
@@ -933,8 +1141,9 @@ impl Model {
         let dev = self.device_mut(id)?;
         dev.users.clear();
         dev.revisions.clear();
-        dev.log = EventRing::new(capacity, dev.spec.first_event_id);
+        dev.log = EventRing::new(id, capacity, dev.spec.first_event_id);
         dev.online = false;
+        self.touch_users();
         self.refresh_status(id);
         self.append_event(id, codes::DEVICE_FACTORY_RESET, "", false);
         self.append_event(id, codes::DEVICE_SYSTEM_STARTED, "", false);
@@ -948,7 +1157,8 @@ impl Model {
         let dev = self.device_mut(id)?;
         dev.users.clear();
         dev.revisions.clear();
-        dev.log = EventRing::new(capacity, dev.spec.first_event_id);
+        dev.log = EventRing::new(id, capacity, dev.spec.first_event_id);
+        self.touch_users();
         self.append_event(id, codes::DEVICE_DATABASE_RESET, "", false);
         Ok(())
     }
@@ -963,6 +1173,46 @@ impl Model {
                 for d in self.devices.keys() {
                     self.drop_fraction.insert(*d, f);
                 }
+            }
+        }
+    }
+
+    /// One device's log capacity from now on (shrinking drops its oldest
+    /// records, as overwriting would). Unknown devices are ignored.
+    pub fn set_log_capacity(&mut self, id: u32, capacity: usize) {
+        if let Some(d) = self.devices.get_mut(&id) {
+            d.log.set_capacity(capacity);
+        }
+    }
+
+    /// A held device stops answering commands: every call that addresses
+    /// it waits until it is released (or its client gives up), while its
+    /// link stays up and it keeps logging. A real gateway would give up
+    /// after its command timeout (B27); the simulator waits, so tests decide.
+    pub fn set_held(&mut self, id: u32, on: bool) {
+        if on {
+            self.held.insert(id);
+        } else {
+            self.held.remove(&id);
+        }
+    }
+
+    pub fn is_held(&self, id: u32) -> bool {
+        self.held.contains(&id)
+    }
+
+    /// Calls now waiting on a held device.
+    pub fn held_calls(&self, id: u32) -> usize {
+        self.held_calls.get(&id).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn count_held_call(&mut self, ids: &[u32], waiting: bool) {
+        for id in ids {
+            let n = self.held_calls.entry(*id).or_default();
+            if waiting {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
             }
         }
     }
@@ -1018,6 +1268,41 @@ impl Model {
         self.rpc_log.clear();
     }
 
+    /// Tells [`Self::users_changed`] watchers that a user table changed.
+    fn touch_users(&self) {
+        self.users_changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A counter bumped every time any device's user table changes
+    /// (through the API or at the device, resets included).
+    pub fn users_changed(&self) -> watch::Receiver<u64> {
+        self.users_changed.subscribe()
+    }
+
+    /// Whether `device` stores `user_id`, without copying its table.
+    pub fn holds(&self, id: u32, user_id: &str) -> bool {
+        self.devices
+            .get(&id)
+            .is_some_and(|d| d.users.contains_key(user_id))
+    }
+
+    /// The raw record of one user.
+    pub fn user_bytes(&self, id: u32, user_id: &str) -> Option<Vec<u8>> {
+        self.devices.get(&id)?.users.get(user_id).cloned()
+    }
+
+    /// Whether `device` stores `user_id` with exactly these bytes.
+    pub fn holds_exactly(&self, id: u32, user_id: &str, raw: &[u8]) -> bool {
+        self.devices
+            .get(&id)
+            .and_then(|d| d.users.get(user_id))
+            .is_some_and(|r| r.as_slice() == raw)
+    }
+
+    pub fn user_count(&self, id: u32) -> usize {
+        self.devices.get(&id).map_or(0, |d| d.users.len())
+    }
+
     pub fn users(&self, id: u32) -> BTreeMap<String, Vec<u8>> {
         self.devices
             .get(&id)
@@ -1032,6 +1317,18 @@ impl Model {
             .unwrap_or_default()
     }
 
+    /// The newest `n` records of a device's log, oldest first.
+    pub fn log_tail(&self, id: u32, n: usize) -> Vec<EventLog> {
+        self.devices
+            .get(&id)
+            .map(|d| d.log.tail(n))
+            .unwrap_or_default()
+    }
+
+    pub fn log_len(&self, id: u32) -> usize {
+        self.devices.get(&id).map_or(0, |d| d.log.len())
+    }
+
     pub fn newest_event_id(&self, id: u32) -> Option<u32> {
         self.devices.get(&id).and_then(|d| d.log.newest_id())
     }
@@ -1042,6 +1339,21 @@ impl Model {
 
     pub fn realtime_stats(&self) -> RealtimeStats {
         self.stats
+    }
+
+    /// Open status streams (a stream whose client went away counts no
+    /// more, even before the next status change removes it).
+    pub fn status_subscribers(&self) -> usize {
+        self.status_subs.iter().filter(|tx| !tx.is_closed()).count()
+    }
+
+    pub fn preconnect(&self) -> bool {
+        self.preconnect
+    }
+
+    /// Whether the next gateway restart re-registers every device.
+    pub fn set_preconnect(&mut self, on: bool) {
+        self.preconnect = on;
     }
 
     pub fn realtime_subscribers(&self) -> usize {
@@ -1070,63 +1382,120 @@ pub fn validate_user_id(id: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn ev() -> EventLog {
-        EventLog::default()
+    fn push(r: &mut EventRing) -> u32 {
+        r.push(0, (codes::VERIFY_SUCCESS, 0), "", false)
     }
 
     #[test]
     fn ring_overwrites_oldest_and_ids_only_increase() {
-        let mut r = EventRing::new(3, 10);
+        let mut r = EventRing::new(7, 3, 10);
         for _ in 0..5 {
-            r.push(ev());
+            push(&mut r);
         }
         assert_eq!(r.oldest_id(), Some(12));
         assert_eq!(r.newest_id(), Some(14));
         let ids: Vec<u32> = r.all().iter().map(|e| e.id).collect();
         assert_eq!(ids, vec![12, 13, 14]);
+        assert!(r.all().iter().all(|e| e.device_id == 7));
+        assert_eq!(r.tail(2).iter().map(|e| e.id).collect::<Vec<_>>(), [13, 14]);
     }
 
     #[test]
-    fn get_log_edges() {
-        let mut r = EventRing::new(5, 1);
+    fn get_log_edges_under_every_policy() {
+        use PastNewest as P;
+        use StaleStart as S;
+        let mut r = EventRing::new(1, 5, 1);
         for _ in 0..8 {
-            r.push(ev());
+            push(&mut r);
         }
+        let empty = EventRing::new(1, 5, 1);
         // Stored: 4..=8.
-        let ids = |v: Vec<EventLog>| v.iter().map(|e| e.id).collect::<Vec<_>>();
-        assert_eq!(
-            ids(r.read(0, 0, StaleStart::Clamp).unwrap()),
-            vec![4, 5, 6, 7, 8]
-        );
-        assert_eq!(ids(r.read(6, 0, StaleStart::Clamp).unwrap()), vec![6, 7, 8]);
-        assert_eq!(ids(r.read(6, 2, StaleStart::Clamp).unwrap()), vec![6, 7]);
-        assert!(r.read(9, 0, StaleStart::Clamp).unwrap().is_empty());
-        assert_eq!(
-            ids(r.read(2, 0, StaleStart::Clamp).unwrap()),
-            vec![4, 5, 6, 7, 8]
-        );
-        let err = r.read(2, 0, StaleStart::OutOfRange).unwrap_err();
-        assert_eq!(err.code(), Code::OutOfRange);
-        // Start 0 never counts as stale.
-        assert_eq!(r.read(0, 1, StaleStart::OutOfRange).unwrap().len(), 1);
-        assert!(
-            EventRing::new(5, 1)
-                .read(0, 0, StaleStart::Clamp)
-                .unwrap()
-                .is_empty()
-        );
+        let ids =
+            |v: Result<Vec<EventLog>, Status>| v.unwrap().iter().map(|e| e.id).collect::<Vec<_>>();
+        let code = |v: Result<Vec<EventLog>, Status>| v.unwrap_err().code();
+        for stale in [S::Clamp, S::OutOfRange] {
+            for past in [P::Empty, P::OutOfRange] {
+                // In range, and start 0 (= oldest, B2): the same under every
+                // policy, empty log included.
+                assert_eq!(ids(r.read(0, 0, stale, past)), vec![4, 5, 6, 7, 8]);
+                assert_eq!(ids(r.read(0, 1, stale, past)), vec![4]);
+                assert_eq!(ids(r.read(6, 0, stale, past)), vec![6, 7, 8]);
+                assert_eq!(ids(r.read(6, 2, stale, past)), vec![6, 7]);
+                assert_eq!(ids(r.read(4, 0, stale, past)), vec![4, 5, 6, 7, 8]);
+                assert_eq!(ids(r.read(8, 0, stale, past)), vec![8]);
+                assert!(ids(empty.read(0, 0, stale, past)).is_empty());
+                // Older than the oldest.
+                match stale {
+                    S::Clamp => assert_eq!(ids(r.read(2, 0, stale, past)), vec![4, 5, 6, 7, 8]),
+                    S::OutOfRange => assert_eq!(code(r.read(2, 0, stale, past)), Code::OutOfRange),
+                }
+                // Past the newest (9 = newest + 1), and any start on an
+                // empty log.
+                for (log, start) in [(&r, 9), (&r, 1000), (&empty, 1), (&empty, 7)] {
+                    match past {
+                        P::Empty => assert!(ids(log.read(start, 0, stale, past)).is_empty()),
+                        P::OutOfRange => {
+                            assert_eq!(code(log.read(start, 0, stale, past)), Code::OutOfRange)
+                        }
+                    }
+                }
+            }
+        }
+        let err = r.read(9, 0, S::Clamp, P::OutOfRange).unwrap_err();
+        assert!(err.message().contains("newest stored record 8"), "{err:?}");
+        let err = r.read(2, 0, S::OutOfRange, P::Empty).unwrap_err();
+        assert!(err.message().contains("oldest is 4"), "{err:?}");
+    }
+
+    #[test]
+    fn stored_events_are_compact() {
+        // A million-record log must not need gigabytes (benchmarks).
+        assert!(std::mem::size_of::<StoredEvent>() <= 32);
+    }
+
+    #[test]
+    fn shrinking_a_ring_drops_the_oldest() {
+        let mut r = EventRing::new(1, 10, 1);
+        for _ in 0..8 {
+            push(&mut r);
+        }
+        r.set_capacity(3);
+        assert_eq!(r.all().iter().map(|e| e.id).collect::<Vec<_>>(), [6, 7, 8]);
+        push(&mut r);
+        assert_eq!(r.oldest_id(), Some(7));
     }
 
     #[test]
     fn ring_ids_skip_zero_on_wrap() {
-        let mut r = EventRing::new(4, u32::MAX);
-        assert_eq!(r.push(ev()), u32::MAX);
-        assert_eq!(r.push(ev()), 1);
+        let mut r = EventRing::new(1, 4, u32::MAX);
+        assert_eq!(push(&mut r), u32::MAX);
+        assert_eq!(push(&mut r), 1);
     }
 
+    #[test]
+    fn defaults_are_the_inconvenient_answers() {
+        let p = Policies::default();
+        assert_eq!(p.stream_headers, StreamHeaders::Lazy);
+        assert_eq!(p.stale_start, StaleStart::OutOfRange);
+        assert_eq!(p.past_newest, PastNewest::OutOfRange);
+        assert_eq!(p.missing_user, MissingUser::NotFound);
+        let o = ModelOptions::default();
+        assert!(!o.preconnect);
+        assert_eq!(o.device_latency, Duration::ZERO);
+        let m = Model::new(ModelOptions {
+            devices: vec![DeviceSpec::new(1)],
+            ..Default::default()
+        });
+        assert!(m.device_list().is_empty());
+        assert!(!m.is_connected(1));
+    }
+
+    /// Devices registered as async connections (`preconnect`): these
+    /// tests are about what connected devices do.
     fn model(devices: &[u32]) -> Model {
         Model::new(ModelOptions {
             devices: devices.iter().map(|d| DeviceSpec::new(*d)).collect(),
+            preconnect: true,
             ..Default::default()
         })
     }
@@ -1217,6 +1586,8 @@ mod tests {
         let mut m = model(&[1]);
         m.device_enroll(1, "1").unwrap();
         let ids = vec!["1".to_owned(), "404".to_owned()];
+        // The convenient answer is not the default: set it explicitly.
+        m.policies.missing_user = MissingUser::Lenient;
         assert_eq!(m.user_get(1, &ids).unwrap().len(), 1);
         m.delete(1, &["404".to_owned()]).unwrap();
         m.policies.missing_user = MissingUser::NotFound;
@@ -1225,6 +1596,75 @@ mod tests {
             m.delete(1, &["404".to_owned()]).unwrap_err().code(),
             Code::NotFound
         );
+    }
+
+    #[test]
+    fn delete_multi_of_a_missing_user_fails_only_where_missing() {
+        let mut m = model(&[1, 2]);
+        m.device_enroll(1, "5").unwrap();
+        let err = m.delete_multi(&[1, 2], &["5".to_owned()]).unwrap_err();
+        let multi = crate::gateway::MultiError::from_status(&err).unwrap();
+        assert_eq!(multi.failed_devices().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(multi.for_device(2).unwrap().code, Code::NotFound);
+        assert!(!m.holds(1, "5"), "deleted where it existed");
+    }
+
+    #[test]
+    fn user_changes_are_announced_and_cheap_to_check() {
+        let mut m = model(&[1, 2]);
+        let mut changed = m.users_changed();
+        let seen = *changed.borrow_and_update();
+        m.device_enroll(1, "7").unwrap();
+        assert!(changed.has_changed().unwrap());
+        assert!(*changed.borrow_and_update() > seen);
+        let raw = m.user_bytes(1, "7").unwrap();
+        assert!(m.holds(1, "7") && !m.holds(2, "7"));
+        m.enroll(2, std::slice::from_ref(&raw), true).unwrap();
+        assert!(changed.has_changed().unwrap(), "enroll through the API");
+        changed.borrow_and_update();
+        assert!(m.holds_exactly(2, "7", &raw));
+        assert_eq!(m.user_count(2), 1);
+        // Non-user events change nothing.
+        m.device_event(1, codes::VERIFY_SUCCESS, "7").unwrap();
+        assert!(!changed.has_changed().unwrap());
+        let changes: [fn(&mut Model); 4] = [
+            |m: &mut Model| m.delete(2, &["7".to_owned()]).unwrap(),
+            |m: &mut Model| m.delete_all(1).unwrap(),
+            |m: &mut Model| m.database_reset(1).unwrap(),
+            |m: &mut Model| m.factory_reset(2).unwrap(),
+        ];
+        for change in changes {
+            change(&mut m);
+            assert!(changed.has_changed().unwrap());
+            changed.borrow_and_update();
+        }
+    }
+
+    #[test]
+    fn a_million_records_in_bulk() {
+        let mut m = Model::new(ModelOptions {
+            devices: vec![DeviceSpec::new(1)],
+            log_capacity: 1_000_000,
+            preconnect: true,
+            ..Default::default()
+        });
+        m.set_monitoring(1, true).unwrap();
+        let mut rt = m.subscribe_realtime(4, &[], &[]);
+        assert_eq!(
+            m.append_events(1, 1_000_000, codes::VERIFY_SUCCESS),
+            Ok((1, 1_000_000))
+        );
+        assert_eq!(m.log_len(1), 1_000_000);
+        // Broadcast like any event: the 4-deep queue took 4, dropped the rest.
+        assert_eq!(m.realtime_stats().delivered, 4);
+        assert_eq!(m.realtime_stats().dropped_queue_full, 999_996);
+        assert_eq!(rt.try_recv().unwrap().unwrap().id, 1);
+        // The ring overwrites beyond its capacity.
+        m.append_events(1, 2, codes::VERIFY_SUCCESS).unwrap();
+        let page = m.get_log(1, 0, 2).unwrap();
+        assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 4]);
+        assert!(m.append_events(1, 0, codes::VERIFY_SUCCESS).is_err());
+        assert!(m.append_events(9, 1, codes::VERIFY_SUCCESS).is_err());
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! The simulator's gRPC services: thin adapters that record each call, apply
-//! injected latency, and run it against the [`Model`].
+//! injected latency (per method, plus the device latency for calls the
+//! gateway relays to devices), open streams with lazy or eager headers, and
+//! run the call against the [`Model`].
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::Notify;
-use tokio_stream::Stream;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::model::{Model, RpcRecord};
+use super::model::{Model, RpcRecord, StreamHeaders};
 use crate::proto::gsdk::admin::{GetInfoRequest, GetInfoResponse, admin_server::Admin};
 use crate::proto::gsdk::card::{
     CardData, ScanRequest, ScanResponse, Type as CardType, card_server::Card,
@@ -24,6 +26,8 @@ pub struct Shared {
     model: Mutex<Model>,
     /// Wakes Card.Scan callers when a card is presented.
     pub(crate) card_presented: Notify,
+    /// Wakes calls waiting on held devices when one is released.
+    pub(crate) released: Notify,
     /// How long the gateway waits before it reconnects a device that came
     /// back (`device_server.reconnect_interval`, WIRE.md B14).
     pub(crate) reconnect_delay: Duration,
@@ -36,6 +40,7 @@ impl Shared {
         Arc::new(Shared {
             model: Mutex::new(model),
             card_presented: Notify::new(),
+            released: Notify::new(),
             reconnect_delay,
             scan_timeout,
         })
@@ -47,16 +52,56 @@ impl Shared {
         self.model.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records the call and waits for its injected latency.
+    /// Records a call the gateway answers itself and waits for its
+    /// injected latency.
     async fn enter(&self, rec: RpcRecord) {
+        self.enter_as(rec, Reach::Gateway).await;
+    }
+
+    /// Records a call the gateway relays to the devices it names and waits
+    /// for its injected latency plus the device latency: once per call, as
+    /// a Multi call runs on its devices in parallel (WIRE.md B22).
+    async fn enter_devices(&self, rec: RpcRecord) {
+        self.enter_as(rec, Reach::Devices).await;
+    }
+
+    async fn enter_as(&self, rec: RpcRecord, reach: Reach) {
+        let devices = match reach {
+            Reach::Gateway => Vec::new(),
+            Reach::Devices => rec.device_ids.clone(),
+        };
         let delay = {
             let mut m = self.model();
-            let d = m.latency.get(rec.method).copied();
+            let method = m.latency.get(rec.method).copied().unwrap_or_default();
+            let device = match reach {
+                Reach::Gateway => Duration::ZERO,
+                Reach::Devices => m.device_latency,
+            };
             m.record(rec);
-            d
+            method + device
         };
-        if let Some(d) = delay {
-            tokio::time::sleep(d).await;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        self.wait_while_held(&devices).await;
+    }
+
+    /// Waits while any of `devices` is held (see [`Model::set_held`]).
+    async fn wait_while_held(&self, devices: &[u32]) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before the check, so a release in between wakes it.
+            released.as_mut().enable();
+            let held: Vec<u32> = {
+                let m = self.model();
+                devices.iter().copied().filter(|d| m.is_held(*d)).collect()
+            };
+            if held.is_empty() {
+                return;
+            }
+            let _waiting = HeldCall::new(self, held);
+            released.await;
         }
     }
 
@@ -85,6 +130,35 @@ impl Shared {
     }
 }
 
+/// Counts a call as waiting on held devices while it lives (a cancelled
+/// call stops counting).
+struct HeldCall<'a> {
+    shared: &'a Shared,
+    devices: Vec<u32>,
+}
+
+impl<'a> HeldCall<'a> {
+    fn new(shared: &'a Shared, devices: Vec<u32>) -> Self {
+        shared.model().count_held_call(&devices, true);
+        HeldCall { shared, devices }
+    }
+}
+
+impl Drop for HeldCall<'_> {
+    fn drop(&mut self) {
+        self.shared.model().count_held_call(&self.devices, false);
+    }
+}
+
+/// Who answers a call.
+#[derive(Debug, Clone, Copy)]
+enum Reach {
+    /// The gateway, from its own state (device list, streams, version).
+    Gateway,
+    /// The devices the call names, through the gateway.
+    Devices,
+}
+
 fn rec(method: &'static str, devices: &[u32]) -> RpcRecord {
     RpcRecord {
         device_ids: devices.to_vec(),
@@ -108,6 +182,32 @@ fn raw_ids(users: &[Vec<u8>]) -> Vec<String> {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Answers a streaming call whose subscription is already registered (its
+/// sender is in the model). Eager: the response (headers) goes out at once.
+/// Lazy (WIRE.md §5.14): only with the first item, as grpc-go servers do;
+/// an error before it ends the call with that status. While a lazy call
+/// waits, the receiver lives in this future: if the client goes away, the
+/// server drops the future, the receiver with it, and the model forgets the
+/// closed sender on its next delivery.
+async fn open_stream<T: Send + 'static>(
+    headers: StreamHeaders,
+    mut rx: mpsc::Receiver<Result<T, Status>>,
+) -> Result<Response<BoxStream<T>>, Status> {
+    let stream: BoxStream<T> = match headers {
+        StreamHeaders::Eager => Box::pin(ReceiverStream::new(rx)),
+        StreamHeaders::Lazy => match rx.recv().await {
+            Some(Ok(first)) => {
+                Box::pin(tokio_stream::once(Ok(first)).chain(ReceiverStream::new(rx)))
+            }
+            Some(Err(status)) => return Err(status),
+            // The gateway ended the subscription (a restart) before anything
+            // was sent.
+            None => Box::pin(tokio_stream::empty()),
+        },
+    };
+    Ok(Response::new(stream))
+}
 
 /// Connect service.
 #[derive(Clone)]
@@ -176,8 +276,11 @@ impl Connect for ConnectSvc {
     ) -> Result<Response<Self::SubscribeStatusStream>, Status> {
         let queue = request.into_inner().queue_size;
         self.0.enter(rec("SubscribeStatus", &[])).await;
-        let rx = self.0.model().subscribe_status(queue);
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let (headers, rx) = {
+            let mut m = self.0.model();
+            (m.policies.stream_headers, m.subscribe_status(queue))
+        };
+        open_stream(headers, rx).await
     }
 }
 
@@ -192,7 +295,7 @@ impl Event for EventSvc {
         request: Request<pe::EnableMonitoringRequest>,
     ) -> Result<Response<pe::EnableMonitoringResponse>, Status> {
         let id = request.into_inner().device_id;
-        self.0.enter(rec("EnableMonitoring", &[id])).await;
+        self.0.enter_devices(rec("EnableMonitoring", &[id])).await;
         self.0.model().set_monitoring(id, true)?;
         Ok(Response::new(pe::EnableMonitoringResponse {}))
     }
@@ -202,7 +305,9 @@ impl Event for EventSvc {
         request: Request<pe::EnableMonitoringMultiRequest>,
     ) -> Result<Response<pe::EnableMonitoringMultiResponse>, Status> {
         let ids = request.into_inner().device_i_ds;
-        self.0.enter(rec("EnableMonitoringMulti", &ids)).await;
+        self.0
+            .enter_devices(rec("EnableMonitoringMulti", &ids))
+            .await;
         self.0.model().set_monitoring_multi(&ids, true)?;
         Ok(Response::new(pe::EnableMonitoringMultiResponse::default()))
     }
@@ -212,7 +317,7 @@ impl Event for EventSvc {
         request: Request<pe::DisableMonitoringRequest>,
     ) -> Result<Response<pe::DisableMonitoringResponse>, Status> {
         let id = request.into_inner().device_id;
-        self.0.enter(rec("DisableMonitoring", &[id])).await;
+        self.0.enter_devices(rec("DisableMonitoring", &[id])).await;
         self.0.model().set_monitoring(id, false)?;
         Ok(Response::new(pe::DisableMonitoringResponse {}))
     }
@@ -222,7 +327,9 @@ impl Event for EventSvc {
         request: Request<pe::DisableMonitoringMultiRequest>,
     ) -> Result<Response<pe::DisableMonitoringMultiResponse>, Status> {
         let ids = request.into_inner().device_i_ds;
-        self.0.enter(rec("DisableMonitoringMulti", &ids)).await;
+        self.0
+            .enter_devices(rec("DisableMonitoringMulti", &ids))
+            .await;
         self.0.model().set_monitoring_multi(&ids, false)?;
         Ok(Response::new(pe::DisableMonitoringMultiResponse::default()))
     }
@@ -237,11 +344,12 @@ impl Event for EventSvc {
         self.0
             .enter(rec("SubscribeRealtimeLog", &req.device_i_ds))
             .await;
-        let rx =
-            self.0
-                .model()
-                .subscribe_realtime(req.queue_size, &req.device_i_ds, &req.event_codes);
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let (headers, rx) = {
+            let mut m = self.0.model();
+            let rx = m.subscribe_realtime(req.queue_size, &req.device_i_ds, &req.event_codes);
+            (m.policies.stream_headers, rx)
+        };
+        open_stream(headers, rx).await
     }
 
     async fn get_log(
@@ -250,7 +358,7 @@ impl Event for EventSvc {
     ) -> Result<Response<pe::GetLogResponse>, Status> {
         let req = request.into_inner();
         self.0
-            .enter(RpcRecord {
+            .enter_devices(RpcRecord {
                 start_event_id: Some(req.start_event_id),
                 max: Some(req.max_num_of_log),
                 ..rec("GetLog", &[req.device_id])
@@ -268,7 +376,7 @@ impl Event for EventSvc {
         request: Request<pe::ClearLogRequest>,
     ) -> Result<Response<pe::ClearLogResponse>, Status> {
         let id = request.into_inner().device_id;
-        self.0.enter(rec("ClearLog", &[id])).await;
+        self.0.enter_devices(rec("ClearLog", &[id])).await;
         let mut m = self.0.model();
         if !m.is_connected(id) {
             return Err(Status::unavailable(format!("device {id} is not connected")));
@@ -289,7 +397,7 @@ impl User for UserSvc {
         request: Request<pu::GetListRequest>,
     ) -> Result<Response<pu::GetListResponse>, Status> {
         let id = request.into_inner().device_id;
-        self.0.enter(rec("GetList", &[id])).await;
+        self.0.enter_devices(rec("GetList", &[id])).await;
         let hdrs = self.0.model().user_headers(id)?;
         Ok(Response::new(pu::GetListResponse { hdrs }))
     }
@@ -300,7 +408,7 @@ impl User for UserSvc {
     ) -> Result<Response<pu::GetResponse>, Status> {
         let req = request.into_inner();
         self.0
-            .enter(rec_users("Get", &[req.device_id], req.user_i_ds.clone()))
+            .enter_devices(rec_users("Get", &[req.device_id], req.user_i_ds.clone()))
             .await;
         let users = self.0.model().user_get(req.device_id, &req.user_i_ds)?;
         Ok(Response::new(pu::GetResponse { users }))
@@ -312,7 +420,7 @@ impl User for UserSvc {
     ) -> Result<Response<pu::EnrollResponse>, Status> {
         let req = request.into_inner();
         self.0
-            .enter(rec_users("Enroll", &[req.device_id], raw_ids(&req.users)))
+            .enter_devices(rec_users("Enroll", &[req.device_id], raw_ids(&req.users)))
             .await;
         self.0
             .model()
@@ -326,7 +434,7 @@ impl User for UserSvc {
     ) -> Result<Response<pu::EnrollMultiResponse>, Status> {
         let req = request.into_inner();
         self.0
-            .enter(rec_users(
+            .enter_devices(rec_users(
                 "EnrollMulti",
                 &req.device_i_ds,
                 raw_ids(&req.users),
@@ -344,7 +452,7 @@ impl User for UserSvc {
     ) -> Result<Response<pu::DeleteResponse>, Status> {
         let req = request.into_inner();
         self.0
-            .enter(rec_users("Delete", &[req.device_id], req.user_i_ds.clone()))
+            .enter_devices(rec_users("Delete", &[req.device_id], req.user_i_ds.clone()))
             .await;
         self.0.model().delete(req.device_id, &req.user_i_ds)?;
         Ok(Response::new(pu::DeleteResponse {}))
@@ -356,7 +464,7 @@ impl User for UserSvc {
     ) -> Result<Response<pu::DeleteMultiResponse>, Status> {
         let req = request.into_inner();
         self.0
-            .enter(rec_users(
+            .enter_devices(rec_users(
                 "DeleteMulti",
                 &req.device_i_ds,
                 req.user_i_ds.clone(),
@@ -373,7 +481,7 @@ impl User for UserSvc {
         request: Request<pu::DeleteAllRequest>,
     ) -> Result<Response<pu::DeleteAllResponse>, Status> {
         let id = request.into_inner().device_id;
-        self.0.enter(rec("DeleteAll", &[id])).await;
+        self.0.enter_devices(rec("DeleteAll", &[id])).await;
         self.0.model().delete_all(id)?;
         Ok(Response::new(pu::DeleteAllResponse {}))
     }
@@ -383,7 +491,7 @@ impl User for UserSvc {
         request: Request<pu::DeleteAllMultiRequest>,
     ) -> Result<Response<pu::DeleteAllMultiResponse>, Status> {
         let ids = request.into_inner().device_i_ds;
-        self.0.enter(rec("DeleteAllMulti", &ids)).await;
+        self.0.enter_devices(rec("DeleteAllMulti", &ids)).await;
         self.0.model().delete_all_multi(&ids)?;
         Ok(Response::new(pu::DeleteAllMultiResponse::default()))
     }
@@ -397,7 +505,7 @@ pub struct CardSvc(pub Arc<Shared>);
 impl Card for CardSvc {
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let id = request.into_inner().device_id;
-        self.0.enter(rec("Scan", &[id])).await;
+        self.0.enter_devices(rec("Scan", &[id])).await;
         let deadline = tokio::time::Instant::now() + self.0.scan_timeout;
         loop {
             let notified = self.0.card_presented.notified();

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use usersync::gateway::GatewayClient;
-use usersync::sim::{SimOptions, Simulator};
+use usersync::sim::{MissingUser, PastNewest, SimOptions, Simulator, StaleStart, StreamHeaders};
 use usersync::wire::Api;
 
 /// Every wait in the tests ends by this deadline.
@@ -21,6 +21,30 @@ pub async fn sim(api: Api, devices: u32) -> Simulator {
 
 pub async fn sim_with(opts: SimOptions) -> Simulator {
     Simulator::start(opts).await.expect("simulator starts")
+}
+
+/// Like [`sim`], but the devices are already registered as async
+/// connections (`preconnect`), for tests of calls to connected devices that
+/// are not about registration. Every other answer keeps its default.
+pub async fn sim_registered(api: Api, devices: u32) -> Simulator {
+    let mut opts = SimOptions::with_devices(devices);
+    opts.model.api = api;
+    opts.reconnect_delay = Duration::from_millis(20);
+    opts.model.preconnect = true;
+    sim_with(opts).await
+}
+
+/// The old, convenient answers to WIRE.md's open questions: eager stream
+/// headers, GetLog clamped to the oldest and empty past the newest, unknown
+/// users omitted, devices registered at start and after a restart. For the
+/// rare test that is not about them; other settings are kept.
+pub fn lenient(opts: &mut SimOptions) {
+    let p = &mut opts.model.policies;
+    p.stream_headers = StreamHeaders::Eager;
+    p.stale_start = StaleStart::Clamp;
+    p.past_newest = PastNewest::Empty;
+    p.missing_user = MissingUser::Lenient;
+    opts.model.preconnect = true;
 }
 
 pub fn client(sim: &Simulator) -> GatewayClient {
