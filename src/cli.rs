@@ -33,14 +33,58 @@ pub enum CliError {
     Read(#[from] crate::events::read::ReadError),
     #[error("{0}")]
     Usage(String),
+    #[error("{}", cannot_tell(path, source))]
+    CannotTell {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
-/// Whether a daemon holds the lock of the state directory.
-fn daemon_running(config: &Config) -> Result<bool, CliError> {
-    if !config.state_dir.exists() {
-        return Ok(false);
+fn cannot_tell(path: &Path, source: &std::io::Error) -> String {
+    match source.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "cannot tell whether the daemon is running: permission denied on {}; run as the service user or with sudo",
+            path.display()
+        ),
+        _ => format!(
+            "cannot tell whether the daemon is running: {source} on {}; refusing to act",
+            path.display()
+        ),
     }
-    Ok(supervisor::try_lock(&config.state_dir)?.is_none())
+}
+
+/// Whether a daemon runs on the state directory. Writers of the state (and
+/// of devices on the daemon's behalf) act only with [`Daemon::Stopped`],
+/// holding its lock until they are done; when this process cannot tell,
+/// it says so instead of guessing.
+enum Daemon {
+    Running,
+    /// No daemon runs, and none can start while this lock is held.
+    Stopped(std::fs::File),
+}
+
+/// Takes the daemon lock if it is free, making a missing state directory
+/// (as the daemon would) to take it in.
+fn daemon(config: &Config) -> Result<Daemon, CliError> {
+    let dir = &config.state_dir;
+    // Not `Path::exists`: it answers "no" for a directory this user may
+    // not look into, which is how a daemon beside us was taken for none.
+    match dir.try_exists() {
+        Ok(true) => {}
+        Ok(false) => store::prepare_dir(dir)?,
+        Err(source) => {
+            return Err(CliError::CannotTell {
+                path: dir.clone(),
+                source,
+            });
+        }
+    }
+    match supervisor::try_lock(dir) {
+        Ok(Some(lock)) => Ok(Daemon::Stopped(lock)),
+        Ok(None) => Ok(Daemon::Running),
+        Err(DaemonError::Lock { path, source }) => Err(CliError::CannotTell { path, source }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn client(config: &Config) -> Result<GatewayClient, CliError> {
@@ -110,8 +154,15 @@ pub struct Status {
 
 /// Reads the state database; works whether the daemon runs or not.
 pub fn status(config: &Config) -> Result<Status, CliError> {
+    // Not knowing is said as such, not as "never ran".
+    if let Err(source) = config.state_dir.try_exists() {
+        return Err(CliError::CannotTell {
+            path: config.state_dir.clone(),
+            source,
+        });
+    }
     let st = Store::open_existing(&config.state_dir)?;
-    let running = daemon_running(config)?;
+    let running = matches!(daemon(config)?, Daemon::Running);
     let (cps, devs, cursors, backlog, pending, quarantine, requests, diverged) = st.with(|c| {
         let mut cursors = BTreeMap::new();
         for g in &config.groups {
@@ -611,36 +662,56 @@ pub fn render_plan(plans: &[TargetPlan]) -> String {
 }
 
 /// Reconciles: asks the running daemon (request rows it picks up within
-/// its poll interval), or — with the daemon stopped — does it here.
+/// its poll interval), or — with the daemon stopped — does it here,
+/// holding the daemon lock so that none starts meanwhile.
 pub async fn reconcile(
     config: &Config,
     group: Option<&str>,
     prune: bool,
 ) -> Result<String, CliError> {
-    if daemon_running(config)? {
-        let st = Store::open_existing(&config.state_dir)?;
-        let mut n = 0;
-        for g in config
-            .groups
-            .iter()
-            .filter(|g| group.is_none_or(|x| x == g.name))
-        {
-            for t in &g.targets {
-                st.request_reconcile(&g.name, *t, "requested by the operator", prune || g.prune)?;
-                n += 1;
-            }
+    let _lock = match daemon(config)? {
+        Daemon::Stopped(lock) => lock,
+        Daemon::Running => return request_reconcile(config, group, prune),
+    };
+    reconcile_here(config, group, prune).await
+}
+
+/// Writes reconcile requests for the running daemon.
+fn request_reconcile(
+    config: &Config,
+    group: Option<&str>,
+    prune: bool,
+) -> Result<String, CliError> {
+    let st = Store::open_existing(&config.state_dir)?;
+    let mut n = 0;
+    for g in config
+        .groups
+        .iter()
+        .filter(|g| group.is_none_or(|x| x == g.name))
+    {
+        for t in &g.targets {
+            st.request_reconcile(&g.name, *t, "requested by the operator", prune || g.prune)?;
+            n += 1;
         }
-        if n == 0 {
-            return Err(CliError::Usage(format!(
-                "no group {:?} in the configuration",
-                group.unwrap_or("")
-            )));
-        }
-        return Ok(format!(
-            "reconcile of {n} target(s) requested from the running daemon; it starts within {}s (see `usersync status`)",
-            config.sync.poll_interval.as_secs()
-        ));
     }
+    if n == 0 {
+        return Err(CliError::Usage(format!(
+            "no group {:?} in the configuration",
+            group.unwrap_or("")
+        )));
+    }
+    Ok(format!(
+        "reconcile of {n} target(s) requested from the running daemon; it starts within {}s (see `usersync status`)",
+        config.sync.poll_interval.as_secs()
+    ))
+}
+
+/// Reconciles from here; the caller holds the daemon lock.
+async fn reconcile_here(
+    config: &Config,
+    group: Option<&str>,
+    prune: bool,
+) -> Result<String, CliError> {
     let plans = reconcile_plan(config, group, prune).await?;
     let gw = client(config)?;
     let mut done = String::new();
@@ -741,8 +812,10 @@ pub fn import_text(example: &ExampleConfig, t: &ImportTarget) -> String {
     s
 }
 
-/// Converts `json` and writes it to `output`; validates the result; seeds
-/// the checkpoints from `last_event_id` so nothing is replayed twice.
+/// Converts `json`, validates the result and writes it to `output`; seeds
+/// the checkpoints from `last_event_id` so nothing is replayed twice. The
+/// checkpoints are the daemon's: a running daemon is refused, and the lock
+/// is held while they are written.
 pub fn import_config(json: &Path, output: &Path, t: &ImportTarget) -> Result<String, CliError> {
     let text = std::fs::read_to_string(json)
         .map_err(|e| CliError::Usage(format!("{}: {e}", json.display())))?;
@@ -755,10 +828,17 @@ pub fn import_config(json: &Path, output: &Path, t: &ImportTarget) -> Result<Str
             output.display()
         )));
     }
+    let config = crate::config::parse(output, &toml)
+        .map_err(|e| CliError::Usage(format!("the converted configuration is invalid: {e}")))?;
+    let Daemon::Stopped(_lock) = daemon(&config)? else {
+        return Err(CliError::Usage(format!(
+            "a usersync daemon is running on {}: stop it first (systemctl stop usersync); \
+             import-config seeds the checkpoints it owns",
+            config.state_dir.display()
+        )));
+    };
     std::fs::write(output, &toml)
         .map_err(|e| CliError::Usage(format!("{}: {e}", output.display())))?;
-    let config = crate::config::load(output)
-        .map_err(|e| CliError::Usage(format!("the converted configuration is invalid: {e}")))?;
     let st = Store::open(&config.state_dir)?;
     let mut seeded = 0;
     for d in std::iter::once(&example.enroll_device).chain(&example.devices) {

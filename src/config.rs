@@ -61,7 +61,7 @@ struct RawGateway {
     ca_file: Option<Spanned<PathBuf>>,
     #[serde(default = "yes")]
     tls: bool,
-    server_name: Option<String>,
+    server_name: Option<Spanned<String>>,
     api: Option<Spanned<String>>,
     keepalive_interval_secs: Option<Spanned<u64>>,
     keepalive_timeout_secs: Option<Spanned<u64>>,
@@ -366,7 +366,8 @@ impl Validator<'_> {
 
         let mut groups: Vec<GroupConfig> = Vec::new();
         let mut sources_seen: BTreeSet<u32> = BTreeSet::new();
-        let mut targets_seen: BTreeSet<u32> = BTreeSet::new();
+        // Each target's group: a device is written by one group only.
+        let mut targets_seen: BTreeMap<u32, String> = BTreeMap::new();
         for g in raw.group {
             let g = g.into_inner();
             let name = g.name.get_ref().trim().to_owned();
@@ -419,23 +420,48 @@ impl Validator<'_> {
             }
             // A device written by one group must not drive another: its
             // write events would be taken for changes and could loop.
-            let chain = |list: &Spanned<Vec<u32>>, other: &BTreeSet<u32>| {
-                list.get_ref().iter().find(|d| other.contains(d)).copied()
-            };
-            if let Some(d) = chain(&g.sources, &targets_seen) {
+            if let Some(d) = g
+                .sources
+                .get_ref()
+                .iter()
+                .find(|d| targets_seen.contains_key(d))
+            {
                 return self.err(
                     g.sources.span(),
                     format!("group {name:?}: device {d} is a target of another group; chains of groups are not supported"),
                 );
             }
-            if let Some(d) = chain(&g.targets, &sources_seen) {
+            if let Some(d) = g
+                .targets
+                .get_ref()
+                .iter()
+                .find(|d| sources_seen.contains(d))
+            {
                 return self.err(
                     g.targets.span(),
                     format!("group {name:?}: device {d} is a source of another group; chains of groups are not supported"),
                 );
             }
+            // Prune and delete-all make a target hold exactly its group's
+            // users: a second group's users there would be deleted by one
+            // group and put back by the other, a tug of war on a door.
+            if let Some((d, other)) = g
+                .targets
+                .get_ref()
+                .iter()
+                .find_map(|d| targets_seen.get(d).map(|o| (d, o)))
+            {
+                return self.err(
+                    g.targets.span(),
+                    format!(
+                        "group {name:?}: device {d} is already a target of group {other:?}; a device can be \
+                         the target of one group only, since prune and delete-all of one group would \
+                         delete the other group's users from it (list every source in one group instead)"
+                    ),
+                );
+            }
             sources_seen.extend(g.sources.get_ref());
-            targets_seen.extend(g.targets.get_ref());
+            targets_seen.extend(g.targets.get_ref().iter().map(|t| (*t, name.clone())));
             groups.push(GroupConfig {
                 name,
                 sources: g.sources.into_inner(),
@@ -488,15 +514,11 @@ impl Validator<'_> {
     fn gateway(&self, raw: Spanned<RawGateway>) -> Result<GatewayConfig, ConfigError> {
         let span = raw.span();
         let g = raw.into_inner();
-        let address = g.address.get_ref().trim().to_owned();
-        let valid_address = match address.rsplit_once(':') {
-            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
-            None => false,
-        };
-        if !valid_address {
+        let address = g.address.get_ref().clone();
+        if let Err(reason) = check_host_port(&address) {
             return self.err(
                 g.address.span(),
-                format!("gateway.address must be host:port, not {address:?}"),
+                format!("gateway.address {address:?}: {reason}"),
             );
         }
         let api = match &g.api {
@@ -521,18 +543,15 @@ impl Validator<'_> {
                     path.clone()
                 };
                 match std::fs::read(&path) {
-                    Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => {
-                        (Some(path), Some(pem))
-                    }
-                    Ok(_) => {
-                        return self.err(
-                            f.span(),
-                            format!(
-                                "gateway.ca_file {}: no PEM certificate in it",
-                                path.display()
-                            ),
-                        );
-                    }
+                    Ok(pem) => match check_ca(&pem) {
+                        Ok(()) => (Some(path), Some(pem)),
+                        Err(reason) => {
+                            return self.err(
+                                f.span(),
+                                format!("gateway.ca_file {}: {reason}", path.display()),
+                            );
+                        }
+                    },
                     Err(e) => {
                         return self.err(
                             f.span(),
@@ -543,11 +562,23 @@ impl Validator<'_> {
             }
             (f, false) => (f.as_ref().map(|f| f.get_ref().clone()), None),
         };
+        let server_name = g.server_name.filter(|s| !s.get_ref().trim().is_empty());
+        if let Some(name) = &server_name
+            && rustls::pki_types::ServerName::try_from(name.get_ref().as_str()).is_err()
+        {
+            return self.err(
+                name.span(),
+                format!(
+                    "gateway.server_name {:?} is not a DNS name or IP address",
+                    name.get_ref()
+                ),
+            );
+        }
         Ok(GatewayConfig {
             address,
             ca_file,
             ca_pem,
-            server_name: g.server_name.filter(|s| !s.trim().is_empty()),
+            server_name: server_name.map(Spanned::into_inner),
             api,
             keepalive_interval: self.secs(
                 g.keepalive_interval_secs,
@@ -637,6 +668,218 @@ impl Validator<'_> {
         }
         Ok(s)
     }
+}
+
+/// Checks a gateway address: `host:port` with a DNS name or IPv4 address,
+/// or `[v6]:port`; no scheme, no spaces, a port in 1..=65535.
+fn check_host_port(address: &str) -> Result<(), String> {
+    const FORM: &str = "write host:port, e.g. \"192.168.0.2:4000\" or \"[fd00::2]:4000\"";
+    if address.is_empty() {
+        return Err(format!("is empty; {FORM}"));
+    }
+    if address.chars().any(char::is_whitespace) {
+        return Err(format!("contains spaces; {FORM}"));
+    }
+    if address.contains("://") {
+        return Err(format!("is host:port, not a URL (no scheme); {FORM}"));
+    }
+    let port = if let Some(rest) = address.strip_prefix('[') {
+        let (ip, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("has no ']' after the IPv6 address; {FORM}"))?;
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{ip:?} is not an IPv6 address"));
+        }
+        after
+            .strip_prefix(':')
+            .ok_or_else(|| format!("has no port after the IPv6 address; {FORM}"))?
+    } else {
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| format!("has no port; {FORM}"))?;
+        if host.contains(':') {
+            return Err(format!(
+                "an IPv6 address goes in brackets: [ADDRESS]:PORT; {FORM}"
+            ));
+        }
+        let name_char = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+        if host.is_empty() {
+            return Err(format!("has no host; {FORM}"));
+        }
+        if !host.chars().all(name_char) || host.starts_with(['.', '-']) || host.ends_with('-') {
+            return Err(format!("{host:?} is not a host name or IPv4 address"));
+        }
+        port
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("port {port:?} is not a number"));
+    }
+    match port.parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(()),
+        _ => Err(format!("port {port} is out of range (1 to 65535)")),
+    }
+}
+
+/// Checks a CA file the way the TLS client reads it, but strictly: every
+/// PEM certificate block decodes and is a certificate a trust store
+/// accepts (the client skips unparsable ones silently and would then trust
+/// nothing).
+fn check_ca(pem: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in CertificateDer::pem_slice_iter(pem).enumerate() {
+        let n = i + 1;
+        let cert = cert.map_err(|e| format!("certificate {n}: not valid PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("certificate {n}: not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into());
+    }
+    Ok(())
+}
+
+// ---- what a valid file must also allow: the daemon can start ---------------
+
+/// Why a valid file still cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum Unrunnable {
+    /// Restarting does not fix it (exit 78, EX_CONFIG).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state directory failed in a way that may pass (a full disk, an
+    /// I/O error): exit 1, and the service manager retries.
+    #[error("state.dir {}: {what}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Builds what `usersync run` builds from the file before it touches
+/// anything — the gateway endpoint and TLS client configuration — and
+/// checks that the state directory exists and takes a new file, or can be
+/// created. `check-config` and `run` both call it, so a file `check-config`
+/// accepts does not fail at start.
+pub fn check_runnable(config: &Config) -> Result<(), Unrunnable> {
+    let invalid = |reason: String| ConfigError {
+        file: config.path.clone(),
+        line: None,
+        reason,
+    };
+    // The client spawns its connection worker, which needs a runtime
+    // context; it never dials here (the channel is lazy).
+    let build = || crate::gateway::GatewayClient::new(&config.gateway.settings()).map(drop);
+    let built = match tokio::runtime::Handle::try_current() {
+        Ok(_) => build(),
+        Err(_) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| invalid(format!("cannot start a runtime: {e}")))?;
+            let _entered = rt.enter();
+            build()
+        }
+    };
+    built.map_err(|e| invalid(format!("gateway: {e}")))?;
+    check_state_dir(&config.state_dir).map_err(|(what, source)| {
+        use std::io::ErrorKind::*;
+        // What a restart cannot fix: the wrong place, the wrong owner, a
+        // sandbox that makes it read-only.
+        if matches!(
+            source.kind(),
+            PermissionDenied | ReadOnlyFilesystem | NotADirectory | NotFound | IsADirectory
+        ) {
+            Unrunnable::Config(invalid(format!(
+                "state.dir {}: {what}: {source} (the systemd unit makes only {UNIT_STATE_DIR} writable: use it, \
+                 or add ReadWritePaths= with `systemctl edit usersync`)",
+                config.state_dir.display()
+            )))
+        } else {
+            Unrunnable::StateDir {
+                path: config.state_dir.clone(),
+                what,
+                source,
+            }
+        }
+    })
+}
+
+/// The state directory the systemd unit provides (`StateDirectory=`).
+pub const UNIT_STATE_DIR: &str = "/var/lib/usersync";
+
+/// An existing directory must take a new file (created and removed); a
+/// missing one must be creatable in its nearest existing ancestor, which
+/// is checked with access(2) rather than by creating anything.
+fn check_state_dir(dir: &Path) -> Result<(), (&'static str, std::io::Error)> {
+    use std::io::{Error, ErrorKind};
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(("cannot be used", Error::from(ErrorKind::NotADirectory))),
+        Ok(_) => {
+            let probe = dir.join(format!(".usersync-probe-{}", std::process::id()));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+                .map_err(|e| ("cannot create a file in it", e))?;
+            std::fs::remove_file(&probe).map_err(|e| ("cannot remove a file from it", e))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let missing = |a: &Path| matches!(std::fs::symlink_metadata(a), Err(e) if e.kind() == ErrorKind::NotFound);
+            let ancestor = dir
+                .ancestors()
+                .skip(1)
+                .find(|a| !missing(a))
+                .unwrap_or(Path::new("/"));
+            match std::fs::metadata(ancestor) {
+                Ok(m) if m.is_dir() => rustix::fs::access(
+                    ancestor,
+                    rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+                )
+                .map_err(|e| ("cannot be created", Error::from(e))),
+                Ok(_) => Err(("cannot be created", Error::from(ErrorKind::NotADirectory))),
+                Err(e) => Err(("cannot be created", e)),
+            }
+        }
+        Err(e) => Err(("cannot be read", e)),
+    }
+}
+
+/// Settings that work but expose something; logged as warnings when the
+/// daemon starts and printed by `check-config`.
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if config.gateway.ca_pem.is_none() {
+        w.push(format!(
+            "gateway.tls = false: users (cards, fingerprint and face templates, PINs) travel to the gateway \
+             at {} in plaintext; real gateways serve TLS only",
+            config.gateway.address
+        ));
+    }
+    if let Some(addr) = config.metrics_listen
+        && !addr.ip().is_loopback()
+    {
+        w.push(format!(
+            "metrics.listen = \"{addr}\" is not a loopback address: metrics (device IDs, group names, \
+             counts) are served to the network without authentication"
+        ));
+    }
+    w
+}
+
+/// `check-config` runs outside the unit's sandbox, where any directory
+/// may be writable; under the unit only [`UNIT_STATE_DIR`] is.
+pub fn sandbox_note(config: &Config) -> Option<String> {
+    (config.state_dir != Path::new(UNIT_STATE_DIR)).then(|| {
+        format!(
+            "state.dir is {}; the systemd unit makes only {UNIT_STATE_DIR} writable (ProtectSystem=strict): \
+             add ReadWritePaths={} with `systemctl edit usersync`, or the daemon will exit 78 at start",
+            config.state_dir.display(),
+            config.state_dir.display()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -748,6 +991,186 @@ targets = [2]
         let e = parse_str(&text).unwrap_err();
         assert!(e.reason.contains("cannot read"), "{e}");
         assert_eq!(e.line, Some(4));
+    }
+
+    #[test]
+    fn gateway_addresses_are_host_and_port() {
+        for good in [
+            "127.0.0.1:4000",
+            "gw.example:4000",
+            "gateway:1",
+            "[::1]:4000",
+            "[fd00::2]:65535",
+            "site_gw-2.local:4000",
+        ] {
+            assert_eq!(check_host_port(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("::1", "brackets"),
+            ("::1:4000", "brackets"),
+            ("http://h:1", "not a URL"),
+            ("https://gw.example:4000", "not a URL"),
+            ("h :1", "spaces"),
+            (" gw:4000", "spaces"),
+            (":4000", "no host"),
+            ("", "empty"),
+            ("gw", "no port"),
+            ("gw:", "not a number"),
+            ("gw:0", "out of range"),
+            ("gw:65536", "out of range"),
+            ("gw:99999999999", "out of range"),
+            ("gw:40a", "not a number"),
+            ("[::1]", "no port"),
+            ("[::1:4000", "no ']'"),
+            ("[gw]:4000", "not an IPv6 address"),
+            ("g/w:4000", "not a host name"),
+            ("-gw:4000", "not a host name"),
+        ] {
+            let e = check_host_port(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        // Named with key and line in the file.
+        expect_err(
+            &GOOD.replace("127.0.0.1:4000", "::1"),
+            Some(3),
+            "gateway.address \"::1\": an IPv6 address goes in brackets",
+        );
+        expect_err(
+            &GOOD.replace("127.0.0.1:4000", "http://gw:4000"),
+            Some(3),
+            "not a URL",
+        );
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_certificates_the_client_can_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = crate::sim::tls::generate(&["localhost"]).unwrap();
+        certs.write_ca(dir.path()).unwrap();
+        let good = std::fs::read(dir.path().join("ca.crt")).unwrap();
+        assert_eq!(check_ca(&good), Ok(()));
+        let garbage_b64 =
+            b"-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n";
+        assert!(check_ca(garbage_b64).unwrap_err().contains("not valid PEM"));
+        let garbage_der =
+            b"-----BEGIN CERTIFICATE-----\nSGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n";
+        assert!(
+            check_ca(garbage_der)
+                .unwrap_err()
+                .contains("not a usable CA certificate")
+        );
+        assert!(
+            check_ca(b"hello")
+                .unwrap_err()
+                .contains("no PEM certificate")
+        );
+        // In a file: named with key, path and line.
+        let path = dir.path().join("bad.crt");
+        std::fs::write(&path, garbage_der).unwrap();
+        let text = GOOD.replace("tls = false", &format!("ca_file = \"{}\"", path.display()));
+        let e = parse_str(&text).unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(
+            e.reason.contains(&format!(
+                "gateway.ca_file {}: certificate 1",
+                path.display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_server_name_must_be_a_name() {
+        expect_err(
+            &GOOD.replace("tls = false", "tls = false\nserver_name = \"not a name\""),
+            Some(5),
+            "gateway.server_name",
+        );
+    }
+
+    #[test]
+    fn a_target_of_two_groups_is_rejected() {
+        let text = format!(
+            "{GOOD}\n[[device]]\nid = 3\naddress = \"x\"\n[[group]]\nname = \"two\"\nsources = [3]\ntargets = [2]\n"
+        );
+        let e = parse_str(&text).unwrap_err();
+        assert_eq!(e.line, Some(30), "{e}");
+        for needle in [
+            "group \"two\": device 2 is already a target of group \"main\"",
+            "prune and delete-all",
+        ] {
+            assert!(e.reason.contains(needle), "{e}");
+        }
+        // Two groups may share a source: reading it twice harms nobody.
+        let text = format!(
+            "{GOOD}\n[[device]]\nid = 3\naddress = \"x\"\n[[group]]\nname = \"two\"\nsources = [1]\ntargets = [3]\n"
+        );
+        parse_str(&text).unwrap();
+    }
+
+    #[test]
+    fn a_source_of_a_later_group_that_targets_it_is_a_chain() {
+        // The target comes first, then a group makes it a source…
+        let text = format!(
+            "{GOOD}\n[[device]]\nid = 3\naddress = \"x\"\n[[group]]\nname = \"two\"\nsources = [2]\ntargets = [3]\n"
+        );
+        assert!(parse_str(&text).unwrap_err().reason.contains("chains"));
+        // …or the source comes first, then a group targets it.
+        let text = format!(
+            "{GOOD}\n[[device]]\nid = 3\naddress = \"x\"\n[[group]]\nname = \"two\"\nsources = [3]\ntargets = [1]\n"
+        );
+        let e = parse_str(&text).unwrap_err();
+        assert!(
+            e.reason.contains("device 1 is a source of another group"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn plaintext_and_exposed_metrics_are_warned_about() {
+        let c = parse_str(&format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9187\"\n")).unwrap();
+        let w = warnings(&c);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("tls = false") && w[0].contains("plaintext"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].contains("0.0.0.0:9187") && w[1].contains("not a loopback"),
+            "{w:?}"
+        );
+        let c = parse_str(&format!("{GOOD}\n[metrics]\nlisten = \"[::1]:9187\"\n")).unwrap();
+        assert_eq!(warnings(&c).len(), 1);
+    }
+
+    #[test]
+    fn the_state_dir_must_take_a_file_or_be_creatable() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_state_dir(dir.path()).is_ok());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "probe removed"
+        );
+        assert!(check_state_dir(&dir.path().join("new/deeper")).is_ok());
+        assert!(!dir.path().join("new").exists(), "nothing created");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        for bad in [file.clone(), file.join("state")] {
+            let (what, e) = check_state_dir(&bad).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::NotADirectory,
+                "{bad:?}: {what}: {e}"
+            );
+        }
+        let mut c = parse_str(GOOD).unwrap();
+        c.state_dir = file.join("state");
+        let e = check_runnable(&c).unwrap_err();
+        assert!(matches!(e, Unrunnable::Config(_)), "{e}");
+        assert!(e.to_string().contains("state.dir"), "{e}");
+        c.state_dir = dir.path().join("state");
+        check_runnable(&c).unwrap();
     }
 
     #[test]

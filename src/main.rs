@@ -158,33 +158,49 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every command may hold user records (templates, PINs) in memory;
+    // none may leave them in a core file.
+    if let Err(e) = usersync::service::forbid_core_dumps() {
+        eprintln!("usersync: cannot make the process non-dumpable, refusing to run: {e}");
+        return ExitCode::from(1);
+    }
     match cli.command {
-        Command::CheckConfig { path } => match usersync::config::load(&path) {
-            Ok(c) => {
-                println!(
-                    "{}: valid ({} devices, {} groups)",
-                    path.display(),
-                    c.devices.len(),
-                    c.groups.len()
-                );
-                ExitCode::SUCCESS
+        Command::CheckConfig { path } => {
+            let c = match runnable_config(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            for w in usersync::config::warnings(&c) {
+                eprintln!("warning: {w}");
             }
-            Err(e) => config_error(&e),
-        },
+            if let Some(note) = usersync::config::sandbox_note(&c) {
+                eprintln!("note: {note}");
+            }
+            println!(
+                "{}: valid ({} devices, {} groups)",
+                path.display(),
+                c.devices.len(),
+                c.groups.len()
+            );
+            ExitCode::SUCCESS
+        }
         Command::Run {
             config,
             log_target,
             log_format,
         } => {
             let path = config.config;
-            let config = match usersync::config::load(&path) {
+            let config = match runnable_config(&path) {
                 Ok(c) => c,
-                Err(e) => return config_error(&e),
+                Err(code) => return code,
             };
             let note = usersync::logging::init(log_target, log_format);
             block_on(async move {
                 if let Some(note) = note {
                     tracing::warn!("{note}");
+                }
+                for w in usersync::config::warnings(&config) {
+                    tracing::warn!("{w}");
                 }
                 let signals = usersync::Shutdown::default();
                 let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
@@ -301,6 +317,22 @@ fn main() -> ExitCode {
 fn config_error(e: &usersync::config::ConfigError) -> ExitCode {
     eprintln!("usersync: invalid configuration: {e}");
     ExitCode::from(EX_CONFIG)
+}
+
+/// Loads the file and checks that the daemon can start from it (what
+/// `check-config` and `run` share): 78 for what a restart cannot fix, 1
+/// for a state directory that may recover.
+fn runnable_config(path: &Path) -> Result<usersync::config::Config, ExitCode> {
+    use usersync::config::Unrunnable;
+    let config = usersync::config::load(path).map_err(|e| config_error(&e))?;
+    match usersync::config::check_runnable(&config) {
+        Ok(()) => Ok(config),
+        Err(Unrunnable::Config(e)) => Err(config_error(&e)),
+        Err(e @ Unrunnable::StateDir { .. }) => {
+            eprintln!("usersync: {e}");
+            Err(ExitCode::from(1))
+        }
+    }
 }
 
 fn report(r: Result<String, cli::CliError>) -> ExitCode {

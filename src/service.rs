@@ -2,7 +2,9 @@
 //! `RELOADING=1` around a reload, `STOPPING=1`, a one-line `STATUS=` an
 //! operator understands, and `WATCHDOG=1` only while the main loop and the
 //! event consumer make progress. Without `NOTIFY_SOCKET` every call is a
-//! no-op, so tests and foreground runs need nothing.
+//! no-op, so tests and foreground runs need nothing. The process is made
+//! non-dumpable at start: the watchdog's SIGABRT must not leave the user
+//! records in memory (templates, PINs) in a core file.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -129,6 +131,16 @@ fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
+/// Makes this process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`): no core
+/// file on a crash or the watchdog's SIGABRT, whatever `LimitCORE=` or
+/// `core_pattern` say, and no ptrace attach by same-user processes. Its
+/// `/proc/PID` files become root's.
+pub fn forbid_core_dumps() -> std::io::Result<()> {
+    use rustix::process::{DumpableBehavior, set_dumpable_behavior};
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    Ok(())
+}
+
 pub fn ready() {
     notify(&[NotifyState::Ready]);
 }
@@ -203,6 +215,13 @@ pub async fn notifier(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn core_dumps_are_forbidden() {
+        use rustix::process::{DumpableBehavior, dumpable_behavior};
+        forbid_core_dumps().unwrap();
+        assert_eq!(dumpable_behavior().unwrap(), DumpableBehavior::NotDumpable);
+    }
 
     #[test]
     fn watchdog_needs_fresh_beats() {

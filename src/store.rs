@@ -7,7 +7,7 @@
 //! transaction as what it covers. The store holds user IDs, never user
 //! records: no template, PIN or photo is ever written here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,6 +25,15 @@ pub enum StoreError {
          move it aside (the next start rebuilds state with a full reconcile) or restore a backup"
     )]
     Unusable { path: PathBuf, reason: String },
+    #[error(
+        "state database {path} has schema version {version}, this usersync needs {known}: the daemon \
+         upgrades it when it starts (`systemctl restart usersync`); operator commands never do"
+    )]
+    Outdated {
+        path: PathBuf,
+        version: i64,
+        known: i64,
+    },
     #[error("state directory {path}: {source}")]
     Dir {
         path: PathBuf,
@@ -34,6 +43,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("state database task failed: {0}")]
     Task(String),
+    #[error("state database holds a value this usersync cannot read: {0}")]
+    Invalid(String),
 }
 
 /// What a journal row asks for.
@@ -202,6 +213,16 @@ const MIGRATIONS: &[&str] = &[
         high      INTEGER NOT NULL
     );
     ",
+    // 3: the sources and targets each group had when its applier last ran,
+    // to notice a source added (its users need a reconcile), a target
+    // removed (its cursor is stale) and a group removed (its state goes).
+    "
+    CREATE TABLE group_members (
+        grp     TEXT PRIMARY KEY,
+        sources TEXT NOT NULL,
+        targets TEXT NOT NULL
+    );
+    ",
 ];
 
 /// The state store. Cheap to clone; calls run on the blocking pool.
@@ -217,8 +238,10 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Creates `dir` (0700) if missing and tightens it if it exists.
-fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
+/// Creates `dir` (0700) if missing and tightens it if it exists. The
+/// daemon calls it before it takes the lock in `dir`, and takes the lock
+/// before [`Store::open`].
+pub fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let err = |source| StoreError::Dir {
         path: dir.to_owned(),
@@ -232,6 +255,29 @@ fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
             .map_err(err)?;
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// Gives a file in the state directory to the directory's owner when root
+/// created it (an operator's `sudo usersync reconcile`, say): the service
+/// runs as the directory's owner and could not open a root-owned 0600 file.
+pub fn adopt(path: &Path, dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let err = |source| StoreError::Dir {
+        path: path.to_owned(),
+        source,
+    };
+    let owner = std::fs::metadata(dir).map_err(err)?;
+    match std::fs::metadata(path) {
+        Ok(m) if m.uid() != owner.uid() || m.gid() != owner.gid() => {
+            std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid())).map_err(err)
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// Creates the database file with mode 0600 before SQLite opens it; SQLite
@@ -252,9 +298,16 @@ fn prepare_file(path: &Path) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`. A file that is not a
-    /// usable database is an error naming the file, never a silent reset.
+    /// Opens (creating if needed) the store in `dir` and upgrades its
+    /// schema. Only a holder of the daemon lock may call it: the daemon,
+    /// or an operator command that found no daemon running. A file that is
+    /// not a usable database is an error naming the file, never a silent
+    /// reset.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_as(dir, Schema::Upgrade)
+    }
+
+    fn open_as(dir: &Path, schema: Schema) -> Result<Store, StoreError> {
         prepare_dir(dir)?;
         let path = dir.join(DB_FILE);
         prepare_file(&path)?;
@@ -280,25 +333,38 @@ impl Store {
             .map_err(unusable)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(unusable)?;
-        migrate(&mut conn, &path)?;
+        migrate(&mut conn, &path, schema)?;
+        for name in [
+            DB_FILE,
+            &format!("{DB_FILE}-wal"),
+            &format!("{DB_FILE}-shm"),
+        ] {
+            adopt(&dir.join(name), dir)?;
+        }
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             path,
         })
     }
 
-    /// Opens the store of a daemon that has run before (operator
-    /// commands): a missing database is an error, not created.
+    /// Opens the store of a daemon that has run before, maybe running now
+    /// (operator commands): a missing database is an error, not created,
+    /// and an older schema is an error, not upgraded (the daemon does that
+    /// when it starts, holding its lock).
     pub fn open_existing(dir: &Path) -> Result<Store, StoreError> {
         let path = dir.join(DB_FILE);
-        if !path.exists() {
+        let exists = path.try_exists().map_err(|source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        if !exists {
             return Err(StoreError::Unusable {
                 reason: "it does not exist yet (has the daemon ever run with this configuration?)"
                     .into(),
                 path,
             });
         }
-        Store::open(dir)
+        Store::open_as(dir, Schema::Require)
     }
 
     pub fn path(&self) -> &Path {
@@ -391,7 +457,16 @@ impl Store {
     }
 }
 
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+/// Whether opening may upgrade the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schema {
+    /// The caller holds the daemon lock.
+    Upgrade,
+    /// A daemon may be running on it: the schema must be current already.
+    Require,
+}
+
+fn migrate(conn: &mut Connection, path: &Path, schema: Schema) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     if version > known {
@@ -401,6 +476,13 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
                 "schema version {version} is newer than this usersync understands ({known}); \
                  downgrading is not supported"
             ),
+        });
+    }
+    if version < known && schema == Schema::Require {
+        return Err(StoreError::Outdated {
+            path: path.to_owned(),
+            version,
+            known,
         });
     }
     for (i, sql) in MIGRATIONS
@@ -590,6 +672,29 @@ pub fn journal_after(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Users of `source` whose journal row in `group` is newer than `seq`
+/// (changed after the change at `seq`).
+pub fn users_changed_after(
+    conn: &Connection,
+    group: &str,
+    seq: u64,
+    source: u32,
+) -> Result<BTreeSet<String>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT user_id FROM journal WHERE grp = ?1 AND seq > ?2 AND source = ?3 AND kind = ?4",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            group,
+            i64::try_from(seq).unwrap_or(i64::MAX),
+            i64::from(source),
+            kind_code(ChangeKind::User)
+        ],
+        |r| r.get::<_, String>(0),
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Journal rows each target has not applied yet, per (group, target).
 pub fn backlog(conn: &Connection) -> Result<BTreeMap<(String, u32), u64>, StoreError> {
     let mut stmt = conn.prepare(
@@ -619,22 +724,27 @@ pub fn add_pending(
     Ok(())
 }
 
-/// Up to `limit` queued users of `target`, as journal rows with seq 0.
+/// Up to `limit` queued users of `target` whose source is one of
+/// `sources`, as journal rows with seq 0.
 pub fn pending(
     conn: &Connection,
     group: &str,
     target: u32,
     limit: usize,
+    sources: &[u32],
 ) -> Result<Vec<JournalRow>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT user_id, source FROM pending WHERE grp = ?1 AND device_id = ?2
+         AND source IN (SELECT value FROM json_each(?4))
          ORDER BY user_id LIMIT ?3",
     )?;
+    let sources = serde_json::to_string(sources).unwrap_or_else(|_| "[]".into());
     let rows = stmt.query_map(
         params![
             group,
             i64::from(target),
-            i64::try_from(limit).unwrap_or(i64::MAX)
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            sources
         ],
         |r| {
             Ok(JournalRow {
@@ -646,6 +756,89 @@ pub fn pending(
         },
     )?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A group's sources and targets as its applier last saw them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMembers {
+    pub sources: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+/// The sources and targets a group had when its applier last ran.
+pub fn group_members(conn: &Connection, group: &str) -> Result<Option<GroupMembers>, StoreError> {
+    let row: Option<(String, String)> = conn
+        .query_row(
+            "SELECT sources, targets FROM group_members WHERE grp = ?1",
+            [group],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((s, t)) = row else {
+        return Ok(None);
+    };
+    let parse = |v: &str| -> Result<Vec<u32>, StoreError> {
+        serde_json::from_str(v)
+            .map_err(|e| StoreError::Invalid(format!("group_members of {group}: {e}")))
+    };
+    Ok(Some(GroupMembers {
+        sources: parse(&s)?,
+        targets: parse(&t)?,
+    }))
+}
+
+pub fn set_group_members(
+    conn: &Connection,
+    group: &str,
+    sources: &[u32],
+    targets: &[u32],
+) -> Result<(), StoreError> {
+    let enc = |v: &[u32]| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+    conn.execute(
+        "INSERT INTO group_members (grp, sources, targets) VALUES (?1, ?2, ?3)
+         ON CONFLICT (grp) DO UPDATE SET sources = ?2, targets = ?3",
+        params![group, enc(sources), enc(targets)],
+    )?;
+    Ok(())
+}
+
+/// Every group some state is stored for.
+pub fn stored_groups(conn: &Connection) -> Result<BTreeSet<String>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT grp FROM journal UNION SELECT grp FROM cursor UNION SELECT grp FROM pending
+         UNION SELECT grp FROM reconcile UNION SELECT grp FROM group_members",
+    )?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Forgets a group that left the configuration: a group added later under
+/// the same name starts afresh (with a full reconcile), never from stale
+/// cursors.
+pub fn drop_group(conn: &Connection, group: &str) -> Result<(), StoreError> {
+    for table in [
+        "journal",
+        "cursor",
+        "pending",
+        "reconcile",
+        "quarantine",
+        "group_status",
+        "group_members",
+    ] {
+        conn.execute(&format!("DELETE FROM {table} WHERE grp = ?1"), [group])?;
+    }
+    Ok(())
+}
+
+/// Forgets a target that left a group.
+pub fn drop_target(conn: &Connection, group: &str, target: u32) -> Result<(), StoreError> {
+    for table in ["cursor", "pending", "reconcile", "quarantine"] {
+        conn.execute(
+            &format!("DELETE FROM {table} WHERE grp = ?1 AND device_id = ?2"),
+            params![group, i64::from(target)],
+        )?;
+    }
+    Ok(())
 }
 
 pub fn remove_pending(
@@ -850,6 +1043,29 @@ pub fn diverged(conn: &Connection) -> Result<BTreeMap<String, String>, StoreErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file root creates in the state directory goes to the directory's
+    /// owner (the service user), who could not open it otherwise. Not as
+    /// root, nothing can be given away and nothing is.
+    #[test]
+    fn files_root_creates_go_to_the_directory_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = rustix::process::geteuid().is_root();
+        if root {
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        }
+        let file = dir.path().join("daemon.lock");
+        std::fs::write(&file, b"").unwrap();
+        let mine = std::fs::metadata(&file).unwrap().uid();
+        adopt(&file, dir.path()).unwrap();
+        let now = std::fs::metadata(&file).unwrap().uid();
+        if root {
+            assert_eq!(now, 65534);
+        } else {
+            assert_eq!(now, mine);
+        }
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn change(group: &str, user: &str) -> Change {

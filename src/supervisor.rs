@@ -34,8 +34,8 @@ use crate::metrics::Metrics;
 use crate::proto::gsdk::connect::{AsyncConnectInfo, Status as DevStatus};
 use crate::proto::gsdk::event::EventLog;
 use crate::service::{self, GatewayHealth, Health};
-use crate::store::{Store, StoreError};
-use crate::sync::Applier;
+use crate::store::{self, Store, StoreError};
+use crate::sync::{Applier, WriterLock};
 
 /// How long an orderly shutdown waits for tasks before abandoning them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -46,10 +46,6 @@ const STATUS_QUEUE: i32 = 1024;
 /// the stream is not read, the gateway's queue fills and it drops events
 /// (WIRE.md B10), which the consumer then reads from the device logs.
 const REALTIME_BUFFER: usize = 8192;
-/// How often the device list is read while the session is up: a status
-/// change the status stream did not deliver (it may have been opened late)
-/// is noticed this way. Gateway-local, no device is called.
-const LIST_REFRESH: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -96,6 +92,7 @@ pub fn try_lock(dir: &std::path::Path) -> Result<Option<std::fs::File>, DaemonEr
             path: path.clone(),
             source,
         })?;
+    crate::store::adopt(&path, dir)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -195,6 +192,8 @@ struct Parts {
     inboxes: Inboxes,
     catch_up: mpsc::Sender<CatchUpRequest>,
     wake: Wakers,
+    /// One writer per group: see [`crate::sync::WriterLock`].
+    writers: Mutex<HashMap<String, WriterLock>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 }
@@ -202,6 +201,16 @@ struct Parts {
 impl Parts {
     fn config(&self) -> Arc<Config> {
         Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn writer(&self, group: &str) -> WriterLock {
+        Arc::clone(
+            self.writers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(group.to_owned())
+                .or_default(),
+        )
     }
 
     fn wake(&self) -> HashMap<String, Arc<Notify>> {
@@ -249,7 +258,7 @@ impl Parts {
                 );
                 let span = tracing::info_span!("group", group = %name);
                 tasks.set.spawn(tracing::Instrument::instrument(
-                    applier.run(cancel.clone()),
+                    applier.run(self.writer(name), cancel.clone()),
                     span,
                 ))
             }
@@ -300,6 +309,21 @@ impl Parts {
         for name in d.removed_groups.iter().chain(&d.changed_groups) {
             tasks.stop(&TaskKind::Group(name.clone()));
         }
+        for name in &d.removed_groups {
+            // Once its applier's last step is over, the group's state goes:
+            // a group added later under that name starts afresh.
+            let (store, writer, name) = (self.store.clone(), self.writer(name), name.clone());
+            tokio::spawn(async move {
+                let _w = writer.lock().await;
+                let n = name.clone();
+                match store.run(move |c| store::drop_group(c, &n)).await {
+                    Ok(()) => tracing::info!(group = %name, "group removed: its state is dropped"),
+                    Err(e) => {
+                        tracing::error!(group = %name, error = %e, "cannot drop the state of a removed group")
+                    }
+                }
+            });
+        }
         for name in d.added_groups.iter().chain(&d.changed_groups) {
             self.spawn(tasks, TaskKind::Group(name.clone()));
         }
@@ -323,10 +347,13 @@ pub async fn run_with(
     mut reload: Option<mpsc::Receiver<Reload>>,
     health: Arc<Health>,
 ) -> Result<(), DaemonError> {
-    let store = Store::open(&config.state_dir)?;
+    // The lock first: opening the store upgrades its schema, which only
+    // the one daemon of this state directory may do.
+    crate::store::prepare_dir(&config.state_dir)?;
     let Some(_lock) = try_lock(&config.state_dir)? else {
         return Err(DaemonError::AlreadyRunning(config.state_dir.clone()));
     };
+    let store = Store::open(&config.state_dir)?;
     let client = GatewayClient::new(&config.gateway.settings())?;
     let board = Board::new(config.devices.keys().copied());
     let metrics = Arc::new(Metrics::new());
@@ -352,9 +379,29 @@ pub async fn run_with(
         inboxes: Arc::new(Mutex::new(HashMap::new())),
         catch_up: catch_tx,
         wake: Arc::clone(&wake),
+        writers: Mutex::new(HashMap::new()),
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
     };
+    // Groups that left the configuration while the daemon was stopped.
+    let configured: Vec<String> = config.groups.iter().map(|g| g.name.clone()).collect();
+    let dropped = store
+        .run(move |c| {
+            let tx = c.transaction()?;
+            let mut dropped = Vec::new();
+            for g in store::stored_groups(&tx)? {
+                if !configured.contains(&g) {
+                    store::drop_group(&tx, &g)?;
+                    dropped.push(g);
+                }
+            }
+            tx.commit()?;
+            Ok(dropped)
+        })
+        .await?;
+    for g in dropped {
+        tracing::info!(group = %g, "group no longer configured: its state is dropped");
+    }
     let mut tasks = Tasks {
         set: JoinSet::new(),
         kinds: HashMap::new(),
@@ -363,13 +410,19 @@ pub async fn run_with(
     // The event consumer: one for the daemon's life, across gateway
     // sessions (its reads fail while the gateway is away and are retried).
     let consumer = Consumer::new(
-        client.clone(),
-        store.clone(),
+        events::Context {
+            client: client.clone(),
+            store: store.clone(),
+            board: board.clone(),
+            metrics: Arc::clone(&metrics),
+            health: Arc::clone(&health),
+            relink: {
+                let inboxes = Arc::clone(&parts.inboxes);
+                Arc::new(move |device| send_one(&inboxes, device, Input::LinkUp))
+            },
+        },
         Arc::clone(&config),
         Arc::clone(&wake),
-        board.clone(),
-        Arc::clone(&metrics),
-        Arc::clone(&health),
     );
     let inbox = events::Inbox {
         realtime: realtime_rx,
@@ -648,7 +701,12 @@ async fn session(parts: &Parts, delay: Duration) -> Result<(), SessionError> {
     let ids: Vec<u32> = config.devices.keys().copied().collect();
     apply_list(parts, &ids, &list, false);
 
-    let mut refresh = tokio::time::interval(LIST_REFRESH);
+    // The device list is read every poll interval while the session is up:
+    // a status change the stream did not deliver (lost in its queue, or
+    // sent before it was registered) is noticed this way, and a device
+    // input dropped from a full inbox is repaired. Gateway-local: no device
+    // is called for it.
+    let mut refresh = tokio::time::interval(config.sync.poll_interval);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     refresh.tick().await;
     loop {

@@ -1,7 +1,9 @@
 //! The operator commands, run as the real binary against the simulator:
 //! status (daemon running and stopped), events, users, enroll --card,
 //! delete, reconcile (dry run, through the daemon, directly),
-//! import-config and demo.
+//! import-config and demo; and the single-instance lock: every writer of
+//! the state holds it, the daemon takes it before it opens the state, and
+//! a command that cannot tell whether the daemon runs refuses to act.
 
 mod common;
 
@@ -327,4 +329,179 @@ async fn demo_runs_its_scene() {
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
+}
+
+// ---- the single-instance lock --------------------------------------------------
+
+/// A non-root operator whose user cannot look into the state directory
+/// (the unit's is /var/lib/private/usersync, 0700) used to be told
+/// "stopped" and reconcile wrote to the devices beside a running daemon.
+/// It now says it cannot tell, and touches no device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_cannot_tell_whether_the_daemon_runs_refuses_to_act() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // Registered, as the daemon leaves them.
+    let sim = common::sim_registered(Api::V1_8, 3).await;
+    let ids = sim.device_ids();
+    let (src, t1) = (ids[0], ids[1]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let private = dir.path().join("private");
+    let state = private.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let text = config_text(&sim, dir.path(), &main_group(&sim)).replace(
+        &dir.path().join("state").display().to_string(),
+        &state.display().to_string(),
+    );
+    let cfg = dir.path().join("usersync.toml");
+    std::fs::write(&cfg, text).unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Root reads everything: the operator is then `nobody`, as a non-root
+    // operator is with the unit's 0700 directory. Anyone else locks
+    // themselves out.
+    let root = rustix::process::geteuid().is_root();
+    let mode = if root { 0o700 } else { 0o000 };
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(mode)).unwrap();
+
+    // A change the targets lack: a reconcile from here would write it.
+    sim.enroll_on_device(src, "1000").unwrap();
+    sim.clear_rpc_log();
+    let as_operator = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"));
+        cmd.args(args).arg("--config").arg(&cfg);
+        if root {
+            cmd.uid(65534).gid(65534);
+        }
+        tokio::task::spawn_blocking(move || cmd.output().expect("run usersync"))
+    };
+    let refusal = format!(
+        "cannot tell whether the daemon is running: permission denied on {}; run as the service user or with sudo",
+        state.display()
+    );
+    for args in [&["reconcile"][..], &["status"]] {
+        let out = common::within("usersync as the operator", as_operator(args))
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&refusal), "{args:?}: {stderr}");
+    }
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(
+        sim.rpc_log().is_empty(),
+        "no device was called: {:?}",
+        sim.rpc_log()
+    );
+    assert!(!sim.users(t1).contains_key("1000"));
+
+    // Other ways of not knowing are refused too: a lock that cannot be
+    // opened (here a directory in its place).
+    std::fs::create_dir(state.join(usersync::supervisor::LOCK_FILE)).unwrap();
+    let (code, _, err) = run(&cfg, &["reconcile"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot tell whether the daemon is running")
+            && err.contains("refusing to act"),
+        "{err}"
+    );
+    assert!(sim.rpc_log().is_empty(), "{:?}", sim.rpc_log());
+}
+
+/// A reconcile run here, with no daemon, holds the lock for as long as it
+/// writes to devices: a daemon started meanwhile gives up instead of
+/// writing beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_run_here_holds_the_daemon_lock() {
+    // Registered as a daemon that ran before would have left them.
+    let sim = common::sim_registered(Api::V1_8, 3).await;
+    let ids = sim.device_ids();
+    let (src, t1, t2) = (ids[0], ids[1], ids[2]);
+    let site = site(&sim);
+    let config = usersync::config::load(&site.cfg).unwrap();
+    sim.enroll_on_device(src, "1000").unwrap();
+    // The source answers nothing until released: the reconcile waits in
+    // its first read.
+    sim.hold_device(src, true);
+    let cfg = site.cfg.clone();
+    let reconcile = tokio::spawn(async move { run(&cfg, &["reconcile"]).await });
+    eventually("the reconcile reads the source", || async {
+        sim.held_calls(src) > 0
+    })
+    .await;
+    let daemon = usersync::run(config, usersync::Shutdown::default());
+    let err = common::within("a daemon started meanwhile gives up", daemon)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("another usersync daemon"), "{err}");
+    sim.hold_device(src, false);
+    let (code, out, err) = reconcile.await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 users written"), "{out}");
+    wait_converged(&sim, src, &[t1, t2]).await;
+}
+
+/// `Store::open` upgrades the schema: a daemon that finds the lock taken
+/// leaves the state as it was (it used to open, and so create or migrate,
+/// the database first).
+#[tokio::test]
+async fn the_daemon_takes_the_lock_before_it_opens_the_state() {
+    let sim = sim(Api::V1_8, 2).await;
+    let site = site(&sim);
+    let config = usersync::config::load(&site.cfg).unwrap();
+    std::fs::create_dir(&config.state_dir).unwrap();
+    let held = usersync::supervisor::try_lock(&config.state_dir)
+        .unwrap()
+        .expect("the lock is free");
+    let err = common::within(
+        "the daemon gives up",
+        usersync::run(config.clone(), usersync::Shutdown::default()),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("another usersync daemon"), "{err}");
+    assert!(
+        !config.state_dir.join(usersync::store::DB_FILE).exists(),
+        "the database was opened without the lock"
+    );
+    drop(held);
+}
+
+/// import-config seeds checkpoints the daemon owns: it refuses while a
+/// daemon holds the lock, and writes neither the file nor the state.
+#[tokio::test]
+async fn import_config_refuses_while_a_daemon_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("sync_config.json");
+    std::fs::write(
+        &json,
+        r#"{"enroll_device": {"device_id": 1, "ip_addr": "192.0.2.1", "last_event_id": 7},
+            "devices": [{"device_id": 2, "ip_addr": "192.0.2.2", "last_event_id": 9}]}"#,
+    )
+    .unwrap();
+    usersync::sim::tls::generate(&["localhost"])
+        .unwrap()
+        .write_ca(dir.path())
+        .unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let held = usersync::supervisor::try_lock(&state)
+        .unwrap()
+        .expect("the lock is free");
+    let out_path = dir.path().join("usersync.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .arg("import-config")
+        .arg(&json)
+        .arg("--output")
+        .arg(&out_path)
+        .args(["--gateway", "127.0.0.1:4000", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("a usersync daemon is running"), "{stderr}");
+    assert!(!out_path.exists(), "the configuration was written");
+    assert!(!state.join(usersync::store::DB_FILE).exists());
+    drop(held);
 }

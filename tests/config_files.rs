@@ -1,7 +1,10 @@
 //! Every file in `config/` and every fixture under
 //! `tests/fixtures/config/{valid,invalid}/` is parsed; invalid ones must fail
 //! with the file, the line and the reason their first line announces
-//! (`# expect: LINE: TEXT`), and the binary must exit 78 for them.
+//! (`# expect: LINE: TEXT`), and the binary must exit 78 for them, from
+//! `check-config` and from `run` alike (the unit relies on `run` exiting 78
+//! to stop retrying). A valid file whose state directory cannot be used
+//! fails both the same way.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,6 +75,9 @@ fn the_shipped_example_documents_every_group_and_device_key() {
         "batch_users",
         "batch_bytes",
         "poll_interval_secs",
+        "tail_check_delay_ms",
+        "idle_check_interval_secs",
+        "device_concurrency",
         "realtime_queue",
         "quarantine_after",
         "events",
@@ -82,12 +88,47 @@ fn the_shipped_example_documents_every_group_and_device_key() {
         "targets",
         "prune",
         "propagate_delete_all",
+        "listen",
     ] {
         assert!(
             text.contains(&format!("{key} =")),
             "config/usersync.toml does not show {key}"
         );
     }
+}
+
+/// The all-keys fixture sets every key the shipped example shows (and
+/// validation accepts it: `shipped_and_valid_configs_parse`).
+#[test]
+fn the_all_keys_fixture_sets_every_key() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let keys = |file: &str| -> std::collections::BTreeSet<String> {
+        std::fs::read_to_string(root.join(file))
+            .unwrap()
+            .lines()
+            .map(|l| l.trim_start_matches('#').trim())
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.to_owned()))
+            .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect()
+    };
+    let shown = keys("config/usersync.toml");
+    let set = keys("tests/fixtures/config/valid/two-groups-all-keys.toml");
+    let missing: Vec<_> = shown.difference(&set).collect();
+    assert!(
+        missing.is_empty(),
+        "two-groups-all-keys.toml lacks {missing:?}"
+    );
+    let cfg = with_ca(&root.join("tests/fixtures/config/valid/two-groups-all-keys.toml"));
+    let cfg = usersync::config::load(&cfg.1).unwrap();
+    assert_eq!(
+        cfg.sync.tail_check_delay,
+        std::time::Duration::from_millis(250)
+    );
+    assert_eq!(
+        cfg.sync.idle_check_interval,
+        std::time::Duration::from_secs(900)
+    );
+    assert_eq!(cfg.sync.device_concurrency, 4);
 }
 
 fn expectation(file: &Path) -> (Option<usize>, String) {
@@ -125,43 +166,119 @@ fn invalid_configs_name_file_line_and_reason() {
     }
 }
 
+fn usersync(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `check-config FILE` and `run --config FILE`.
+fn both(file: &Path) -> [Vec<&std::ffi::OsStr>; 2] {
+    [
+        vec!["check-config".as_ref(), file.as_os_str()],
+        vec!["run".as_ref(), "--config".as_ref(), file.as_os_str()],
+    ]
+}
+
 #[test]
 fn the_binary_exits_78_on_invalid_config() {
-    let bin = env!("CARGO_BIN_EXE_usersync");
-    let bad = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/config/invalid/duplicate-device.toml");
-    for args in [
-        vec!["check-config".to_owned(), bad.display().to_string()],
-        vec![
-            "run".to_owned(),
-            "--config".to_owned(),
-            bad.display().to_string(),
-        ],
-    ] {
-        let out = Command::new(bin).args(&args).output().unwrap();
-        assert_eq!(out.status.code(), Some(78), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains(&format!("{}:18: device 1 is declared twice", bad.display())),
-            "{stderr}"
-        );
+    for file in files("tests/fixtures/config/invalid") {
+        let (line, reason) = expectation(&file);
+        let at = match line {
+            Some(line) => format!("{}:{line}: ", file.display()),
+            None => format!("{}", file.display()),
+        };
+        for args in both(&file) {
+            let (code, _, stderr) = usersync(&args);
+            assert_eq!(code, Some(78), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&at) && stderr.contains(&reason),
+                "{args:?}: expected {at:?} and {reason:?} in {stderr}"
+            );
+        }
     }
-    let missing = Command::new(bin)
-        .args(["check-config", "/nonexistent/usersync.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(missing.status.code(), Some(78));
+    let (code, _, _) = usersync(&[
+        "check-config".as_ref(),
+        "/nonexistent/usersync.toml".as_ref(),
+    ]);
+    assert_eq!(code, Some(78));
 
-    let (_dir, good) = with_ca(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/usersync.toml"));
-    let out = Command::new(bin)
-        .arg("check-config")
-        .arg(&good)
-        .output()
+    // The shipped file with a real CA and a state directory this test owns.
+    let (dir, good) = with_ca(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/usersync.toml"));
+    let text = std::fs::read_to_string(&good).unwrap().replace(
+        "dir = \"/var/lib/usersync\"",
+        &format!("dir = \"{}\"", dir.path().join("state").display()),
+    );
+    std::fs::write(&good, text).unwrap();
+    let (code, stdout, stderr) = usersync(&["check-config".as_ref(), good.as_os_str()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("valid (3 devices, 1 groups)"), "{stdout}");
+    assert!(
+        stderr.contains("only /var/lib/usersync writable"),
+        "a state dir other than the unit's gets a note: {stderr}"
+    );
+    assert!(
+        !dir.path().join("state").exists(),
+        "check-config creates nothing"
+    );
+}
+
+/// A valid file whose state directory cannot be used (here: beneath a
+/// regular file, as a read-only or foreign directory would be under the
+/// unit's sandbox) fails `check-config` and `run` with 78, naming the key.
+#[test]
+fn an_unusable_state_dir_exits_78_from_check_config_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    for state in [file.clone(), file.join("state")] {
+        let cfg = dir.path().join("usersync.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[gateway]\naddress = \"127.0.0.1:1\"\ntls = false\n[state]\ndir = \"{}\"\n",
+                state.display()
+            ),
+        )
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        for args in both(&cfg) {
+            let (code, _, stderr) = usersync(&args);
+            assert_eq!(code, Some(78), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!(
+                    "{}: state.dir {}: cannot be",
+                    cfg.display(),
+                    state.display()
+                )),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+}
+
+/// Plaintext to the gateway works, but `check-config` says what it
+/// exposes (the daemon logs the same warning at start: tests/service.rs).
+#[test]
+fn check_config_warns_about_plaintext() {
+    let (dir, file) = with_ca(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/config/valid/minimal-plaintext.toml"),
+    );
+    let text = std::fs::read_to_string(&file).unwrap().replace(
+        "/var/lib/usersync",
+        &dir.path().join("state").display().to_string(),
+    );
+    std::fs::write(&file, text).unwrap();
+    let (code, _, stderr) = usersync(&["check-config".as_ref(), file.as_os_str()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: gateway.tls = false") && stderr.contains("plaintext"),
+        "{stderr}"
     );
 }

@@ -2,7 +2,8 @@
 //! datagram listener receives READY, STATUS, WATCHDOG, RELOADING (with
 //! MONOTONIC_USEC) and STOPPING; SIGHUP reloads a config that adds a target
 //! without dropping the others; an invalid reload is rejected and the
-//! running config stays; metrics are served.
+//! running config stays; metrics are served. The daemon is not dumpable
+//! and warns at start about what its settings expose.
 
 mod common;
 
@@ -252,4 +253,114 @@ async fn json_log_lines_for_collectors() {
         .expect("stops")
         .unwrap();
     assert!(status.success());
+}
+
+/// The owner of a process's /proc files: root's for a non-dumpable
+/// process, its own otherwise (the kernel's `task_dump_owner`).
+fn proc_owner(pid: u32) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let path = format!("/proc/{pid}/status");
+    let owner = std::fs::metadata(&path).unwrap().uid();
+    let status = std::fs::read_to_string(&path).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("no Uid: in {status}"));
+    (uid, owner)
+}
+
+/// Core files would hold the user records in flight (templates, PINs):
+/// `usersync run` makes itself non-dumpable at once. Run as a user other
+/// than root (nobody, when the tests run as root), its /proc files then
+/// belong to root, where a dumpable process's belong to its user. At
+/// start it warns about plaintext to the gateway and about metrics served
+/// beyond loopback; a gateway that is down is no reason to stop.
+#[tokio::test]
+async fn the_daemon_is_not_dumpable_and_warns_about_what_it_exposes() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = rustix::process::geteuid().is_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    if root {
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    }
+    let cfg_path = dir.path().join("usersync.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[gateway]\naddress = \"127.0.0.1:1\"\ntls = false\n[state]\ndir = \"{}\"\n\
+             [metrics]\nlisten = \"0.0.0.0:0\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let as_operator = |cmd: &mut Command| {
+        if root {
+            cmd.uid(65534).gid(65534);
+        }
+    };
+
+    // The same user's ordinary process, for comparison.
+    let mut control = Command::new("sleep");
+    control.arg("30").kill_on_drop(true);
+    as_operator(&mut control);
+    let mut control = control.spawn().unwrap();
+    let (uid, owner) = proc_owner(control.id().unwrap());
+    assert_ne!(uid, 0, "the comparison runs as a user other than root");
+    assert_eq!(owner, uid, "a dumpable process owns its /proc files");
+    control.kill().await.unwrap();
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_usersync"));
+    cmd.args(["run", "--log-target", "stderr", "--config"])
+        .arg(&cfg_path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    as_operator(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    use tokio::io::AsyncBufReadExt;
+    let mut seen = Vec::new();
+    within("the start-up warnings", async {
+        while !seen.iter().any(|l: &String| l.contains("usersync started")) {
+            let line = lines.next_line().await.unwrap().expect("a log line");
+            seen.push(line);
+        }
+    })
+    .await;
+    let warned = |needle: &str| {
+        seen.iter()
+            .any(|l| l.contains("WARN") && l.contains(needle))
+    };
+    assert!(
+        warned("gateway.tls = false") && warned("plaintext"),
+        "{seen:#?}"
+    );
+    assert!(
+        warned("metrics.listen = \"0.0.0.0:0\" is not a loopback address"),
+        "{seen:#?}"
+    );
+
+    let pid = child.id().unwrap();
+    let (uid, owner) = proc_owner(pid);
+    assert_ne!(uid, 0);
+    assert_eq!(
+        owner, 0,
+        "usersync run is dumpable (its /proc files are its user's)"
+    );
+
+    hup(pid, "-TERM");
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("stops")
+        .unwrap();
+    assert!(status.success(), "{status}");
 }

@@ -20,7 +20,6 @@ fn unit_has_the_directives_the_daemon_relies_on() {
     let text = unit_text();
     for line in [
         "Type=notify-reload",
-        "ExecStartPre=/usr/bin/usersync check-config /etc/usersync/usersync.toml",
         "ExecStart=/usr/bin/usersync run --config /etc/usersync/usersync.toml",
         "Restart=on-failure",
         "RestartPreventExitStatus=78",
@@ -31,9 +30,34 @@ fn unit_has_the_directives_the_daemon_relies_on() {
         "ConfigurationDirectory=usersync",
         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
         "NotifyAccess=main",
+        "LimitCORE=0",
     ] {
         assert!(text.lines().any(|l| l == line), "unit lacks {line:?}");
     }
+}
+
+/// `RestartPreventExitStatus=` applies to the main process only (systemd
+/// issue #11868): an `ExecStartPre=` that exits 78 is restarted every
+/// `RestartSec` forever. The config is checked by `run` itself, which
+/// exits 78 (tests/config_files.rs runs it on every invalid fixture).
+#[test]
+fn a_bad_config_stops_the_retries() {
+    let text = unit_text();
+    let pre: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("ExecStartPre=") || l.starts_with("ExecCondition="))
+        .collect();
+    assert!(
+        pre.is_empty(),
+        "a pre-start command's exit 78 would not stop Restart=on-failure: {pre:?}"
+    );
+    let restart = text.lines().find(|l| l.starts_with("Restart=")).unwrap();
+    assert_eq!(restart, "Restart=on-failure");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("RestartPreventExitStatus=")
+                && l.split(['=', ' ']).any(|v| v == "78"))
+    );
 }
 
 fn analyzer() -> (PathBuf, Option<String>) {

@@ -42,6 +42,9 @@ pub enum EventsError {
     Store(#[from] StoreError),
 }
 
+/// Tells a device's task to set the device up again.
+pub type Relink = Arc<dyn Fn(u32) + Send + Sync>;
+
 /// The wakers of the groups' appliers, by group name (shared with the
 /// supervisor, which adds groups on reload).
 pub type Wakers = Arc<RwLock<HashMap<String, Arc<Notify>>>>;
@@ -69,6 +72,12 @@ struct Pass {
     again: bool,
     /// A catch-up asked for it: a settling tail check follows its end.
     settle: bool,
+    /// The idle check started it: nothing came by realtime for a long time.
+    idle: bool,
+    /// The settling check after a catch-up started it.
+    settle_check: bool,
+    /// New events the pass found in the log.
+    found: u64,
 }
 
 #[derive(Debug)]
@@ -85,6 +94,8 @@ struct Track {
     idle_at: Instant,
     /// Failed passes in a row (for the retry delay).
     failures: u32,
+    /// The due tail check is the settling check after a catch-up.
+    settle_due: bool,
 }
 
 /// The result of one read task.
@@ -117,6 +128,19 @@ impl Staged {
     }
 }
 
+/// What the consumer works with besides its configuration.
+pub struct Context {
+    pub client: GatewayClient,
+    pub store: Store,
+    /// Device phases (events of a device not live are left to its
+    /// catch-up).
+    pub board: Board,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// Asks a device's task to set the device up again.
+    pub relink: Relink,
+}
+
 /// The consumer's state: every configured device's checkpoint and reads.
 pub struct Consumer {
     client: GatewayClient,
@@ -129,6 +153,8 @@ pub struct Consumer {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     retry: Backoff,
+    /// Asks a device's task to set the device up again (monitoring).
+    relink: Relink,
     tracks: BTreeMap<u32, Track>,
     reads: JoinSet<Fetched>,
     queue: VecDeque<u32>,
@@ -136,23 +162,16 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    pub fn new(
-        client: GatewayClient,
-        store: Store,
-        config: Arc<Config>,
-        wake: Wakers,
-        board: Board,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-    ) -> Self {
+    pub fn new(ctx: Context, config: Arc<Config>, wake: Wakers) -> Self {
         Consumer {
-            client,
-            store,
+            client: ctx.client,
+            store: ctx.store,
             config,
             wake,
-            board,
-            metrics,
-            health,
+            board: ctx.board,
+            metrics: ctx.metrics,
+            health: ctx.health,
+            relink: ctx.relink,
             retry: Backoff::device(),
             tracks: BTreeMap::new(),
             reads: JoinSet::new(),
@@ -194,6 +213,7 @@ impl Consumer {
                 tail_at: None,
                 idle_at: Instant::now() + spread,
                 failures: 0,
+                settle_due: false,
             },
         );
         self.update_lag(device);
@@ -376,7 +396,18 @@ impl Consumer {
             .map(|(d, _)| *d)
             .collect();
         for d in due {
+            let (idle, settle) = self
+                .tracks
+                .get(&d)
+                .map_or((false, false), |t| (t.tail_at.is_none(), t.settle_due));
             self.request_read(d, None, false);
+            if let Some(t) = self.tracks.get_mut(&d) {
+                t.settle_due = false;
+                if let Some(p) = t.pass.as_mut() {
+                    p.idle |= idle;
+                    p.settle_check |= settle;
+                }
+            }
         }
     }
 
@@ -443,12 +474,25 @@ impl Consumer {
             Ok(false) => {
                 t.failures = 0;
                 let pass = t.pass.take().unwrap_or_default();
+                if (pass.idle || pass.settle_check) && pass.found > 0 {
+                    // Events realtime never delivered, found by a check no
+                    // realtime event asked for: the device's monitoring may
+                    // be gone without a status change we saw (or the
+                    // subscription took effect late). Set it up again.
+                    tracing::info!(
+                        device_id = device,
+                        events = pass.found,
+                        "a tail check found events realtime never delivered; enabling monitoring again"
+                    );
+                    (self.relink)(device);
+                }
                 if pass.settle || pass.again {
                     // Events logged between this read and the moment the
                     // realtime subscription took effect (its headers may
                     // never come to say so, WIRE.md §6), or an event that
                     // arrived during the read, show here.
                     t.tail_at = Some(Instant::now() + self.config.sync.tail_check_delay);
+                    t.settle_due = pass.settle;
                 }
                 for w in pass.waiters {
                     self.staged.replies.push((w, Ok(())));
@@ -566,6 +610,9 @@ impl Consumer {
             events.into_iter().filter(|e| e.id > cp).collect()
         };
         let progressed = !fresh.is_empty();
+        if let Some(p) = self.tracks.get_mut(&device).and_then(|t| t.pass.as_mut()) {
+            p.found += fresh.len() as u64;
+        }
         self.stage(device, fresh, extra);
         match (progressed, more) {
             (true, true) => Ok(true),

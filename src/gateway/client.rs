@@ -36,6 +36,14 @@ pub struct GatewayInfo {
     pub build_date: String,
 }
 
+/// What `User.Get` answered.
+#[derive(Debug, Clone, Default)]
+pub struct UserAnswer {
+    pub users: Vec<UserRecord>,
+    /// Records that did not decode (no usable ID).
+    pub unreadable: usize,
+}
+
 /// One cheaply clonable handle on the gateway channel.
 #[derive(Clone)]
 pub struct GatewayClient {
@@ -274,12 +282,23 @@ impl GatewayClient {
     /// Reads users as raw records. Unknown IDs are simply missing from the
     /// answer (some gateways omit them, others fail the call with NOT_FOUND,
     /// WIRE.md §5.3; callers handle both). Undecodable records are logged and
-    /// skipped.
+    /// skipped: use [`Self::user_get_checked`] where a skipped record must
+    /// not pass for a missing user.
     pub async fn user_get(
         &self,
         device_id: u32,
         user_ids: Vec<String>,
     ) -> Result<Vec<UserRecord>, GatewayError> {
+        Ok(self.user_get_checked(device_id, user_ids).await?.users)
+    }
+
+    /// Like [`Self::user_get`], and says how many records could not be
+    /// read.
+    pub async fn user_get_checked(
+        &self,
+        device_id: u32,
+        user_ids: Vec<String>,
+    ) -> Result<UserAnswer, GatewayError> {
         let mut c = self.user.clone();
         let req = GetRequest {
             device_id,
@@ -293,16 +312,20 @@ impl GatewayClient {
                 |r| async move { c.get(r).await },
             )
             .await?;
-        let mut users = Vec::with_capacity(resp.users.len());
+        let mut answer = UserAnswer {
+            users: Vec::with_capacity(resp.users.len()),
+            unreadable: 0,
+        };
         for (i, raw) in resp.users.into_iter().enumerate() {
             match UserRecord::from_raw(raw) {
-                Ok(u) => users.push(u),
+                Ok(u) => answer.users.push(u),
                 Err(e) => {
-                    tracing::warn!(device_id, index = i, error = %e, "User.Get: record skipped")
+                    answer.unreadable += 1;
+                    tracing::warn!(device_id, index = i, error = %e, "User.Get: record cannot be read")
                 }
             }
         }
-        Ok(users)
+        Ok(answer)
     }
 
     pub async fn user_enroll(

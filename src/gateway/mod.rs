@@ -13,5 +13,5 @@ pub use channel::{
     DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, GatewayChannel, GatewaySettings,
     MAX_MESSAGE_BYTES, TlsSettings, connect_lazy,
 };
-pub use client::{GatewayClient, GatewayInfo};
+pub use client::{GatewayClient, GatewayInfo, UserAnswer};
 pub use error::{DeviceError, Disposition, GatewayError, MultiError, classify, multi_error_status};

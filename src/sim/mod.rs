@@ -426,6 +426,12 @@ impl Simulator {
         self.shared.model().auto_card = on;
     }
 
+    /// While muted, status changes are lost before they reach the status
+    /// streams; GetDeviceList still tells the truth.
+    pub fn mute_status(&self, muted: bool) {
+        self.shared.model().status_muted = muted;
+    }
+
     /// Ends every open realtime and status stream with `status`.
     pub fn break_streams(&self, status: &tonic::Status) {
         self.shared.model().break_streams(status);

@@ -77,9 +77,37 @@ pub struct Applier {
     metrics: Arc<Metrics>,
     retry: HashMap<u32, (u32, Instant)>,
     poison: HashMap<(u32, String), u32>,
+    /// Users whose source record could not be read: failures so far and
+    /// when to try again.
+    source_poison: HashMap<String, (u32, Instant)>,
+    /// Confirmations of a delete-all tried so far, by journal sequence.
+    delete_all_checks: HashMap<u64, u32>,
     reconcile: Option<ReconcileRun>,
     targets_initialized: bool,
+    /// Where the cohort served last moved to: cohorts take turns, so a
+    /// target replaying a long backlog never holds up fresh changes to the
+    /// others (head-of-line blocking).
+    last_cohort: Option<u64>,
+    /// Which lane goes first in the next step (see `step`).
+    turn: u8,
 }
+
+/// What a source said of a user.
+#[derive(Debug, Clone)]
+pub enum Fetched {
+    Present(UserRecord),
+    /// The source answered and does not hold it: delete at the targets.
+    Absent,
+    /// The source's answer cannot be read (a record that does not decode,
+    /// carries another ID, or a call that keeps failing for this user).
+    /// Never taken for absent: the targets keep what they hold.
+    Failed(String),
+}
+
+/// One writer per group at any time: an applier holds its group's lock for
+/// its whole life, so one started by a reload waits until the step of the
+/// one it replaces is over (its last Multi call answered).
+pub type WriterLock = Arc<tokio::sync::Mutex<()>>;
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -109,13 +137,24 @@ impl Applier {
             backoff: Backoff::device(),
             retry: HashMap::new(),
             poison: HashMap::new(),
+            source_poison: HashMap::new(),
+            delete_all_checks: HashMap::new(),
             reconcile: None,
             targets_initialized: false,
+            last_cohort: None,
+            turn: 0,
         }
     }
 
-    /// Runs until cancelled.
-    pub async fn run(mut self, cancel: CancellationToken) {
+    /// Runs until cancelled, as the group's only writer. A step under way
+    /// when cancelled is finished (its calls have deadlines), so no write of
+    /// this applier can land after one of its successor.
+    pub async fn run(mut self, writer: WriterLock, cancel: CancellationToken) {
+        let _writer = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            g = writer.lock() => g,
+        };
         let mut board = self.board.subscribe();
         let mut errors = 0u32;
         loop {
@@ -163,10 +202,21 @@ impl Applier {
         }
         let now = Instant::now();
         self.retry.retain(|_, (_, at)| *at > now);
-        if self.reconcile_step().await? {
-            return Ok(true);
+        // Reconcile chunks, reconcile results (pending) and journal batches
+        // take turns, so a long reconcile or a target replaying a backlog
+        // never delays fresh changes to the others.
+        self.turn = (self.turn + 1) % 3;
+        for i in 0..3 {
+            let moved = match (self.turn + i) % 3 {
+                0 => self.reconcile_step().await?,
+                1 => self.pending_step().await?,
+                _ => self.journal_step().await?,
+            };
+            if moved {
+                return Ok(true);
+            }
         }
-        self.apply_step().await
+        Ok(false)
     }
 
     fn eligible(&self, device: u32) -> bool {
@@ -189,13 +239,16 @@ impl Applier {
 
     /// A target without a cursor is new (first start of the group, or added
     /// to it): it starts at the head and is reconciled, which covers every
-    /// user its sources hold.
+    /// user its sources hold. A source added since the applier last ran
+    /// has users no journal row names: every target is reconciled. A target
+    /// that left the group is forgotten (a later return starts afresh).
     async fn init_targets(&mut self) -> Result<(), SyncError> {
         let group = self.group.clone();
-        let created = self
+        let (created, added_sources) = self
             .store
             .run(move |c| {
                 let tx = c.transaction()?;
+                let known = store::group_members(&tx, &group.name)?;
                 let cursors = store::cursors(&tx, &group.name)?;
                 let head = store::head(&tx, &group.name)?;
                 let mut created = Vec::new();
@@ -206,12 +259,34 @@ impl Applier {
                         created.push(*t);
                     }
                 }
+                let mut added_sources = Vec::new();
+                if let Some(known) = &known {
+                    added_sources = group
+                        .sources
+                        .iter()
+                        .filter(|s| !known.sources.contains(s))
+                        .copied()
+                        .collect();
+                    for t in known.targets.iter().filter(|t| !group.targets.contains(t)) {
+                        store::drop_target(&tx, &group.name, *t)?;
+                    }
+                }
+                if !added_sources.is_empty() {
+                    let reason = format!("source added: {added_sources:?}");
+                    for t in group.targets.iter().filter(|t| !created.contains(t)) {
+                        store::request_reconcile(&tx, &group.name, *t, &reason, group.prune)?;
+                    }
+                }
+                store::set_group_members(&tx, &group.name, &group.sources, &group.targets)?;
                 tx.commit()?;
-                Ok(created)
+                Ok((created, added_sources))
             })
             .await?;
         for t in created {
             tracing::info!(group = %self.group.name, target = t, "new target: full reconcile requested");
+        }
+        if !added_sources.is_empty() {
+            tracing::info!(group = %self.group.name, sources = ?added_sources, "source added to the group: every target is reconciled");
         }
         Ok(())
     }
@@ -336,10 +411,8 @@ impl Applier {
 
     // ---- apply ------------------------------------------------------------
 
-    async fn apply_step(&mut self) -> Result<bool, SyncError> {
-        if self.pending_step().await? {
-            return Ok(true);
-        }
+    /// The next journal batch for the next cohort in turn.
+    async fn journal_step(&mut self) -> Result<bool, SyncError> {
         let name = self.group.name.clone();
         let (cursors, head) = {
             let n = name.clone();
@@ -355,15 +428,19 @@ impl Applier {
                 .get_or_create(&Metrics::target(&name, *t))
                 .set(i64::try_from(behind).unwrap_or(i64::MAX));
         }
-        let Some((cursor, cohort)) = plan::cohort(&cursors, &eligible, head) else {
+        let Some((cursor, cohort)) = plan::cohort(&cursors, &eligible, head, self.last_cohort)
+        else {
             return Ok(false);
         };
+
         let rows = {
             let (n, limit) = (name.clone(), self.sync.batch_users);
             self.store
                 .run(move |c| store::journal_after(c, &n, cursor, limit))
                 .await?
         };
+        // Where this cohort moves to: the next turn goes to a cohort above.
+        self.last_cohort = rows.last().map(|r| r.seq).or(Some(cursor));
         match plan::next_batch(rows) {
             None => Ok(false),
             Some(Batch::DeleteAll(row)) => self.apply_delete_all(&cohort, row).await,
@@ -387,12 +464,31 @@ impl Applier {
             .into_iter()
             .filter(|t| waiting.contains(t))
             .collect();
+        let live_sources: Vec<u32> = self
+            .group
+            .sources
+            .iter()
+            .copied()
+            .filter(|s| self.board.is_live(*s))
+            .collect();
+        let now = Instant::now();
         for t in targets {
-            let (n, limit) = (self.group.name.clone(), self.sync.batch_users);
-            let rows = self
+            let (n, limit, sources) = (
+                self.group.name.clone(),
+                self.sync.batch_users,
+                live_sources.clone(),
+            );
+            let rows: Vec<JournalRow> = self
                 .store
-                .run(move |c| store::pending(c, &n, t, limit))
-                .await?;
+                .run(move |c| store::pending(c, &n, t, limit, &sources))
+                .await?
+                .into_iter()
+                .filter(|r| {
+                    self.source_poison
+                        .get(&r.user_id)
+                        .is_none_or(|(_, at)| *at <= now)
+                })
+                .collect();
             if !rows.is_empty() && self.apply_users(&[t], Lane::Pending, rows).await? {
                 return Ok(true);
             }
@@ -405,20 +501,79 @@ impl Applier {
         cohort: &[u32],
         row: JournalRow,
     ) -> Result<bool, SyncError> {
+        let name = self.group.name.clone();
+        if !self.group.sources.contains(&row.source) {
+            tracing::warn!(group = %name, source = row.source, "delete-all of a source no longer in the group: dropped");
+            self.complete(cohort, Lane::Journal, std::slice::from_ref(&row))
+                .await?;
+            return Ok(true);
+        }
+        if !self.board.is_live(row.source) {
+            return Ok(false);
+        }
+        // Confirm at the source before wiping doors: one event (perhaps
+        // re-read from an old log) is not enough. Confirmed when every user
+        // the source holds now was changed after the delete-all (those are
+        // enrolled again by their own, later rows).
+        let held = self.client.user_ids(row.source).await?;
+        let (n, seq, source) = (name.clone(), row.seq, row.source);
+        let later = self
+            .store
+            .run(move |c| store::users_changed_after(c, &n, seq, source))
+            .await?;
+        let unexplained = held.iter().filter(|u| !later.contains(*u)).count();
+        let attempts = self.delete_all_checks.entry(row.seq).or_insert(0);
+        *attempts += 1;
+        if unexplained > 0 && *attempts < self.sync.quarantine_after {
+            // The events of users enrolled right after the delete-all may
+            // not be recorded yet: look again shortly.
+            let msg = format!(
+                "delete-all at source {}: {unexplained} users it holds have no later change recorded yet; checking again",
+                row.source
+            );
+            for t in cohort {
+                self.back_off(*t, &msg);
+            }
+            return Ok(false);
+        }
+        self.delete_all_checks.remove(&row.seq);
+        if unexplained > 0 {
+            let why = format!(
+                "delete-all at source {} not confirmed: it holds {} users not enrolled since; reconciling instead",
+                row.source, unexplained
+            );
+            tracing::warn!(group = %name, source = row.source, users = unexplained, "{why}");
+            let (targets, prune, n) = (cohort.to_vec(), self.group.prune, name.clone());
+            let w = why.clone();
+            self.store
+                .run(move |c| {
+                    let tx = c.transaction()?;
+                    for t in &targets {
+                        store::request_reconcile(&tx, &n, *t, &w, prune)?;
+                    }
+                    tx.commit()?;
+                    Ok(())
+                })
+                .await?;
+            self.complete(cohort, Lane::Journal, std::slice::from_ref(&row))
+                .await?;
+            return Ok(true);
+        }
         let mut outcomes: BTreeMap<u32, Outcome> =
             cohort.iter().map(|t| (*t, Outcome::Ok)).collect();
         if let Err(e) = self.client.user_delete_all_multi(cohort.to_vec()).await {
             record_failure(&mut outcomes, &e);
         }
-        let mut progressed = false;
+        let done = ok_targets(&outcomes);
+        let mut progressed = !done.is_empty();
+        self.complete(&done, Lane::Journal, std::slice::from_ref(&row))
+            .await?;
+        for t in &done {
+            tracing::info!(group = %name, target = t, "all users deleted (propagated)");
+        }
         for (t, o) in outcomes {
             match o {
-                Outcome::Ok => {
-                    self.complete(&[t], Lane::Journal, std::slice::from_ref(&row))
-                        .await?;
-                    tracing::info!(group = %self.group.name, target = t, "all users deleted (propagated)");
-                    progressed = true;
-                }
+                Outcome::Ok => {}
                 Outcome::Transient(msg) => self.back_off(t, &msg),
                 Outcome::Permanent(code, msg) => {
                     progressed |= self.poisoned(t, Lane::Journal, &row, code, &msg).await?;
@@ -434,21 +589,70 @@ impl Applier {
         lane: Lane,
         rows: Vec<JournalRow>,
     ) -> Result<bool, SyncError> {
-        // Rows whose source is not live wait; rows before them go now.
-        let rows: Vec<JournalRow> = rows
-            .into_iter()
-            .take_while(|r| self.board.is_live(r.source))
-            .collect();
-        if rows.is_empty() {
-            return Ok(false);
+        let name = self.group.name.clone();
+        let now = Instant::now();
+        // Rows of a source that left the group are dropped; rows of a
+        // source that is not live (or whose record keeps failing) wait in
+        // the pending lane without holding up the others.
+        let mut gone = Vec::new();
+        let mut waiting = Vec::new();
+        let mut ready = Vec::new();
+        for r in rows.iter().cloned() {
+            if !self.group.sources.contains(&r.source) {
+                gone.push(r);
+            } else if !self.board.is_live(r.source)
+                || self
+                    .source_poison
+                    .get(&r.user_id)
+                    .is_some_and(|(_, at)| *at > now)
+            {
+                waiting.push(r);
+            } else {
+                ready.push(r);
+            }
         }
-        let records = self.fetch(&rows).await?;
-        let (present, absent): (Vec<&JournalRow>, Vec<&JournalRow>) =
-            rows.iter().partition(|r| records.contains_key(&r.user_id));
+        for r in &gone {
+            tracing::warn!(group = %name, user_id = %r.user_id, source = r.source, "change of a source no longer in the group: dropped");
+        }
+        if lane == Lane::Journal && !waiting.is_empty() {
+            self.park(cohort, &waiting).await?;
+        }
+        let fetched = self.fetch(&ready).await?;
+        let mut records: HashMap<String, UserRecord> = HashMap::new();
+        let mut applied: Vec<JournalRow> = Vec::new();
+        let mut settled: Vec<JournalRow> = gone;
+        for r in ready {
+            match fetched.get(&r.user_id) {
+                Some(Fetched::Present(u)) => {
+                    records.insert(r.user_id.clone(), u.clone());
+                    applied.push(r);
+                }
+                Some(Fetched::Absent) => applied.push(r),
+                Some(Fetched::Failed(why)) => {
+                    if self.source_failed(cohort, lane, &r, why).await? {
+                        settled.push(r);
+                    }
+                }
+                // Not asked (a duplicate row): nothing to do.
+                None => settled.push(r),
+            }
+        }
+        if applied.is_empty() {
+            // Nothing to write: the rows are parked, dropped or quarantined.
+            let all: Vec<JournalRow> = match lane {
+                Lane::Journal => rows,
+                Lane::Pending => settled,
+            };
+            if all.is_empty() {
+                return Ok(false);
+            }
+            self.complete_only_many(cohort, lane, &all).await?;
+            return Ok(true);
+        }
 
         let mut outcomes: BTreeMap<u32, Outcome> =
             cohort.iter().map(|t| (*t, Outcome::Ok)).collect();
-        let enroll: Vec<&UserRecord> = present
+        let enroll: Vec<&UserRecord> = applied
             .iter()
             .filter_map(|r| records.get(&r.user_id))
             .collect();
@@ -467,7 +671,11 @@ impl Applier {
                 record_failure(&mut outcomes, &e);
             }
         }
-        let deletes: Vec<String> = absent.iter().map(|r| r.user_id.clone()).collect();
+        let deletes: Vec<String> = applied
+            .iter()
+            .filter(|r| !records.contains_key(&r.user_id))
+            .map(|r| r.user_id.clone())
+            .collect();
         if !deletes.is_empty() {
             let targets = ok_targets(&outcomes);
             if !targets.is_empty()
@@ -495,35 +703,120 @@ impl Applier {
             }
         }
 
+        // What the targets that took the batch move past: for the journal,
+        // every row read (the rest is parked, dropped or quarantined); for
+        // the pending lane, the rows written and those settled otherwise.
+        let passed: Vec<JournalRow> = match lane {
+            Lane::Journal => rows,
+            Lane::Pending => applied.iter().cloned().chain(settled).collect(),
+        };
         let done: Vec<u32> = ok_targets(&outcomes);
         let mut progressed = !done.is_empty();
         // Every target that took the batch moves in one transaction.
-        self.complete(&done, lane, &rows).await?;
+        self.complete(&done, lane, &passed).await?;
         for (t, o) in outcomes {
             match o {
                 Outcome::Ok => {}
                 Outcome::Transient(msg) => self.back_off(t, &msg),
                 Outcome::Permanent(_, msg) => {
-                    tracing::info!(group = %self.group.name, target = t, error = %msg, "permanent failure in a batch; applying its users one by one");
-                    progressed |= self.one_by_one(t, lane, &rows, &records).await?;
+                    tracing::info!(group = %name, target = t, error = %msg, "permanent failure in a batch; applying its users one by one");
+                    progressed |= self.one_by_one(t, lane, &applied, &records).await?;
                 }
             }
         }
         if progressed {
-            for r in &rows {
+            for r in &applied {
+                self.source_poison.remove(&r.user_id);
                 let action = if records.contains_key(&r.user_id) {
                     "enrolled"
                 } else {
                     "deleted"
                 };
-                tracing::info!(group = %self.group.name, user_id = %r.user_id, source = r.source, targets = ?cohort, action, reconcile = lane == Lane::Pending, "change propagated");
+                tracing::info!(group = %name, user_id = %r.user_id, source = r.source, targets = ?cohort, action, reconcile = lane == Lane::Pending, "change propagated");
             }
         }
         Ok(progressed)
     }
 
+    /// Moves rows aside into each cohort target's pending lane (applied
+    /// there once their source can answer).
+    async fn park(&self, cohort: &[u32], rows: &[JournalRow]) -> Result<(), SyncError> {
+        let (name, targets) = (self.group.name.clone(), cohort.to_vec());
+        let rows = rows.to_vec();
+        for r in &rows {
+            tracing::debug!(group = %name, user_id = %r.user_id, source = r.source, "source unavailable: change waits");
+        }
+        self.store
+            .run(move |c| {
+                let tx = c.transaction()?;
+                for t in &targets {
+                    for r in &rows {
+                        store::add_pending(&tx, &name, *t, &r.user_id, r.source)?;
+                    }
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// A user whose source record cannot be read: retried with a backoff
+    /// (parked meanwhile), quarantined on every cohort target after
+    /// `quarantine_after` failures. The targets keep what they hold.
+    /// Returns whether the row is settled (quarantined).
+    async fn source_failed(
+        &mut self,
+        cohort: &[u32],
+        lane: Lane,
+        row: &JournalRow,
+        why: &str,
+    ) -> Result<bool, SyncError> {
+        let count = self
+            .source_poison
+            .get(&row.user_id)
+            .map_or(0, |(n, _)| *n)
+            .saturating_add(1);
+        if count < self.sync.quarantine_after {
+            let delay = self.backoff.delay(count - 1);
+            tracing::warn!(group = %self.group.name, user_id = %row.user_id, source = row.source, attempt = count, error = %why, retry_in = ?delay, "cannot read the user at its source; the targets keep what they hold");
+            self.source_poison
+                .insert(row.user_id.clone(), (count, Instant::now() + delay));
+            if lane == Lane::Journal {
+                self.park(cohort, std::slice::from_ref(row)).await?;
+            }
+            return Ok(false);
+        }
+        self.source_poison.remove(&row.user_id);
+        let since = now_secs();
+        let entries: Vec<QuarantineEntry> = cohort
+            .iter()
+            .map(|t| QuarantineEntry {
+                group: self.group.name.clone(),
+                device: *t,
+                user_id: row.user_id.clone(),
+                seq: row.seq,
+                code: "SourceUnreadable".into(),
+                message: format!("source {}: {why}", row.source),
+                since,
+            })
+            .collect();
+        self.store
+            .run(move |c| {
+                let tx = c.transaction()?;
+                for e in &entries {
+                    store::add_quarantine(&tx, e)?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+        tracing::error!(group = %self.group.name, user_id = %row.user_id, source = row.source, error = %why, "user quarantined: its source record cannot be read; the targets keep what they hold (retried on reconcile)");
+        Ok(true)
+    }
+
     /// The current state of the rows' users at their sources.
-    async fn fetch(&self, rows: &[JournalRow]) -> Result<HashMap<String, UserRecord>, SyncError> {
+    async fn fetch(&self, rows: &[JournalRow]) -> Result<HashMap<String, Fetched>, SyncError> {
         let mut by_source: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for r in rows {
             by_source
@@ -533,7 +826,7 @@ impl Applier {
         }
         let mut out = HashMap::new();
         for (s, ids) in by_source {
-            out.extend(get_users(&self.client, s, ids).await?);
+            out.extend(fetch_users(&self.client, s, ids).await?);
         }
         Ok(out)
     }
@@ -681,6 +974,19 @@ impl Applier {
             .map_err(SyncError::from)
     }
 
+    /// Moves `targets` past `rows` without touching quarantine.
+    async fn complete_only_many(
+        &mut self,
+        targets: &[u32],
+        lane: Lane,
+        rows: &[JournalRow],
+    ) -> Result<(), SyncError> {
+        for t in targets {
+            self.complete_only(*t, lane, rows).await?;
+        }
+        Ok(())
+    }
+
     /// Moves `target` past `rows` (cursor, or pending rows removed).
     async fn complete_only(
         &mut self,
@@ -811,6 +1117,80 @@ pub async fn compare(
             };
             if !same {
                 out.different.push((u, s));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The state of `ids` at `device`, each user judged on its own: a record
+/// that does not decode or carries an ID not asked for makes the users it
+/// might be unknown, and they are asked for one by one; a call that fails
+/// for a batch (NOT_FOUND for one unknown ID, WIRE.md §5.3; an answer too
+/// large to decode) is split in halves down to the user it fails for. Only
+/// a transient failure (the device or the gateway unavailable) fails the
+/// whole fetch.
+pub async fn fetch_users(
+    client: &GatewayClient,
+    device: u32,
+    ids: Vec<String>,
+) -> Result<HashMap<String, Fetched>, GatewayError> {
+    let mut out: HashMap<String, Fetched> = HashMap::new();
+    let mut work: Vec<Vec<String>> = vec![ids];
+    while let Some(ids) = work.pop() {
+        if ids.is_empty() {
+            continue;
+        }
+        let wanted: BTreeSet<&String> = ids.iter().collect();
+        match client.user_get_checked(device, ids.clone()).await {
+            Ok(answer) => {
+                let mut foreign = 0usize;
+                for u in answer.users {
+                    if wanted.contains(&u.id) {
+                        out.insert(u.id.clone(), Fetched::Present(u));
+                    } else {
+                        foreign += 1;
+                        tracing::warn!(device_id = device, user_id = %u.id, "User.Get answered a user not asked for");
+                    }
+                }
+                let rest: Vec<String> = ids
+                    .iter()
+                    .filter(|i| !out.contains_key(*i))
+                    .cloned()
+                    .collect();
+                if answer.unreadable + foreign == 0 {
+                    for id in rest {
+                        out.insert(id, Fetched::Absent);
+                    }
+                } else if ids.len() == 1 {
+                    for id in rest {
+                        out.insert(
+                            id,
+                            Fetched::Failed(format!(
+                                "User.Get answered {} record(s) that cannot be read or carry another ID",
+                                answer.unreadable + foreign
+                            )),
+                        );
+                    }
+                } else {
+                    work.extend(rest.into_iter().map(|id| vec![id]));
+                }
+            }
+            Err(e) if e.disposition() == Disposition::Transient => return Err(e),
+            Err(e) if ids.len() == 1 => {
+                let id = ids.into_iter().next().unwrap_or_default();
+                let f = if e.code() == Some(Code::NotFound) {
+                    Fetched::Absent
+                } else {
+                    Fetched::Failed(e.to_string())
+                };
+                out.insert(id, f);
+            }
+            Err(_) => {
+                let mut a = ids;
+                let b = a.split_off(a.len() / 2);
+                work.push(a);
+                work.push(b);
             }
         }
     }

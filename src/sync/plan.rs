@@ -6,26 +6,32 @@ use std::collections::BTreeMap;
 
 use crate::store::{ChangeKind, JournalRow};
 
-/// The slowest eligible targets: those at the lowest cursor below `head`
-/// move together in one Multi call. Returns (cursor, targets).
+/// The next cohort: eligible targets below `head` at the same cursor move
+/// together in one Multi call. Cohorts take turns: the one at the lowest
+/// cursor above `after` (where the cohort served last moved to), else the
+/// lowest. So a
+/// target replaying a long backlog shares the applier with the targets
+/// that only need the newest changes. Returns (cursor, targets).
 pub fn cohort(
     cursors: &BTreeMap<u32, u64>,
     eligible: &[u32],
     head: u64,
+    after: Option<u64>,
 ) -> Option<(u64, Vec<u32>)> {
     let behind: Vec<(u32, u64)> = eligible
         .iter()
         .filter_map(|t| cursors.get(t).map(|c| (*t, *c)))
         .filter(|(_, c)| *c < head)
         .collect();
-    let min = behind.iter().map(|(_, c)| *c).min()?;
+    let next = after.and_then(|a| behind.iter().map(|(_, c)| *c).filter(|c| *c > a).min());
+    let pick = next.or_else(|| behind.iter().map(|(_, c)| *c).min())?;
     let mut targets: Vec<u32> = behind
         .into_iter()
-        .filter(|(_, c)| *c == min)
+        .filter(|(_, c)| *c == pick)
         .map(|(t, _)| t)
         .collect();
     targets.sort_unstable();
-    Some((min, targets))
+    Some((pick, targets))
 }
 
 /// What one batch does: either a delete-all barrier alone, or user rows up
@@ -93,10 +99,30 @@ mod tests {
     #[test]
     fn cohort_is_the_slowest_behind_head() {
         let cursors: BTreeMap<u32, u64> = [(1, 5), (2, 3), (3, 3), (4, 9)].into();
-        assert_eq!(cohort(&cursors, &[1, 2, 3, 4], 9), Some((3, vec![2, 3])));
-        assert_eq!(cohort(&cursors, &[1, 4], 9), Some((5, vec![1])));
-        assert_eq!(cohort(&cursors, &[4], 9), None, "caught up");
-        assert_eq!(cohort(&cursors, &[7], 9), None, "no cursor");
+        assert_eq!(
+            cohort(&cursors, &[1, 2, 3, 4], 9, None),
+            Some((3, vec![2, 3]))
+        );
+        assert_eq!(cohort(&cursors, &[1, 4], 9, None), Some((5, vec![1])));
+        assert_eq!(cohort(&cursors, &[4], 9, None), None, "caught up");
+        assert_eq!(cohort(&cursors, &[7], 9, None), None, "no cursor");
+    }
+
+    #[test]
+    fn cohorts_take_turns() {
+        // Target 1 replays a long backlog; 2 and 3 need only the newest.
+        let cursors: BTreeMap<u32, u64> = [(1, 10), (2, 9_990), (3, 9_990)].into();
+        let all = [1, 2, 3];
+        assert_eq!(cohort(&cursors, &all, 10_000, None), Some((10, vec![1])));
+        assert_eq!(
+            cohort(&cursors, &all, 10_000, Some(10)),
+            Some((9_990, vec![2, 3]))
+        );
+        // After the last cohort, back to the lowest.
+        assert_eq!(
+            cohort(&cursors, &all, 10_000, Some(9_990)),
+            Some((10, vec![1]))
+        );
     }
 
     #[test]
@@ -138,18 +164,21 @@ mod tests {
             }
         }
 
-        /// The cohort is exactly the eligible targets at the minimum cursor
-        /// below head (checked against a direct model).
+        /// The cohort is exactly the eligible targets at the lowest cursor
+        /// below head that is above the last one served, else at the
+        /// lowest (checked against a direct model).
         #[test]
         fn cohort_matches_model(
             cursors in proptest::collection::btree_map(0u32..10, 0u64..20, 0..10),
             eligible in proptest::collection::vec(0u32..12, 0..12),
             head in 0u64..25,
+            after in proptest::option::of(0u64..25),
         ) {
-            let got = cohort(&cursors, &eligible, head);
+            let got = cohort(&cursors, &eligible, head, after);
             let behind: Vec<u32> = eligible.iter().copied()
                 .filter(|t| cursors.get(t).is_some_and(|c| *c < head)).collect();
-            match behind.iter().map(|t| cursors[t]).min() {
+            let above = after.and_then(|a| behind.iter().map(|t| cursors[t]).filter(|c| *c > a).min());
+            match above.or_else(|| behind.iter().map(|t| cursors[t]).min()) {
                 None => prop_assert_eq!(got, None),
                 Some(min) => {
                     let mut expect: Vec<u32> = behind.into_iter().filter(|t| cursors[t] == min).collect();
