@@ -46,6 +46,8 @@ pub struct Metrics {
     pub applied: Family<TargetLabel, Counter>,
     pub failed: Family<TargetLabel, Counter>,
     pub quarantined: Family<TargetLabel, Counter>,
+    /// Users changed at a target itself (drift from its sources).
+    pub target_changes: Family<TargetLabel, Counter>,
     pub backlog: Family<TargetLabel, Gauge>,
     pub reconciles: Family<GroupLabel, Counter>,
     pub gateway_reconnects: Counter,
@@ -83,6 +85,7 @@ impl Metrics {
             applied: Family::default(),
             failed: Family::default(),
             quarantined: Family::default(),
+            target_changes: Family::default(),
             backlog: Family::default(),
             reconciles: Family::default(),
             gateway_reconnects: Counter::default(),
@@ -104,6 +107,11 @@ impl Metrics {
             m.checkpoint_lag.clone(),
         );
         registry.register("device_events", "Device events handled", m.events.clone());
+        registry.register(
+            "target_changes",
+            "Users enrolled, changed or deleted at a target itself (drift; a reconcile of the target repairs it)",
+            m.target_changes.clone(),
+        );
         registry.register(
             "changes_applied",
             "User changes written to a target",

@@ -54,6 +54,9 @@ pub enum ChangeKind {
     User,
     /// Every user deleted at the source.
     DeleteAll,
+    /// A reconcile with prune found the user on the target and at no
+    /// source (pending lane only): deleted unless a source holds it now.
+    Prune,
 }
 
 /// A change to record in a group's journal.
@@ -116,14 +119,15 @@ fn kind_code(k: ChangeKind) -> i64 {
     match k {
         ChangeKind::User => 0,
         ChangeKind::DeleteAll => 1,
+        ChangeKind::Prune => 2,
     }
 }
 
 fn kind_of(code: i64) -> ChangeKind {
-    if code == 1 {
-        ChangeKind::DeleteAll
-    } else {
-        ChangeKind::User
+    match code {
+        1 => ChangeKind::DeleteAll,
+        2 => ChangeKind::Prune,
+        _ => ChangeKind::User,
     }
 }
 
@@ -221,6 +225,30 @@ const MIGRATIONS: &[&str] = &[
         grp     TEXT PRIMARY KEY,
         sources TEXT NOT NULL,
         targets TEXT NOT NULL
+    );
+    ",
+    // 4: users changed at a target itself (drift, until a reconcile of the
+    // target), and the last result of each target's reconcile.
+    "
+    CREATE TABLE target_drift (
+        grp        TEXT    NOT NULL,
+        device_id  INTEGER NOT NULL,
+        changes    INTEGER NOT NULL,
+        last_user  TEXT    NOT NULL,
+        last_at    INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id)
+    );
+    ALTER TABLE pending ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE reconcile_result (
+        grp         TEXT    NOT NULL,
+        device_id   INTEGER NOT NULL,
+        reason      TEXT    NOT NULL,
+        finished_at INTEGER NOT NULL,
+        missing     INTEGER NOT NULL,
+        different   INTEGER NOT NULL,
+        extra       INTEGER NOT NULL,
+        pruned      INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id)
     );
     ",
 ];
@@ -716,10 +744,29 @@ pub fn add_pending(
     user: &str,
     source: u32,
 ) -> Result<(), StoreError> {
+    add_pending_kind(conn, group, target, user, source, ChangeKind::User)
+}
+
+/// Queues a user for one target; `kind` is [`ChangeKind::User`] (apply
+/// the source's state) or [`ChangeKind::Prune`].
+pub fn add_pending_kind(
+    conn: &Connection,
+    group: &str,
+    target: u32,
+    user: &str,
+    source: u32,
+    kind: ChangeKind,
+) -> Result<(), StoreError> {
     conn.execute(
-        "INSERT INTO pending (grp, device_id, user_id, source) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (grp, device_id, user_id) DO UPDATE SET source = ?4",
-        params![group, i64::from(target), user, i64::from(source)],
+        "INSERT INTO pending (grp, device_id, user_id, source, kind) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (grp, device_id, user_id) DO UPDATE SET source = ?4, kind = ?5",
+        params![
+            group,
+            i64::from(target),
+            user,
+            i64::from(source),
+            kind_code(kind)
+        ],
     )?;
     Ok(())
 }
@@ -734,7 +781,7 @@ pub fn pending(
     sources: &[u32],
 ) -> Result<Vec<JournalRow>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT user_id, source FROM pending WHERE grp = ?1 AND device_id = ?2
+        "SELECT user_id, source, kind FROM pending WHERE grp = ?1 AND device_id = ?2
          AND source IN (SELECT value FROM json_each(?4))
          ORDER BY user_id LIMIT ?3",
     )?;
@@ -751,7 +798,7 @@ pub fn pending(
                 seq: 0,
                 user_id: r.get(0)?,
                 source: u32_of(r.get(1)?),
-                kind: ChangeKind::User,
+                kind: kind_of(r.get(2)?),
             })
         },
     )?;
@@ -824,15 +871,129 @@ pub fn drop_group(conn: &Connection, group: &str) -> Result<(), StoreError> {
         "quarantine",
         "group_status",
         "group_members",
+        "target_drift",
+        "reconcile_result",
     ] {
         conn.execute(&format!("DELETE FROM {table} WHERE grp = ?1"), [group])?;
     }
     Ok(())
 }
 
+/// Counts a user changed at a target itself.
+pub fn record_target_change(
+    conn: &Connection,
+    group: &str,
+    target: u32,
+    user: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO target_drift (grp, device_id, changes, last_user, last_at)
+         VALUES (?1, ?2, 1, ?3, ?4)
+         ON CONFLICT (grp, device_id) DO UPDATE SET changes = changes + 1, last_user = ?3, last_at = ?4",
+        params![group, i64::from(target), user, now()],
+    )?;
+    Ok(())
+}
+
+/// Users changed at a target itself since its last reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TargetDrift {
+    pub group: String,
+    pub target: u32,
+    pub changes: u64,
+    pub last_user: String,
+    pub last_at: u64,
+}
+
+pub fn target_drift(conn: &Connection) -> Result<Vec<TargetDrift>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT grp, device_id, changes, last_user, last_at FROM target_drift ORDER BY grp, device_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(TargetDrift {
+            group: r.get(0)?,
+            target: u32_of(r.get(1)?),
+            changes: u64_of(r.get(2)?),
+            last_user: r.get(3)?,
+            last_at: u64_of(r.get(4)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The outcome of a target's last reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReconcileResult {
+    pub group: String,
+    pub target: u32,
+    pub reason: String,
+    pub finished_at: u64,
+    /// Users the target lacked.
+    pub missing: u64,
+    /// Users it held with other bytes.
+    pub different: u64,
+    /// Users it held that no source holds.
+    pub extra: u64,
+    /// Of those, deleted (prune).
+    pub pruned: u64,
+}
+
+/// Records a finished reconcile; the target's drift count starts over.
+pub fn record_reconcile_result(conn: &Connection, r: &ReconcileResult) -> Result<(), StoreError> {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    conn.execute(
+        "INSERT INTO reconcile_result (grp, device_id, reason, finished_at, missing, different, extra, pruned)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (grp, device_id) DO UPDATE SET reason = ?3, finished_at = ?4, missing = ?5,
+           different = ?6, extra = ?7, pruned = ?8",
+        params![
+            r.group,
+            i64::from(r.target),
+            r.reason,
+            n(r.finished_at),
+            n(r.missing),
+            n(r.different),
+            n(r.extra),
+            n(r.pruned)
+        ],
+    )?;
+    conn.execute(
+        "DELETE FROM target_drift WHERE grp = ?1 AND device_id = ?2",
+        params![r.group, i64::from(r.target)],
+    )?;
+    Ok(())
+}
+
+pub fn reconcile_results(conn: &Connection) -> Result<Vec<ReconcileResult>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT grp, device_id, reason, finished_at, missing, different, extra, pruned
+         FROM reconcile_result ORDER BY grp, device_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(ReconcileResult {
+            group: r.get(0)?,
+            target: u32_of(r.get(1)?),
+            reason: r.get(2)?,
+            finished_at: u64_of(r.get(3)?),
+            missing: u64_of(r.get(4)?),
+            different: u64_of(r.get(5)?),
+            extra: u64_of(r.get(6)?),
+            pruned: u64_of(r.get(7)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Forgets a target that left a group.
 pub fn drop_target(conn: &Connection, group: &str, target: u32) -> Result<(), StoreError> {
-    for table in ["cursor", "pending", "reconcile", "quarantine"] {
+    for table in [
+        "cursor",
+        "pending",
+        "reconcile",
+        "quarantine",
+        "target_drift",
+        "reconcile_result",
+    ] {
         conn.execute(
             &format!("DELETE FROM {table} WHERE grp = ?1 AND device_id = ?2"),
             params![group, i64::from(target)],

@@ -443,3 +443,54 @@ async fn silently_lost_monitoring_is_restored_by_the_idle_check() {
     sim.mute_status(false);
     daemon.stop().await;
 }
+
+/// A user changed at a target itself is counted as drift until a reconcile
+/// of that target, whose result is kept (issue 9, item 4 and 5).
+#[tokio::test]
+async fn changes_at_a_target_are_counted_until_a_reconcile() {
+    let sim = sim(2).await;
+    let ids = sim.device_ids();
+    let (src, dst) = (ids[0], ids[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(
+        &sim,
+        dir.path(),
+        &group("g", &[src], &[dst], "prune = true"),
+    ));
+    sim.enroll_on_device(src, "1").unwrap();
+    eventually("synced", || async { sim.holds(dst, "1") }).await;
+    // Our own writes to the target are not drift.
+    assert!(
+        open_store(dir.path())
+            .with(|c| usersync::store::target_drift(c))
+            .unwrap()
+            .is_empty()
+    );
+    sim.enroll_on_device(dst, "local").unwrap();
+    eventually("the change at the target is counted", || async {
+        open_store(dir.path())
+            .with(|c| usersync::store::target_drift(c))
+            .unwrap()
+            .iter()
+            .any(|d| d.target == dst && d.changes == 1 && d.last_user == "local")
+    })
+    .await;
+    open_store(dir.path())
+        .request_reconcile("g", dst, "operator", true)
+        .unwrap();
+    eventually("the reconcile prunes it and records its result", || async {
+        let st = open_store(dir.path());
+        !sim.holds(dst, "local")
+            && st
+                .with(|c| usersync::store::target_drift(c))
+                .unwrap()
+                .is_empty()
+            && st
+                .with(|c| usersync::store::reconcile_results(c))
+                .unwrap()
+                .iter()
+                .any(|r| r.target == dst && r.extra == 1 && r.pruned == 1)
+    })
+    .await;
+    daemon.stop().await;
+}

@@ -123,6 +123,7 @@ impl Staged {
             && self.fx.changes.is_empty()
             && self.fx.reconciles.is_empty()
             && self.fx.diverged.is_empty()
+            && self.fx.drift.is_empty()
             && self.searches_done.is_empty()
             && self.replies.is_empty()
     }
@@ -632,6 +633,14 @@ impl Consumer {
         for d in &fx.diverged {
             tracing::warn!(group = %d.0, "group diverged: {}", d.1);
         }
+        for (group, target, user, event) in &fx.drift {
+            tracing::warn!(group = %group, device_id = target, user_id = %user, event_id = event,
+                "user changed at a target itself, not at a source: the target now differs from its sources; `usersync reconcile --group {group} --target {target}` repairs it");
+            self.metrics
+                .target_changes
+                .get_or_create(&Metrics::target(group, *target))
+                .inc();
+        }
         self.staged.fx.extend(fx);
         let Some(last) = events.last() else {
             return;
@@ -867,5 +876,6 @@ impl Effects {
         self.changes.extend(other.changes);
         self.reconciles.extend(other.reconciles);
         self.diverged.extend(other.diverged);
+        self.drift.extend(other.drift);
     }
 }

@@ -116,6 +116,8 @@ pub struct Effects {
     pub reconciles: Vec<(String, u32, String, bool)>,
     /// (group, why)
     pub diverged: Vec<(String, String)>,
+    /// Users changed at a target itself: (group, target, user, event).
+    pub drift: Vec<(String, u32, String, u32)>,
 }
 
 impl Effects {
@@ -150,6 +152,15 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
                         source: device,
                         kind: ChangeKind::User,
                     });
+                }
+                // At a target, by someone at the device (our own writes are
+                // not `changedOnDevice`, WIRE.md B13): the door now differs
+                // from its sources until a reconcile.
+                if ev.changed_on_device {
+                    for g in config.groups.iter().filter(|g| g.targets.contains(&device)) {
+                        fx.drift
+                            .push((g.name.clone(), device, ev.user_id.clone(), ev.id));
+                    }
                 }
             }
             Meaning::AllUsersDeleted => {
@@ -200,6 +211,9 @@ fn apply_effects(tx: &rusqlite::Transaction<'_>, fx: &Effects) -> Result<(), Sto
     }
     for (group, why) in &fx.diverged {
         store::set_diverged(tx, group, Some(why))?;
+    }
+    for (group, target, user, _) in &fx.drift {
+        store::record_target_change(tx, group, *target, user)?;
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ use crate::config::{GroupConfig, SyncConfig};
 use crate::device::Board;
 use crate::gateway::{Disposition, GatewayClient, GatewayError};
 use crate::metrics::Metrics;
-use crate::store::{self, JournalRow, QuarantineEntry, Store, StoreError};
+use crate::store::{self, ChangeKind, JournalRow, QuarantineEntry, Store, StoreError};
 use crate::wire::UserRecord;
 use plan::Batch;
 
@@ -372,27 +372,38 @@ impl Applier {
         }
 
         // Every source user compared: prune extras if asked, then done.
-        let extras: Vec<String> = if req.prune {
-            run.target_users
-                .iter()
-                .filter(|u| !run.sources.contains_key(*u))
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let extras: Vec<String> = run
+            .target_users
+            .iter()
+            .filter(|u| !run.sources.contains_key(*u))
+            .cloned()
+            .collect();
+        let extra = extras.len();
+        let extras = if req.prune { extras } else { Vec::new() };
         let first_source = self.group.sources.first().copied().unwrap_or_default();
         let pruned = extras.len();
         let (missing, different) = (run.missing, run.different);
+        let result = store::ReconcileResult {
+            group: name.clone(),
+            target,
+            reason: req.reason.clone(),
+            finished_at: now_secs(),
+            missing: missing as u64,
+            different: different as u64,
+            extra: extra as u64,
+            pruned: pruned as u64,
+        };
         let n = name.clone();
         self.store
             .run(move |c| {
                 let tx = c.transaction()?;
                 for u in extras {
-                    // Absent at the source ⇒ the apply path deletes it.
-                    store::add_pending(&tx, &n, target, &u, first_source)?;
+                    // Deleted by the apply path unless a source holds it by
+                    // then; logged as a prune.
+                    store::add_pending_kind(&tx, &n, target, &u, first_source, ChangeKind::Prune)?;
                 }
                 store::reconcile_done(&tx, &n, target)?;
+                store::record_reconcile_result(&tx, &result)?;
                 store::set_diverged(&tx, &n, None)?;
                 tx.commit()?;
                 Ok(())
@@ -405,7 +416,7 @@ impl Applier {
                 group: name.clone(),
             })
             .inc();
-        tracing::info!(group = %name, target, missing, different, pruned, "reconcile done");
+        tracing::info!(group = %name, target, missing, different, extra, pruned, "reconcile done");
         Ok(true)
     }
 
@@ -727,10 +738,10 @@ impl Applier {
         if progressed {
             for r in &applied {
                 self.source_poison.remove(&r.user_id);
-                let action = if records.contains_key(&r.user_id) {
-                    "enrolled"
-                } else {
-                    "deleted"
+                let action = match (records.contains_key(&r.user_id), r.kind) {
+                    (true, _) => "enrolled",
+                    (false, ChangeKind::Prune) => "pruned",
+                    (false, _) => "deleted",
                 };
                 tracing::info!(group = %name, user_id = %r.user_id, source = r.source, targets = ?cohort, action, reconcile = lane == Lane::Pending, "change propagated");
             }
