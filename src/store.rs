@@ -700,29 +700,6 @@ pub fn journal_after(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Users of `source` whose journal row in `group` is newer than `seq`
-/// (changed after the change at `seq`).
-pub fn users_changed_after(
-    conn: &Connection,
-    group: &str,
-    seq: u64,
-    source: u32,
-) -> Result<BTreeSet<String>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT user_id FROM journal WHERE grp = ?1 AND seq > ?2 AND source = ?3 AND kind = ?4",
-    )?;
-    let rows = stmt.query_map(
-        params![
-            group,
-            i64::try_from(seq).unwrap_or(i64::MAX),
-            i64::from(source),
-            kind_code(ChangeKind::User)
-        ],
-        |r| r.get::<_, String>(0),
-    )?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
 /// Journal rows each target has not applied yet, per (group, target).
 pub fn backlog(conn: &Connection) -> Result<BTreeMap<(String, u32), u64>, StoreError> {
     let mut stmt = conn.prepare(

@@ -681,9 +681,7 @@ async fn session(parts: &Parts, delay: Duration) -> Result<(), SessionError> {
     // Let the stream tasks hand their requests to the channel before any
     // device is registered (see the module doc).
     tokio::task::yield_now().await;
-    client
-        .add_async_connection(config.devices.values().map(connect_info).collect())
-        .await?;
+    register(client, config.devices.values().map(connect_info).collect()).await?;
     let list = client.get_device_list().await?;
     tracing::info!(devices = list.len(), "gateway session up");
     {
@@ -733,7 +731,7 @@ async fn session(parts: &Parts, delay: Duration) -> Result<(), SessionError> {
                     .map(connect_info)
                     .collect();
                 if !added.is_empty() {
-                    client.add_async_connection(added).await?;
+                    register(client, added).await?;
                     // Their status may already be "connected"; ask.
                     let list = client.get_device_list().await?;
                     let ids: Vec<u32> = d.added_devices.iter().chain(&d.changed_devices).copied().collect();
@@ -754,6 +752,34 @@ async fn session(parts: &Parts, delay: Duration) -> Result<(), SessionError> {
             }
         }
     }
+}
+
+/// Registers devices with the gateway in one call. A refusal that is not
+/// transient (a device already registered, one entry the gateway does not
+/// accept: WIRE.md says nothing of either) falls back to one call per
+/// device, so one bad entry never keeps the others (or the session) down.
+async fn register(
+    client: &GatewayClient,
+    infos: Vec<AsyncConnectInfo>,
+) -> Result<(), GatewayError> {
+    let e = match client.add_async_connection(infos.clone()).await {
+        Ok(()) => return Ok(()),
+        Err(e) if e.disposition() == crate::gateway::Disposition::Transient => return Err(e),
+        Err(e) => e,
+    };
+    tracing::warn!(error = %e, "the gateway refused to register the devices at once; registering them one by one");
+    for info in infos {
+        let id = info.device_id;
+        match client.add_async_connection(vec![info]).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(tonic::Code::AlreadyExists) => {}
+            Err(e) if e.disposition() == crate::gateway::Disposition::Transient => return Err(e),
+            Err(e) => {
+                tracing::error!(device_id = id, error = %e, "the gateway refused to register the device; check its address and port in the configuration");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn connect_info(d: &crate::config::DeviceConfig) -> AsyncConnectInfo {

@@ -248,8 +248,9 @@ async fn an_unreadable_source_record_is_not_a_delete() {
     daemon.stop().await;
 }
 
-/// Item 5: a delete-all event the source does not confirm (it still holds
-/// users) wipes nothing; the targets are reconciled instead.
+/// Item 5: a delete-all event the source does not bear out (it still holds
+/// users) wipes nothing: a delete-all becomes a reconcile with prune, which
+/// deletes only the users no source holds.
 #[tokio::test]
 async fn a_delete_all_is_confirmed_at_the_source() {
     let sim = sim(2).await;
@@ -492,5 +493,146 @@ async fn changes_at_a_target_are_counted_until_a_reconcile() {
                 .any(|r| r.target == dst && r.extra == 1 && r.pruned == 1)
     })
     .await;
+    daemon.stop().await;
+}
+
+/// A device that logs events faster than one read takes still finishes its
+/// catch-up (a pass ends at the end of the log; what came meanwhile is read
+/// by the tail check after it).
+#[tokio::test]
+async fn a_busy_device_finishes_its_catch_up() {
+    let sim = Arc::new(sim(2).await);
+    let ids = sim.device_ids();
+    let (src, dst) = (ids[0], ids[1]);
+    sim.set_device_latency(Duration::from_millis(150));
+    let busy = {
+        let sim = Arc::clone(&sim);
+        tokio::spawn(async move {
+            // Access events at the target, one every 50 ms, for at most 30 s.
+            for _ in 0..600 {
+                let _ = sim.event_on_device(dst, 0x1000, "");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    sim.enroll_on_device(src, "1").unwrap();
+    let daemon = Daemon::start(config_with(
+        &sim,
+        dir.path(),
+        &group("g", &[src], &[dst], ""),
+    ));
+    eventually("the busy target gets its users", || async {
+        sim.holds(dst, "1")
+    })
+    .await;
+    busy.abort();
+    daemon.stop().await;
+}
+
+/// A source that stays connected but answers nothing holds up only its own
+/// changes; the other source's changes of the same batch go on.
+#[tokio::test]
+async fn a_hanging_source_does_not_stall_its_group() {
+    let sim = sim(3).await;
+    let ids = sim.device_ids();
+    let (s1, s2, t) = (ids[0], ids[1], ids[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_with(&sim, dir.path(), &group("g", &[s1, s2], &[t], ""));
+    cfg.gateway.call_timeout = Duration::from_secs(1);
+    let daemon = Daemon::start(cfg);
+    sim.enroll_on_device(s1, "warm").unwrap();
+    eventually("warm-up", || async { sim.holds(t, "warm") }).await;
+    sim.hold_device(s2, true);
+    sim.enroll_on_device(s2, "from-s2").unwrap();
+    sim.enroll_on_device(s1, "from-s1").unwrap();
+    eventually("s1's change goes while s2 hangs", || async {
+        sim.holds(t, "from-s1")
+    })
+    .await;
+    sim.hold_device(s2, false);
+    eventually("s2's change goes once it answers", || async {
+        sim.holds(t, "from-s2")
+    })
+    .await;
+    daemon.stop().await;
+}
+
+/// Progress of a first-sight search saved before the device's log was
+/// cleared: the stale progress is dropped, not retried forever.
+#[tokio::test]
+async fn stale_search_progress_is_dropped() {
+    let sim = sim(2).await;
+    let ids = sim.device_ids();
+    let (src, dst) = (ids[0], ids[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with(&sim, dir.path(), &group("g", &[src], &[dst], ""));
+    open_store(dir.path())
+        .with(|c| usersync::store::set_log_search(c, dst, 999_999, 1 << 32))
+        .unwrap();
+    sim.enroll_on_device(src, "1").unwrap();
+    let daemon = Daemon::start(cfg);
+    eventually("the target becomes live and gets its users", || async {
+        sim.holds(dst, "1")
+    })
+    .await;
+    daemon.stop().await;
+}
+
+/// A user enrolled at two desks of one group and deleted at one of them
+/// stays on the doors: absent means absent at every source.
+#[tokio::test]
+async fn a_user_another_source_holds_is_not_deleted() {
+    let sim = sim(3).await;
+    let ids = sim.device_ids();
+    let (a, b, t) = (ids[0], ids[1], ids[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(
+        &sim,
+        dir.path(),
+        &group("g", &[a, b], &[t], ""),
+    ));
+    sim.enroll_on_device(a, "u").unwrap();
+    sim.enroll_on_device(b, "u").unwrap();
+    eventually("u on the door", || async { sim.holds(t, "u") }).await;
+    sim.clear_rpc_log();
+    sim.delete_on_device(b, "u").unwrap();
+    sim.enroll_on_device(a, "later").unwrap();
+    eventually("a later change went through", || async {
+        sim.holds(t, "later")
+    })
+    .await;
+    assert!(sim.holds(t, "u"), "a still holds u");
+    assert!(
+        !sim.rpc_log()
+            .iter()
+            .any(|r| r.method.starts_with("Delete") && r.device_ids.contains(&t)),
+        "no delete was sent to the door"
+    );
+    daemon.stop().await;
+}
+
+/// A delete-all at one desk of a two-desk group deletes that desk's users
+/// from the doors and keeps the other desk's.
+#[tokio::test]
+async fn a_delete_all_at_one_source_keeps_the_others_users() {
+    let sim = sim(3).await;
+    let ids = sim.device_ids();
+    let (a, b, t) = (ids[0], ids[1], ids[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(
+        &sim,
+        dir.path(),
+        &group("g", &[a, b], &[t], "propagate_delete_all = true"),
+    ));
+    sim.enroll_on_device(a, "a1").unwrap();
+    sim.enroll_on_device(b, "b1").unwrap();
+    eventually("both on the door", || async {
+        sim.holds(t, "a1") && sim.holds(t, "b1")
+    })
+    .await;
+    sim.delete_all_on_device(a).unwrap();
+    eventually("a's users leave the door", || async { !sim.holds(t, "a1") }).await;
+    assert!(sim.holds(t, "b1"), "b's user stays");
     daemon.stop().await;
 }

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -241,6 +242,10 @@ impl Consumer {
                 }
             }
             self.queue.retain(|q| *q != d);
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let _ = store.run(move |c| store::clear_log_search(c, d)).await;
+            });
         }
         let added: Vec<u32> = self
             .config
@@ -432,7 +437,13 @@ impl Consumer {
             let client = self.client.clone();
             let store = self.store.clone();
             self.reads.spawn(async move {
-                let result = read_once(&client, &store, device, &from).await;
+                // A panic in a read (a bug) fails this pass, not the device
+                // forever: its track must hear back.
+                let result =
+                    std::panic::AssertUnwindSafe(read_once(&client, &store, device, &from))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| Err(ReadError::Panicked { device }));
                 Fetched {
                     device,
                     from,
@@ -520,7 +531,6 @@ impl Consumer {
         let Some(t) = self.tracks.get_mut(&device) else {
             return Ok(Ok(false));
         };
-        let again = t.pass.as_ref().is_some_and(|p| p.again);
         match read {
             Read::Newest(newest) => {
                 let checkpoint = match &newest {
@@ -560,7 +570,7 @@ impl Consumer {
                 Ok(Ok(true))
             }
             Read::Next { events, more } => {
-                Ok(self.advance(device, events, more, again, Effects::default()))
+                Ok(self.advance(device, events, more, Effects::default()))
             }
             Read::Lost {
                 events,
@@ -584,7 +594,7 @@ impl Consumer {
                         oldest.wrapping_sub(1)
                     ),
                 );
-                Ok(self.advance(device, events, more, again, fx))
+                Ok(self.advance(device, events, more, fx))
             }
         }
     }
@@ -597,7 +607,6 @@ impl Consumer {
         device: u32,
         events: Vec<EventLog>,
         more: bool,
-        again: bool,
         extra: Effects,
     ) -> Result<bool, String> {
         let cp = self.tracks.get(&device).map_or(0, |t| t.checkpoint.event());
@@ -621,7 +630,10 @@ impl Consumer {
                 "a full page after checkpoint {cp} held nothing new; retrying later"
             )),
             // Something arrived during the read that it may have missed.
-            (_, false) => Ok(again && progressed),
+            // The end of the log: the pass ends (a busy device would never
+            // end it otherwise). What came during the read is read by the
+            // tail check that follows (see `fetched`).
+            (_, false) => Ok(false),
         }
     }
 
@@ -629,6 +641,24 @@ impl Consumer {
     /// `extra`, and moves the checkpoint past them.
     fn stage(&mut self, device: u32, events: Vec<EventLog>, extra: Effects) {
         let mut fx = effects(&self.config, device, &events);
+        let replay = self
+            .tracks
+            .get(&device)
+            .is_some_and(|t| t.checkpoint == Checkpoint::Reset);
+        if replay {
+            // A log read from its oldest record after a reset: a delete-all
+            // in it may be history (a reset taken for one wrongly), and the
+            // reset already asked for a reconcile of every target.
+            let before = fx.changes.len();
+            fx.changes
+                .retain(|c| c.kind != store::ChangeKind::DeleteAll);
+            if fx.changes.len() < before {
+                tracing::warn!(
+                    device_id = device,
+                    "a delete-all read back from a reset log is not propagated; the reconcile the reset asked for covers it"
+                );
+            }
+        }
         fx.extend(extra);
         for d in &fx.diverged {
             tracing::warn!(group = %d.0, "group diverged: {}", d.1);
@@ -739,8 +769,15 @@ async fn read_once(
                 .ok()
                 .flatten()
                 .map(|(low, high)| Search { low, high });
-            let newest = read::find_newest(client, device, resume, Some(store)).await?;
-            Ok(Read::Newest(newest))
+            match read::find_newest(client, device, resume, Some(store)).await {
+                Ok(newest) => Ok(Read::Newest(newest)),
+                Err(e) => {
+                    // The saved progress may be what fails (the log was
+                    // cleared meanwhile): the next try starts afresh.
+                    let _ = store.run(move |c| store::clear_log_search(c, device)).await;
+                    Err(e)
+                }
+            }
         }
         other => read::read_after(client, device, other, PAGE).await,
     }

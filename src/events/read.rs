@@ -57,6 +57,8 @@ pub enum ReadError {
     BeforeStart { device: u32, start: u32 },
     #[error("search for the newest event of device {device}: {reason}")]
     Search { device: u32, reason: String },
+    #[error("reading the log of device {device} panicked (a bug); retrying later")]
+    Panicked { device: u32 },
 }
 
 fn out_of_range(e: &GatewayError) -> bool {
@@ -91,7 +93,7 @@ pub fn classify(
         });
     };
     let first_id = first.id;
-    let verified = |ev: &EventLog| anchor.is_none_or(|a| *a == Anchor::of(ev));
+    let verified = |ev: &EventLog| anchor.is_none_or(|a| a.matches(ev));
     if first_id == checkpoint {
         if !verified(first) {
             return Ok(Read::Reset {
@@ -199,6 +201,17 @@ pub async fn find_newest(
     resume: Option<Search>,
     store: Option<&Store>,
 ) -> Result<Option<EventLog>, ReadError> {
+    // Saved progress counts only while its newest known event is still
+    // there (the log may have been cleared or reset since).
+    let resume = match resume {
+        Some(s) => match client.get_log(device, s.low, 1).await {
+            Ok(page) if page.first().is_some_and(|e| e.id == s.low) => Some(s),
+            Ok(_) => None,
+            Err(e) if out_of_range(&e) => None,
+            Err(e) => return Err(e.into()),
+        },
+        None => None,
+    };
     let mut search = match resume {
         Some(s) => s,
         None => {
@@ -293,6 +306,14 @@ mod tests {
             classify(1, 10, Some(&at(10)), page, 8).unwrap(),
             Read::Reset { .. }
         ));
+    }
+
+    #[test]
+    fn only_the_time_of_the_checkpoint_event_changed() {
+        let mut moved = ev(10, 0x1000);
+        moved.timestamp += 3600;
+        let r = classify(1, 10, Some(&at(10)), vec![moved, ev(11, 0x1000)], 8).unwrap();
+        assert!(matches!(r, Read::Next { .. }), "{r:?}");
     }
 
     #[test]

@@ -80,8 +80,14 @@ pub struct Applier {
     /// Users whose source record could not be read: failures so far and
     /// when to try again.
     source_poison: HashMap<String, (u32, Instant)>,
-    /// Confirmations of a delete-all tried so far, by journal sequence.
-    delete_all_checks: HashMap<u64, u32>,
+    /// Sources whose calls failed transiently: (failures, retry at). Their
+    /// rows wait aside meanwhile; the others go on.
+    source_retry: HashMap<u32, (u32, Instant)>,
+    /// Users per Multi call now: halved when a call times out, grown back
+    /// after successes (a slow device may not take a full batch in time).
+    batch_limit: usize,
+    /// A reconcile that failed transiently: (failures, retry at).
+    reconcile_retry: Option<(u32, Instant)>,
     reconcile: Option<ReconcileRun>,
     targets_initialized: bool,
     /// Where the cohort served last moved to: cohorts take turns, so a
@@ -102,6 +108,8 @@ pub enum Fetched {
     /// carries another ID, or a call that keeps failing for this user).
     /// Never taken for absent: the targets keep what they hold.
     Failed(String),
+    /// A source could not be asked now: try again later.
+    Unknown,
 }
 
 /// One writer per group at any time: an applier holds its group's lock for
@@ -126,6 +134,7 @@ impl Applier {
         wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let batch_users = sync.batch_users;
         Applier {
             metrics,
             group,
@@ -138,7 +147,9 @@ impl Applier {
             retry: HashMap::new(),
             poison: HashMap::new(),
             source_poison: HashMap::new(),
-            delete_all_checks: HashMap::new(),
+            source_retry: HashMap::new(),
+            batch_limit: batch_users,
+            reconcile_retry: None,
             reconcile: None,
             targets_initialized: false,
             last_cohort: None,
@@ -181,7 +192,15 @@ impl Applier {
             if progressed {
                 continue;
             }
-            let next_retry = self.retry.values().map(|(_, at)| *at).min();
+            let now = Instant::now();
+            let next_retry = self
+                .retry
+                .values()
+                .chain(self.source_retry.values())
+                .chain(self.reconcile_retry.iter())
+                .map(|(_, at)| *at)
+                .filter(|at| *at > now)
+                .min();
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
@@ -200,15 +219,28 @@ impl Applier {
             self.init_targets().await?;
             self.targets_initialized = true;
         }
-        let now = Instant::now();
-        self.retry.retain(|_, (_, at)| *at > now);
         // Reconcile chunks, reconcile results (pending) and journal batches
         // take turns, so a long reconcile or a target replaying a backlog
         // never delays fresh changes to the others.
         self.turn = (self.turn + 1) % 3;
         for i in 0..3 {
             let moved = match (self.turn + i) % 3 {
-                0 => self.reconcile_step().await?,
+                0 => match self.reconcile_step().await {
+                    Ok(moved) => {
+                        self.reconcile_retry = None;
+                        moved
+                    }
+                    // A device of the reconcile did not answer: the
+                    // reconcile waits, journal changes go on.
+                    Err(SyncError::Gateway(e)) => {
+                        let n = self.reconcile_retry.map_or(0, |(n, _)| n);
+                        let delay = self.backoff.delay(n);
+                        tracing::warn!(group = %self.group.name, error = %e, retry_in = ?delay, "reconcile could not read a device; retrying later");
+                        self.reconcile_retry = Some((n.saturating_add(1), Instant::now() + delay));
+                        false
+                    }
+                    Err(e) => return Err(e),
+                },
                 1 => self.pending_step().await?,
                 _ => self.journal_step().await?,
             };
@@ -220,7 +252,11 @@ impl Applier {
     }
 
     fn eligible(&self, device: u32) -> bool {
-        self.board.is_live(device) && !self.retry.contains_key(&device)
+        self.board.is_live(device)
+            && self
+                .retry
+                .get(&device)
+                .is_none_or(|(_, at)| *at <= Instant::now())
     }
 
     /// Targets that are live and not backing off.
@@ -294,6 +330,12 @@ impl Applier {
     // ---- reconcile --------------------------------------------------------
 
     async fn reconcile_step(&mut self) -> Result<bool, SyncError> {
+        if self
+            .reconcile_retry
+            .is_some_and(|(_, at)| at > Instant::now())
+        {
+            return Ok(false);
+        }
         let name = self.group.name.clone();
         let (requests, stale): (Vec<store::ReconcileRequest>, Vec<store::ReconcileRequest>) = self
             .store
@@ -379,7 +421,8 @@ impl Applier {
             .cloned()
             .collect();
         let extra = extras.len();
-        let extras = if req.prune { extras } else { Vec::new() };
+        let prune = req.prune;
+        let extras = if prune { extras } else { Vec::new() };
         let first_source = self.group.sources.first().copied().unwrap_or_default();
         let pruned = extras.len();
         let (missing, different) = (run.missing, run.different);
@@ -404,7 +447,18 @@ impl Applier {
                 }
                 store::reconcile_done(&tx, &n, target)?;
                 store::record_reconcile_result(&tx, &result)?;
-                store::set_diverged(&tx, &n, None)?;
+                if prune {
+                    store::set_diverged(&tx, &n, None)?;
+                } else if extra > 0 {
+                    store::set_diverged(
+                        &tx,
+                        &n,
+                        Some(&format!(
+                            "target {target} holds {extra} users no source holds; kept because prune = false \
+                             (`usersync reconcile --group {n} --target {target} --prune` deletes them)"
+                        )),
+                    )?;
+                }
                 tx.commit()?;
                 Ok(())
             })
@@ -445,7 +499,7 @@ impl Applier {
         };
 
         let rows = {
-            let (n, limit) = (name.clone(), self.sync.batch_users);
+            let (n, limit) = (name.clone(), self.batch_limit);
             self.store
                 .run(move |c| store::journal_after(c, &n, cursor, limit))
                 .await?
@@ -486,7 +540,7 @@ impl Applier {
         for t in targets {
             let (n, limit, sources) = (
                 self.group.name.clone(),
-                self.sync.batch_users,
+                self.batch_limit,
                 live_sources.clone(),
             );
             let rows: Vec<JournalRow> = self
@@ -507,91 +561,37 @@ impl Applier {
         Ok(false)
     }
 
+    /// A delete-all at a source becomes a reconcile with prune of the
+    /// cohort's targets: it deletes exactly the users no source holds when
+    /// it runs (so users enrolled again since, and the users of the group's
+    /// other sources, stay), enrolls what is missing, and needs no trust in
+    /// one event (perhaps read back from an old log).
     async fn apply_delete_all(
         &mut self,
         cohort: &[u32],
         row: JournalRow,
     ) -> Result<bool, SyncError> {
         let name = self.group.name.clone();
-        if !self.group.sources.contains(&row.source) {
-            tracing::warn!(group = %name, source = row.source, "delete-all of a source no longer in the group: dropped");
-            self.complete(cohort, Lane::Journal, std::slice::from_ref(&row))
-                .await?;
-            return Ok(true);
-        }
-        if !self.board.is_live(row.source) {
-            return Ok(false);
-        }
-        // Confirm at the source before wiping doors: one event (perhaps
-        // re-read from an old log) is not enough. Confirmed when every user
-        // the source holds now was changed after the delete-all (those are
-        // enrolled again by their own, later rows).
-        let held = self.client.user_ids(row.source).await?;
-        let (n, seq, source) = (name.clone(), row.seq, row.source);
-        let later = self
-            .store
-            .run(move |c| store::users_changed_after(c, &n, seq, source))
-            .await?;
-        let unexplained = held.iter().filter(|u| !later.contains(*u)).count();
-        let attempts = self.delete_all_checks.entry(row.seq).or_insert(0);
-        *attempts += 1;
-        if unexplained > 0 && *attempts < self.sync.quarantine_after {
-            // The events of users enrolled right after the delete-all may
-            // not be recorded yet: look again shortly.
-            let msg = format!(
-                "delete-all at source {}: {unexplained} users it holds have no later change recorded yet; checking again",
-                row.source
-            );
-            for t in cohort {
-                self.back_off(*t, &msg);
-            }
-            return Ok(false);
-        }
-        self.delete_all_checks.remove(&row.seq);
-        if unexplained > 0 {
-            let why = format!(
-                "delete-all at source {} not confirmed: it holds {} users not enrolled since; reconciling instead",
-                row.source, unexplained
-            );
-            tracing::warn!(group = %name, source = row.source, users = unexplained, "{why}");
-            let (targets, prune, n) = (cohort.to_vec(), self.group.prune, name.clone());
-            let w = why.clone();
+        if self.group.sources.contains(&row.source) {
+            let why = format!("all users deleted at source {}", row.source);
+            let (targets, n, w) = (cohort.to_vec(), name.clone(), why.clone());
             self.store
                 .run(move |c| {
                     let tx = c.transaction()?;
                     for t in &targets {
-                        store::request_reconcile(&tx, &n, *t, &w, prune)?;
+                        store::request_reconcile(&tx, &n, *t, &w, true)?;
                     }
                     tx.commit()?;
                     Ok(())
                 })
                 .await?;
-            self.complete(cohort, Lane::Journal, std::slice::from_ref(&row))
-                .await?;
-            return Ok(true);
+            tracing::info!(group = %name, source = row.source, targets = ?cohort, "{why}: reconciling the targets with prune");
+        } else {
+            tracing::warn!(group = %name, source = row.source, "delete-all of a source no longer in the group: dropped");
         }
-        let mut outcomes: BTreeMap<u32, Outcome> =
-            cohort.iter().map(|t| (*t, Outcome::Ok)).collect();
-        if let Err(e) = self.client.user_delete_all_multi(cohort.to_vec()).await {
-            record_failure(&mut outcomes, &e);
-        }
-        let done = ok_targets(&outcomes);
-        let mut progressed = !done.is_empty();
-        self.complete(&done, Lane::Journal, std::slice::from_ref(&row))
+        self.complete(cohort, Lane::Journal, std::slice::from_ref(&row))
             .await?;
-        for t in &done {
-            tracing::info!(group = %name, target = t, "all users deleted (propagated)");
-        }
-        for (t, o) in outcomes {
-            match o {
-                Outcome::Ok => {}
-                Outcome::Transient(msg) => self.back_off(t, &msg),
-                Outcome::Permanent(code, msg) => {
-                    progressed |= self.poisoned(t, Lane::Journal, &row, code, &msg).await?;
-                }
-            }
-        }
-        Ok(progressed)
+        Ok(true)
     }
 
     async fn apply_users(
@@ -611,7 +611,7 @@ impl Applier {
         for r in rows.iter().cloned() {
             if !self.group.sources.contains(&r.source) {
                 gone.push(r);
-            } else if !self.board.is_live(r.source)
+            } else if !self.source_ready(r.source)
                 || self
                     .source_poison
                     .get(&r.user_id)
@@ -632,8 +632,12 @@ impl Applier {
         let mut records: HashMap<String, UserRecord> = HashMap::new();
         let mut applied: Vec<JournalRow> = Vec::new();
         let mut settled: Vec<JournalRow> = gone;
+        let mut unsure: Vec<JournalRow> = Vec::new();
         for r in ready {
             match fetched.get(&r.user_id) {
+                // A source could not answer (now, or for absence at every
+                // source): the row waits aside.
+                Some(Fetched::Unknown) => unsure.push(r),
                 Some(Fetched::Present(u)) => {
                     records.insert(r.user_id.clone(), u.clone());
                     applied.push(r);
@@ -647,6 +651,9 @@ impl Applier {
                 // Not asked (a duplicate row): nothing to do.
                 None => settled.push(r),
             }
+        }
+        if lane == Lane::Journal && !unsure.is_empty() {
+            self.park(cohort, &unsure).await?;
         }
         if applied.is_empty() {
             // Nothing to write: the rows are parked, dropped or quarantined.
@@ -670,7 +677,7 @@ impl Applier {
         for chunk in plan::chunks(
             enroll,
             |u| u.raw.len(),
-            self.sync.batch_users,
+            self.batch_limit,
             self.sync.batch_bytes,
         ) {
             let targets = ok_targets(&outcomes);
@@ -678,8 +685,12 @@ impl Applier {
                 break;
             }
             let users = chunk.iter().map(|u| u.raw.clone()).collect();
-            if let Err(e) = self.client.user_enroll_multi(targets, users, true).await {
-                record_failure(&mut outcomes, &e);
+            match self.client.user_enroll_multi(targets, users, true).await {
+                Ok(()) => self.batch_fits(),
+                Err(e) => {
+                    self.batch_timed_out(&e);
+                    record_failure(&mut outcomes, &e);
+                }
             }
         }
         let deletes: Vec<String> = applied
@@ -826,8 +837,47 @@ impl Applier {
         Ok(true)
     }
 
-    /// The current state of the rows' users at their sources.
-    async fn fetch(&self, rows: &[JournalRow]) -> Result<HashMap<String, Fetched>, SyncError> {
+    /// A call that timed out as a whole may carry too much for a slow
+    /// device: halve the batch (down to one user).
+    fn batch_timed_out(&mut self, e: &GatewayError) {
+        let timeout =
+            matches!(e, GatewayError::Timeout { .. }) || e.code() == Some(Code::DeadlineExceeded);
+        if timeout && self.batch_limit > 1 {
+            self.batch_limit /= 2;
+            tracing::warn!(group = %self.group.name, batch_users = self.batch_limit, "a call timed out; smaller batches from now on");
+        }
+    }
+
+    /// A batch went through: grow back towards `batch_users`.
+    fn batch_fits(&mut self) {
+        self.batch_limit = (self.batch_limit * 2).min(self.sync.batch_users).max(1);
+    }
+
+    /// Whether `source` can be asked now: live and not backing off.
+    fn source_ready(&self, source: u32) -> bool {
+        self.board.is_live(source)
+            && self
+                .source_retry
+                .get(&source)
+                .is_none_or(|(_, at)| *at <= Instant::now())
+    }
+
+    /// A source whose call failed transiently (unavailable, or too slow):
+    /// its rows wait aside until it answers again; the others go on.
+    fn source_backoff(&mut self, source: u32, e: &GatewayError) {
+        let failures = self.source_retry.get(&source).map_or(0, |(n, _)| *n);
+        let delay = self.backoff.delay(failures);
+        tracing::warn!(group = %self.group.name, source, error = %e, retry_in = ?delay, "source did not answer; its changes wait, the others go on");
+        self.source_retry
+            .insert(source, (failures.saturating_add(1), Instant::now() + delay));
+    }
+
+    /// The current state of the rows' users at their sources. A user is
+    /// absent only when every source of the group confirms it by its user
+    /// list (a user may be enrolled at several desks; an unknown-user answer
+    /// is not proof enough, WIRE.md §5.3); when a source cannot be asked,
+    /// the user is [`Fetched::Unknown`].
+    async fn fetch(&mut self, rows: &[JournalRow]) -> Result<HashMap<String, Fetched>, SyncError> {
         let mut by_source: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for r in rows {
             by_source
@@ -835,22 +885,109 @@ impl Applier {
                 .or_default()
                 .push(r.user_id.clone());
         }
-        let mut out = HashMap::new();
+        let mut out: HashMap<String, Fetched> = HashMap::new();
         for (s, ids) in by_source {
-            out.extend(fetch_users(&self.client, s, ids).await?);
+            match fetch_users(&self.client, s, ids.clone()).await {
+                Ok(m) => {
+                    self.source_retry.remove(&s);
+                    out.extend(m);
+                }
+                Err(e) => {
+                    self.batch_timed_out(&e);
+                    self.source_backoff(s, &e);
+                    out.extend(ids.into_iter().map(|id| (id, Fetched::Unknown)));
+                }
+            }
+        }
+        let absent: Vec<String> = out
+            .iter()
+            .filter(|(_, f)| matches!(f, Fetched::Absent))
+            .map(|(u, _)| u.clone())
+            .collect();
+        if absent.is_empty() {
+            return Ok(out);
+        }
+        for s in self.group.sources.clone() {
+            let still: Vec<String> = absent
+                .iter()
+                .filter(|u| matches!(out.get(*u), Some(Fetched::Absent)))
+                .cloned()
+                .collect();
+            if still.is_empty() {
+                break;
+            }
+            if !self.source_ready(s) {
+                for u in still {
+                    out.insert(u, Fetched::Unknown);
+                }
+                continue;
+            }
+            let listed: BTreeSet<String> = match self.client.user_ids(s).await {
+                Ok(ids) => ids.into_iter().collect(),
+                Err(e) => {
+                    self.source_backoff(s, &e);
+                    for u in still {
+                        out.insert(u, Fetched::Unknown);
+                    }
+                    continue;
+                }
+            };
+            let held: Vec<String> = still.into_iter().filter(|u| listed.contains(u)).collect();
+            if held.is_empty() {
+                continue;
+            }
+            // Held here after all: this source's record is the state.
+            match fetch_users(&self.client, s, held.clone()).await {
+                Ok(m) => {
+                    for u in held {
+                        let f = match m.get(&u) {
+                            Some(Fetched::Present(r)) => Fetched::Present(r.clone()),
+                            Some(Fetched::Failed(why)) => Fetched::Failed(why.clone()),
+                            _ => Fetched::Failed(format!(
+                                "source {s} lists the user but does not return it"
+                            )),
+                        };
+                        out.insert(u, f);
+                    }
+                }
+                Err(e) => {
+                    self.source_backoff(s, &e);
+                    for u in held {
+                        out.insert(u, Fetched::Unknown);
+                    }
+                }
+            }
         }
         Ok(out)
     }
 
+    /// Deletes one by one; NOT_FOUND counts as done only if the target's
+    /// user list confirms the user is not there (the code might name an
+    /// unknown device rather than an unknown user).
     async fn delete_each(&self, target: u32, ids: &[String]) -> Outcome {
+        let mut not_found = Vec::new();
         for id in ids {
             match self.client.user_delete(target, vec![id.clone()]).await {
                 Ok(()) => {}
-                Err(e) if e.code() == Some(Code::NotFound) => {}
+                Err(e) if e.code() == Some(Code::NotFound) => not_found.push(id.clone()),
                 Err(e) => return outcome_of(&e),
             }
         }
-        Outcome::Ok
+        if not_found.is_empty() {
+            return Outcome::Ok;
+        }
+        match self.client.user_ids(target).await {
+            Ok(listed) => {
+                let listed: BTreeSet<String> = listed.into_iter().collect();
+                match not_found.iter().find(|u| listed.contains(*u)) {
+                    None => Outcome::Ok,
+                    Some(u) => Outcome::Transient(format!(
+                        "delete of user {u} answered NOT_FOUND, yet the device lists it"
+                    )),
+                }
+            }
+            Err(e) => outcome_of(&e),
+        }
     }
 
     /// Applies `rows` to `target` alone, one user at a time, to find the
@@ -864,38 +1001,36 @@ impl Applier {
     ) -> Result<bool, SyncError> {
         let mut progressed = false;
         for row in rows {
-            let result = match records.get(&row.user_id) {
-                Some(u) => {
-                    self.client
-                        .user_enroll(target, vec![u.raw.clone()], true)
-                        .await
-                }
-                None => match self
+            let outcome = match records.get(&row.user_id) {
+                Some(u) => match self
                     .client
-                    .user_delete(target, vec![row.user_id.clone()])
+                    .user_enroll(target, vec![u.raw.clone()], true)
                     .await
                 {
-                    Err(e) if e.code() == Some(Code::NotFound) => Ok(()),
-                    other => other,
+                    Ok(()) => Outcome::Ok,
+                    Err(e) => outcome_of(&e),
                 },
+                None => {
+                    self.delete_each(target, std::slice::from_ref(&row.user_id))
+                        .await
+                }
             };
-            match result.as_ref().map_err(outcome_of) {
-                Ok(()) => {
+            match outcome {
+                Outcome::Ok => {
                     self.complete(&[target], lane, std::slice::from_ref(row))
                         .await?;
                     progressed = true;
                 }
-                Err(Outcome::Permanent(code, msg)) => {
+                Outcome::Permanent(code, msg) => {
                     if !self.poisoned(target, lane, row, code, &msg).await? {
                         return Ok(progressed);
                     }
                     progressed = true;
                 }
-                Err(Outcome::Transient(msg)) => {
+                Outcome::Transient(msg) => {
                     self.back_off(target, &msg);
                     return Ok(progressed);
                 }
-                Err(Outcome::Ok) => {}
             }
         }
         Ok(progressed)
@@ -957,6 +1092,8 @@ impl Applier {
         }
         let users: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
         for t in targets {
+            // A target that took a batch starts its retry delays over.
+            self.retry.remove(t);
             for u in &users {
                 self.poison.remove(&(*t, u.clone()));
             }
@@ -1049,8 +1186,15 @@ fn outcome_of(e: &GatewayError) -> Outcome {
 /// Marks the devices a failed Multi call names (or all, for a plain
 /// failure of the whole call).
 fn record_failure(outcomes: &mut BTreeMap<u32, Outcome>, e: &GatewayError) {
+    // A Multi error that names none of the devices called says nothing of
+    // which failed: all did, as far as we can know.
+    let names_ours = e.multi().is_some_and(|m| {
+        m.devices
+            .iter()
+            .any(|d| outcomes.contains_key(&d.device_id))
+    });
     match e.multi() {
-        Some(m) if !m.devices.is_empty() => {
+        Some(m) if names_ours => {
             for d in &m.devices {
                 if let Some(o) = outcomes.get_mut(&d.device_id) {
                     *o = match d.disposition() {
