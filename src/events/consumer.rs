@@ -73,10 +73,6 @@ struct Pass {
     again: bool,
     /// A catch-up asked for it: a settling tail check follows its end.
     settle: bool,
-    /// The idle check started it: nothing came by realtime for a long time.
-    idle: bool,
-    /// The settling check after a catch-up started it.
-    settle_check: bool,
     /// New events the pass found in the log.
     found: u64,
 }
@@ -95,8 +91,28 @@ struct Track {
     idle_at: Instant,
     /// Failed passes in a row (for the retry delay).
     failures: u32,
-    /// The due tail check is the settling check after a catch-up.
-    settle_due: bool,
+    /// A realtime event of the device arrived since its last read ended.
+    heard: bool,
+    /// Where the device is on the follow-up ladder of tail checks (see
+    /// [`follow_up`]).
+    ladder: usize,
+}
+
+/// The delay of the `step`th follow-up tail check after a device's last
+/// activity: the debounce, then 5 s, 30 s and 2 min; after that the idle
+/// check (`None`). A device that logged something is checked a few times
+/// more, a quiet one once per idle interval.
+fn follow_up(sync: &crate::config::SyncConfig, step: usize) -> Option<Duration> {
+    let ladder = [
+        sync.tail_check_delay,
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+        Duration::from_secs(120),
+    ];
+    ladder
+        .get(step)
+        .copied()
+        .filter(|d| *d < sync.idle_check_interval)
 }
 
 /// The result of one read task.
@@ -215,7 +231,8 @@ impl Consumer {
                 tail_at: None,
                 idle_at: Instant::now() + spread,
                 failures: 0,
-                settle_due: false,
+                heard: false,
+                ladder: 0,
             },
         );
         self.update_lag(device);
@@ -299,6 +316,8 @@ impl Consumer {
             return;
         };
         t.idle_at = idle_at;
+        t.heard = true;
+        t.ladder = 0;
         if t.reading != Reading::Idle {
             // A read is under way or queued: it reads this event from the
             // log, or the pass reads once more.
@@ -402,18 +421,7 @@ impl Consumer {
             .map(|(d, _)| *d)
             .collect();
         for d in due {
-            let (idle, settle) = self
-                .tracks
-                .get(&d)
-                .map_or((false, false), |t| (t.tail_at.is_none(), t.settle_due));
             self.request_read(d, None, false);
-            if let Some(t) = self.tracks.get_mut(&d) {
-                t.settle_due = false;
-                if let Some(p) = t.pass.as_mut() {
-                    p.idle |= idle;
-                    p.settle_check |= settle;
-                }
-            }
         }
     }
 
@@ -486,11 +494,12 @@ impl Consumer {
             Ok(false) => {
                 t.failures = 0;
                 let pass = t.pass.take().unwrap_or_default();
-                if (pass.idle || pass.settle_check) && pass.found > 0 {
-                    // Events realtime never delivered, found by a check no
-                    // realtime event asked for: the device's monitoring may
-                    // be gone without a status change we saw (or the
-                    // subscription took effect late). Set it up again.
+                let silent = !std::mem::take(&mut t.heard);
+                if pass.waiters.is_empty() && silent && pass.found > 0 {
+                    // A check no realtime event of the device preceded found
+                    // events: its monitoring may be gone without a status
+                    // change we saw (or the subscription took effect late).
+                    // Set the device up again.
                     tracing::info!(
                         device_id = device,
                         events = pass.found,
@@ -498,14 +507,21 @@ impl Consumer {
                     );
                     (self.relink)(device);
                 }
-                if pass.settle || pass.again {
+                let next = if pass.settle || pass.again {
                     // Events logged between this read and the moment the
                     // realtime subscription took effect (its headers may
                     // never come to say so, WIRE.md §6), or an event that
                     // arrived during the read, show here.
-                    t.tail_at = Some(Instant::now() + self.config.sync.tail_check_delay);
-                    t.settle_due = pass.settle;
-                }
+                    t.ladder = 0;
+                    Some(self.config.sync.tail_check_delay)
+                } else {
+                    // Trailing events all dropped (a full gateway queue)
+                    // show only to a later check: checks follow at growing
+                    // intervals after activity, until the idle check.
+                    t.ladder = if pass.found > 0 { 0 } else { t.ladder + 1 };
+                    follow_up(&self.config.sync, t.ladder)
+                };
+                t.tail_at = next.map(|d| Instant::now() + d);
                 for w in pass.waiters {
                     self.staged.replies.push((w, Ok(())));
                 }

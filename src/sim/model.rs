@@ -394,10 +394,25 @@ struct RealtimeSub {
     codes: HashSet<u32>,
 }
 
+/// Watches the deletes a client sends to target devices, for fault tests:
+/// deleting a user that a source has held without a break for `window` is
+/// a violation (a client could only do it on a wrong judgement: an
+/// unreadable record, an unknown-user answer about a device, a delete-all
+/// taken on faith).
+#[derive(Debug, Clone)]
+pub struct DeleteGuard {
+    sources: Vec<u32>,
+    targets: Vec<u32>,
+    window: Duration,
+    present_since: HashMap<(u32, String), std::time::Instant>,
+    violations: Vec<String>,
+}
+
 /// The simulated gateway.
 pub struct Model {
     /// Status changes are not sent to subscribers (see `Simulator::mute_status`).
     pub(crate) status_muted: bool,
+    guard: Option<DeleteGuard>,
     api: Api,
     pub(crate) policies: Policies,
     profile: UserProfile,
@@ -500,6 +515,7 @@ impl Model {
     pub fn new(opts: ModelOptions) -> Self {
         let mut m = Model {
             status_muted: false,
+            guard: None,
             api: opts.api,
             policies: opts.policies,
             profile: opts.profile,
@@ -917,6 +933,16 @@ impl Model {
         if !self.is_connected(id) {
             return Err((Code::Unavailable, format!("device {id} is not connected")));
         }
+        let present: Vec<String> = user_ids
+            .iter()
+            .filter(|u| {
+                self.devices
+                    .get(&id)
+                    .is_some_and(|d| d.users.contains_key(*u))
+            })
+            .cloned()
+            .collect();
+        self.check_delete(id, &present);
         for uid in user_ids {
             let removed = self
                 .devices
@@ -937,6 +963,12 @@ impl Model {
         if !self.is_connected(id) {
             return Err((Code::Unavailable, format!("device {id} is not connected")));
         }
+        let present: Vec<String> = self
+            .devices
+            .get(&id)
+            .map(|d| d.users.keys().cloned().collect())
+            .unwrap_or_default();
+        self.check_delete(id, &present);
         if let Some(d) = self.devices.get_mut(&id) {
             d.users.clear();
         }
@@ -1277,8 +1309,74 @@ impl Model {
     }
 
     /// Tells [`Self::users_changed`] watchers that a user table changed.
-    fn touch_users(&self) {
+    fn touch_users(&mut self) {
         self.users_changed.send_modify(|n| *n = n.wrapping_add(1));
+        self.observe_guard();
+    }
+
+    /// Watches deletes at `targets` from now on (see [`DeleteGuard`]).
+    pub fn guard_deletes(&mut self, sources: Vec<u32>, targets: Vec<u32>, window: Duration) {
+        self.guard = Some(DeleteGuard {
+            sources,
+            targets,
+            window,
+            present_since: HashMap::new(),
+            violations: Vec::new(),
+        });
+        self.observe_guard();
+    }
+
+    /// Deletes the guard saw of users a source had held throughout its
+    /// window.
+    pub fn delete_violations(&self) -> Vec<String> {
+        self.guard
+            .as_ref()
+            .map(|g| g.violations.clone())
+            .unwrap_or_default()
+    }
+
+    fn observe_guard(&mut self) {
+        let Some(g) = self.guard.as_mut() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let mut held = HashSet::new();
+        for s in &g.sources {
+            if let Some(d) = self.devices.get(s) {
+                for u in d.users.keys() {
+                    held.insert((*s, u.clone()));
+                }
+            }
+        }
+        g.present_since.retain(|k, _| held.contains(k));
+        for k in held {
+            g.present_since.entry(k).or_insert(now);
+        }
+    }
+
+    /// An API delete of `users` at `device`: a violation if a source had
+    /// held one of them for the whole window (nothing the daemon saw could
+    /// have said it was gone).
+    fn check_delete(&mut self, device: u32, users: &[String]) {
+        let Some(g) = self.guard.as_mut() else {
+            return;
+        };
+        if !g.targets.contains(&device) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        for u in users {
+            for s in &g.sources {
+                if let Some(since) = g.present_since.get(&(*s, u.clone()))
+                    && now.duration_since(*since) >= g.window
+                {
+                    g.violations.push(format!(
+                        "user {u} deleted from target {device} while source {s} had held it for {:?}",
+                        now.duration_since(*since)
+                    ));
+                }
+            }
+        }
     }
 
     /// A counter bumped every time any device's user table changes
