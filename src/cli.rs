@@ -1,15 +1,21 @@
 //! Operator commands: what an operator of Suprema's example did through its
 //! menu, as commands reading the daemon's configuration. Data output has a
-//! `--json` form. No command ever prints a template, PIN or photo: users are
-//! shown as counts and sizes.
+//! `--json` form (timestamps in RFC 3339). No command ever prints a
+//! template, PIN or photo: users are shown as counts and sizes.
+//!
+//! The operator's edge: no command destroys data by surprise (adding a card
+//! to a user keeps everything else the user has; a prune says how many
+//! users it deletes and asks), and every error says what to do next
+//! ([`describe`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, GroupConfig};
 use crate::events::codes;
 use crate::gateway::{GatewayClient, GatewayError};
 use crate::proto::gsdk::card::CsnCardData;
@@ -25,6 +31,9 @@ use crate::wire::Numbering;
 pub enum CliError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    /// A call addressing one device failed.
+    #[error("device {device}: {source}")]
+    AtDevice { device: u32, source: GatewayError },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -35,15 +44,25 @@ pub enum CliError {
     Usage(String),
     #[error("{}", cannot_tell(path, source))]
     CannotTell {
-        path: std::path::PathBuf,
+        path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "no state yet in {}: the daemon has not run with {} — start it (`sudo systemctl start usersync`, \
+         or `usersync run --config {}` in the foreground); `usersync status` shows the devices once it runs",
+        dir.display(), config.display(), config.display()
+    )]
+    NoState { dir: PathBuf, config: PathBuf },
+    /// Part of the work was done (`done`, for stdout), part not (`failed`).
+    #[error("{failed}")]
+    Incomplete { done: String, failed: String },
 }
 
 fn cannot_tell(path: &Path, source: &std::io::Error) -> String {
     match source.kind() {
         std::io::ErrorKind::PermissionDenied => format!(
-            "cannot tell whether the daemon is running: permission denied on {}; run as the service user or with sudo",
+            "cannot tell whether the daemon is running: permission denied on {}; run with sudo \
+             (the state directory belongs to the service)",
             path.display()
         ),
         _ => format!(
@@ -51,6 +70,156 @@ fn cannot_tell(path: &Path, source: &std::io::Error) -> String {
             path.display()
         ),
     }
+}
+
+fn at(device: u32) -> impl FnOnce(GatewayError) -> CliError {
+    move |source| CliError::AtDevice { device, source }
+}
+
+// ---- what to do next ------------------------------------------------------------
+
+/// The message an operator sees for `e`: what went wrong in words, and the
+/// next step where one is known (the gateway's own text follows as
+/// `detail:`).
+pub fn describe(e: &CliError, config: Option<&Config>) -> String {
+    let (g, device) = match e {
+        CliError::Gateway(g) => (g, None),
+        CliError::AtDevice { device, source } => (source, Some(*device)),
+        CliError::Read(crate::events::read::ReadError::Gateway(g)) => (g, None),
+        _ => return e.to_string(),
+    };
+    let Some(config) = config else {
+        return e.to_string();
+    };
+    match gateway_hint(&chain_text(g), is_transport(g), config, device) {
+        // A transport failure is the gateway's, whatever device was asked.
+        Some(hint) if is_transport(g) => format!("{hint}\n  detail: {g}"),
+        Some(hint) => format!("{hint}\n  detail: {e}"),
+        None => e.to_string(),
+    }
+}
+
+/// A failure's text with every source in its chain (the transport's reason
+/// sits in the sources, not in the status message).
+fn chain_text(e: &GatewayError) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src: Option<&(dyn std::error::Error + 'static)> = match e {
+        GatewayError::Rpc { status, .. } => std::error::Error::source(status),
+        other => std::error::Error::source(other),
+    };
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
+/// A failure of the connection to the gateway itself (no answer from it),
+/// rather than an answer about a device.
+fn is_transport(e: &GatewayError) -> bool {
+    match e {
+        GatewayError::Rpc { status, .. } => std::error::Error::source(status).is_some(),
+        GatewayError::Channel(_) => true,
+        _ => false,
+    }
+}
+
+/// The io reason inside a transport error's text, e.g. "Connection refused".
+fn io_reason(text: &str) -> Option<&str> {
+    [
+        "Connection refused",
+        "Connection reset by peer",
+        "No route to host",
+        "Network is unreachable",
+        "timed out",
+        "Name or service not known",
+        "failed to lookup address information",
+    ]
+    .into_iter()
+    .find(|r| text.contains(r))
+}
+
+/// The next step for a gateway failure, judged from its text (the daemon's
+/// recorded errors have only their text).
+pub fn gateway_hint(
+    text: &str,
+    transport: bool,
+    config: &Config,
+    device: Option<u32>,
+) -> Option<String> {
+    let addr = &config.gateway.address;
+    let file = config.path.display();
+    let ca = config
+        .gateway
+        .ca_file
+        .as_ref()
+        .map_or("(none)".to_owned(), |p| p.display().to_string());
+    // Another CA's certificate: unknown issuer, or (same issuer name, other
+    // key) a bad signature.
+    if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        return Some(format!(
+            "the gateway's certificate is not signed by ca_file {ca}: copy the CA certificate of the gateway \
+             at {addr} (cert/ca.crt of its installation) to {ca}, or point [gateway] ca_file in {file} at it"
+        ));
+    }
+    if text.contains("NotValidForName") || text.contains("not valid for name") {
+        return Some(format!(
+            "the gateway's certificate does not name the host usersync checks: set [gateway] server_name in \
+             {file} to a name the certificate lists, or regenerate the certificate with that name"
+        ));
+    }
+    if text.contains("tcp connect error") || text.contains("error trying to connect") {
+        let why = io_reason(text).map_or(String::new(), |r| format!(" ({r})"));
+        return Some(format!(
+            "cannot connect to the gateway at {addr}{why}: check that the gateway runs and listens on that \
+             address and port, and [gateway] address in {file}"
+        ));
+    }
+    let transport = transport
+        || text.contains("transport error")
+        || text.contains("h2 protocol error")
+        || text.contains("connection error");
+    let plaintext = config.gateway.ca_pem.is_none();
+    if transport && plaintext {
+        return Some(format!(
+            "the gateway at {addr} speaks TLS (it does not answer plaintext HTTP/2; real gateways always use \
+             TLS): set tls = true and ca_file in [gateway] of {file}"
+        ));
+    }
+    if transport
+        && (text.contains("InvalidContentType")
+            || text.contains("corrupt message")
+            || text.contains("CorruptMessage"))
+    {
+        return Some(format!(
+            "what answers at {addr} does not speak TLS: check [gateway] address in {file} (the gateway's gRPC \
+             port, 4000 on a default installation)"
+        ));
+    }
+    if text.contains("no answer within") {
+        return Some(format!(
+            "the gateway at {addr} did not answer in time ([gateway] call_timeout_secs in {file}); the gateway \
+             or the device it relays to may be slow or overloaded: try again"
+        ));
+    }
+    if let Some(d) = device
+        && text.contains("(Unavailable)")
+        && !transport
+    {
+        let where_ = config
+            .devices
+            .get(&d)
+            .map_or(String::new(), |c| format!(" at {}:{}", c.address, c.port));
+        return Some(format!(
+            "device {d} is not connected to the gateway: the running daemon registers every configured device \
+             (`usersync status` shows whether it runs and the device's state); check that the device is on and \
+             reachable from the gateway{where_}"
+        ));
+    }
+    None
 }
 
 /// Whether a daemon runs on the state directory. Writers of the state (and
@@ -91,14 +260,43 @@ fn client(config: &Config) -> Result<GatewayClient, CliError> {
     Ok(GatewayClient::new(&config.gateway.settings())?)
 }
 
+/// Refuses a device the configuration does not declare: the daemon never
+/// registers it with the gateway, so the gateway would only say "not
+/// connected".
+fn configured(config: &Config, device: u32) -> Result<(), CliError> {
+    if config.devices.contains_key(&device) {
+        return Ok(());
+    }
+    let known: Vec<String> = config.devices.keys().map(u32::to_string).collect();
+    Err(CliError::Usage(format!(
+        "device {device} is not in the configuration {}: add a [[device]] with id = {device} (and \
+         `systemctl reload usersync`), or use one of: {}",
+        config.path.display(),
+        if known.is_empty() {
+            "(none)".to_owned()
+        } else {
+            known.join(" ")
+        }
+    )))
+}
+
 /// Pretty JSON for `--json` output.
 pub fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-/// `YYYY-MM-DD HH:MM:SSZ` for Unix seconds (civil-from-days, proleptic
-/// Gregorian).
-pub fn fmt_utc(secs: u64) -> String {
+/// "1 user", "2 users".
+pub fn plural(n: impl Into<u64>, word: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+/// (date, time) of Unix seconds (civil-from-days, proleptic Gregorian).
+fn civil(secs: u64) -> (String, String) {
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -110,75 +308,208 @@ pub fn fmt_utc(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
+    (
+        format!("{y:04}-{m:02}-{d:02}"),
+        format!("{:02}:{:02}:{:02}", rem / 3600, (rem % 3600) / 60, rem % 60),
     )
+}
+
+/// `YYYY-MM-DD HH:MM:SSZ` for Unix seconds (text output).
+pub fn fmt_utc(secs: u64) -> String {
+    let (d, t) = civil(secs);
+    format!("{d} {t}Z")
+}
+
+/// RFC 3339, `YYYY-MM-DDTHH:MM:SSZ` (JSON output).
+pub fn rfc3339(secs: u64) -> String {
+    let (d, t) = civil(secs);
+    format!("{d}T{t}Z")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// "12s", "4m", "3h", "2d".
+pub fn age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86_400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+/// `2026-01-02 10:00:00Z (4m ago)`.
+fn when(secs: u64, now: u64) -> String {
+    format!("{} ({} ago)", fmt_utc(secs), age(now.saturating_sub(secs)))
 }
 
 // ---- status -------------------------------------------------------------------
 
 #[derive(Debug, Serialize)]
+pub struct DaemonInfo {
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub started_at: Option<String>,
+    /// When the daemon last recorded its health (at least every 30 s
+    /// while it runs).
+    pub last_seen: Option<String>,
+    /// Set when it stopped in order; unset after a kill or a crash.
+    pub stopped_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GatewayStatus {
+    pub address: String,
+    /// `connecting`, `up`, `down`, or `unknown` (nothing recorded).
+    pub state: String,
+    pub since: Option<String>,
+    /// Seconds in this state (as of `as_of` when not current).
+    pub for_secs: Option<u64>,
+    pub error: Option<String>,
+    /// What to do about `error`.
+    pub next_step: Option<String>,
+    /// False: as last known by a daemon that is not running.
+    pub current: bool,
+    pub as_of: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
 pub struct DeviceStatus {
     pub id: u32,
     pub role: String,
+    /// `disconnected`, `catching-up`, `live`, `backoff` (the metrics'
+    /// `phase` words), or `unknown`.
     pub state: String,
+    /// False: as last known by a daemon that is not running.
+    pub current: bool,
     pub detail: String,
     pub checkpoint: Option<u32>,
     pub newest_seen: Option<u32>,
     pub lag: Option<u32>,
     pub updated: Option<String>,
+    pub age_secs: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReconcileProgress {
+    /// `requested` (not started yet) or `in progress`.
+    pub state: String,
+    pub reason: String,
+    pub prune: bool,
+    /// Users up to this ID (sorted) are done.
+    pub after_user: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LastReconcile {
+    pub finished_at: String,
+    pub reason: String,
+    pub missing: u64,
+    pub different: u64,
+    pub extra: u64,
+    pub pruned: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Drift {
+    /// Users changed at the target itself since its last reconcile.
+    pub changes: u64,
+    pub last_user: String,
+    pub last_at: String,
+    /// The command that puts the sources' users back.
+    pub fix: String,
 }
 
 #[derive(Debug, Serialize)]
 pub struct TargetStatus {
     pub group: String,
     pub target: u32,
-    pub cursor: Option<u64>,
+    /// The last change-journal entry the target has applied (a sequence
+    /// number of usersync's journal, not a device event ID).
+    pub journal_seq: Option<u64>,
+    /// Journal entries not applied yet.
     pub behind: u64,
+    /// Users a reconcile queued for this target.
     pub reconcile_queued: u64,
-    pub reconcile_requested: Option<String>,
+    pub reconcile: Option<ReconcileProgress>,
+    pub last_reconcile: Option<LastReconcile>,
+    pub drift: Option<Drift>,
     pub quarantined: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub daemon_running: bool,
+    pub daemon: DaemonInfo,
+    pub gateway: GatewayStatus,
     pub state: String,
     pub devices: Vec<DeviceStatus>,
     pub targets: Vec<TargetStatus>,
     pub diverged: BTreeMap<String, String>,
 }
 
-/// Reads the state database; works whether the daemon runs or not.
-pub fn status(config: &Config) -> Result<Status, CliError> {
-    // Not knowing is said as such, not as "never ran".
-    if let Err(source) = config.state_dir.try_exists() {
-        return Err(CliError::CannotTell {
-            path: config.state_dir.clone(),
-            source,
-        });
+/// The state database's directory and file, or why status cannot read
+/// them: not allowed (sudo), or not there yet (start the daemon).
+fn state_present(config: &Config) -> Result<(), CliError> {
+    let dir = &config.state_dir;
+    let no_state = || CliError::NoState {
+        dir: dir.clone(),
+        config: config.path.clone(),
+    };
+    let cannot = |path: &Path, source| CliError::CannotTell {
+        path: path.to_owned(),
+        source,
+    };
+    match dir.try_exists() {
+        Ok(true) => {}
+        Ok(false) => return Err(no_state()),
+        Err(e) => return Err(cannot(dir, e)),
     }
+    // The directory may exist and be closed to this user (0700): then the
+    // file's existence cannot be told either.
+    if let Err(e) = std::fs::read_dir(dir) {
+        return Err(cannot(dir, e));
+    }
+    match dir.join(store::DB_FILE).try_exists() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(no_state()),
+        Err(e) => Err(cannot(dir, e)),
+    }
+}
+
+/// Reads the state database; works whether the daemon runs or not. What a
+/// daemon that is not running recorded is marked as last known, with its
+/// age.
+pub fn status(config: &Config) -> Result<Status, CliError> {
+    state_present(config)?;
     let st = Store::open_existing(&config.state_dir)?;
     let running = matches!(daemon(config)?, Daemon::Running);
-    let (cps, devs, cursors, backlog, pending, quarantine, requests, diverged) = st.with(|c| {
-        let mut cursors = BTreeMap::new();
-        for g in &config.groups {
-            cursors.insert(g.name.clone(), store::cursors(c, &g.name)?);
-        }
-        Ok((
-            store::checkpoint_rows(c)?,
-            store::device_statuses(c)?,
-            cursors,
-            store::backlog(c)?,
-            store::pending_counts(c)?,
-            store::quarantine(c)?,
-            store::reconcile_requests(c)?,
-            store::diverged(c)?,
-        ))
-    })?;
+    let health = crate::service::read_health(&config.state_dir);
+    let now = unix_now();
+    #[allow(clippy::type_complexity)]
+    let (cps, devs, cursors, backlog, pending, quarantine, requests, diverged, drift, results) = st
+        .with(|c| {
+            let mut cursors = BTreeMap::new();
+            for g in &config.groups {
+                cursors.insert(g.name.clone(), store::cursors(c, &g.name)?);
+            }
+            Ok((
+                store::checkpoint_rows(c)?,
+                store::device_statuses(c)?,
+                cursors,
+                store::backlog(c)?,
+                store::pending_counts(c)?,
+                store::quarantine(c)?,
+                store::reconcile_requests(c)?,
+                store::diverged(c)?,
+                store::target_drift(c)?,
+                store::reconcile_results(c)?,
+            ))
+        })?;
     let devices = config
         .devices
         .keys()
@@ -196,12 +527,16 @@ pub fn status(config: &Config) -> Result<Status, CliError> {
             DeviceStatus {
                 id: *id,
                 role: role.into(),
-                state: ds.map_or("unknown".into(), |d| d.state.clone()),
+                state: ds.map_or("unknown".into(), |d| {
+                    crate::metrics::phase_of_state(&d.state).to_owned()
+                }),
+                current: running,
                 detail: ds.map_or(String::new(), |d| d.detail.clone()),
                 checkpoint: cp.map(|c| c.0),
                 newest_seen: cp.and_then(|c| c.1),
                 lag: cp.and_then(|c| c.1.map(|n| n.saturating_sub(c.0))),
-                updated: ds.map(|d| fmt_utc(d.updated_at)),
+                updated: ds.map(|d| rfc3339(d.updated_at)),
+                age_secs: ds.map(|d| now.saturating_sub(d.updated_at)),
             }
         })
         .collect();
@@ -212,13 +547,43 @@ pub fn status(config: &Config) -> Result<Status, CliError> {
             targets.push(TargetStatus {
                 group: g.name.clone(),
                 target: *t,
-                cursor: cursors.get(&g.name).and_then(|c| c.get(t).copied()),
+                journal_seq: cursors.get(&g.name).and_then(|c| c.get(t).copied()),
                 behind: backlog.get(&key).copied().unwrap_or(0),
                 reconcile_queued: pending.get(&key).copied().unwrap_or(0),
-                reconcile_requested: requests
+                reconcile: requests
                     .iter()
                     .find(|r| r.group == g.name && r.target == *t)
-                    .map(|r| r.reason.clone()),
+                    .map(|r| ReconcileProgress {
+                        state: if r.after_user.is_some() {
+                            "in progress"
+                        } else {
+                            "requested"
+                        }
+                        .into(),
+                        reason: r.reason.clone(),
+                        prune: r.prune,
+                        after_user: r.after_user.clone(),
+                    }),
+                last_reconcile: results
+                    .iter()
+                    .find(|r| r.group == g.name && r.target == *t)
+                    .map(|r| LastReconcile {
+                        finished_at: rfc3339(r.finished_at),
+                        reason: r.reason.clone(),
+                        missing: r.missing,
+                        different: r.different,
+                        extra: r.extra,
+                        pruned: r.pruned,
+                    }),
+                drift: drift
+                    .iter()
+                    .find(|d| d.group == g.name && d.target == *t && d.changes > 0)
+                    .map(|d| Drift {
+                        changes: d.changes,
+                        last_user: d.last_user.clone(),
+                        last_at: rfc3339(d.last_at),
+                        fix: format!("usersync reconcile --group {} --target {t}", g.name),
+                    }),
                 quarantined: quarantine
                     .iter()
                     .filter(|q| q.group == g.name && q.device == *t)
@@ -227,8 +592,48 @@ pub fn status(config: &Config) -> Result<Status, CliError> {
             });
         }
     }
+    let gateway = match &health {
+        Some(h) => GatewayStatus {
+            address: config.gateway.address.clone(),
+            state: h.gateway.state.clone(),
+            since: Some(rfc3339(h.gateway.since)),
+            for_secs: Some(
+                if running { now } else { h.written_at }.saturating_sub(h.gateway.since),
+            ),
+            error: h.gateway.error.clone(),
+            next_step: h
+                .gateway
+                .error
+                .as_deref()
+                .and_then(|e| gateway_hint(e, false, config, None)),
+            current: running,
+            as_of: Some(rfc3339(h.written_at)),
+        },
+        None => GatewayStatus {
+            address: config.gateway.address.clone(),
+            state: "unknown".into(),
+            since: None,
+            for_secs: None,
+            error: None,
+            next_step: None,
+            current: running,
+            as_of: None,
+        },
+    };
     Ok(Status {
         daemon_running: running,
+        daemon: DaemonInfo {
+            running,
+            pid: health.as_ref().map(|h| h.pid),
+            started_at: health.as_ref().map(|h| rfc3339(h.started_at)),
+            last_seen: health.as_ref().map(|h| rfc3339(h.written_at)),
+            stopped_at: health
+                .as_ref()
+                .and_then(|h| h.stopped_at)
+                .filter(|_| !running)
+                .map(rfc3339),
+        },
+        gateway,
         state: st.path().display().to_string(),
         devices,
         targets,
@@ -236,51 +641,119 @@ pub fn status(config: &Config) -> Result<Status, CliError> {
     })
 }
 
+/// Unix seconds of an RFC 3339 time this module wrote.
+fn parse_rfc3339(s: &str) -> Option<u64> {
+    let (d, t) = s.strip_suffix('Z')?.split_once('T')?;
+    let mut dp = d.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (dp.next()?.ok()?, dp.next()?.ok()?, dp.next()?.ok()?);
+    let mut tp = t.split(':').map(|x| x.parse::<u64>());
+    let (hh, mm, ss) = (tp.next()?.ok()?, tp.next()?.ok()?, tp.next()?.ok()?);
+    // days-from-civil
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+fn text_time(rfc: &Option<String>, now: u64) -> String {
+    rfc.as_deref()
+        .and_then(parse_rfc3339)
+        .map_or("-".to_owned(), |t| when(t, now))
+}
+
 pub fn render_status(s: &Status) -> String {
-    let mut out = format!(
-        "daemon: {}\nstate:  {}\n\n{:<12} {:<7} {:<12} {:>10} {:>10} {:>6}  {}\n",
-        if s.daemon_running {
-            "running"
-        } else {
-            "stopped"
-        },
-        s.state,
-        "DEVICE",
-        "ROLE",
-        "STATE",
-        "CHECKPOINT",
-        "NEWEST",
-        "LAG",
-        "UPDATED"
-    );
-    let opt = |v: Option<u32>| v.map_or("-".to_owned(), |v| v.to_string());
-    for d in &s.devices {
+    let now = unix_now();
+    let mut out = String::new();
+    let d = &s.daemon;
+    out.push_str(&if d.running {
+        format!(
+            "daemon:  running{}\n",
+            match (d.pid, &d.started_at) {
+                (Some(pid), Some(_)) => format!(
+                    " (pid {pid}, started {})",
+                    text_time(&d.started_at, now)
+                ),
+                _ => String::new(),
+            }
+        )
+    } else {
+        match (&d.stopped_at, &d.last_seen) {
+            (Some(_), _) => format!("daemon:  stopped {}\n", text_time(&d.stopped_at, now)),
+            (None, Some(_)) => format!(
+                "daemon:  not running: last seen {}, with no orderly stop recorded (killed or crashed?) — \
+                 `systemctl status usersync`, `journalctl -u usersync`\n",
+                text_time(&d.last_seen, now)
+            ),
+            (None, None) => "daemon:  stopped\n".to_owned(),
+        }
+    });
+    let g = &s.gateway;
+    let state = match g.state.as_str() {
+        "down" => "DOWN",
+        other => other,
+    };
+    out.push_str(&format!("gateway: {} {state}", g.address));
+    if g.since.is_some() {
+        out.push_str(&format!(" since {}", text_time(&g.since, now)));
+    }
+    if !g.current && g.as_of.is_some() {
         out.push_str(&format!(
-            "{:<12} {:<7} {:<12} {:>10} {:>10} {:>6}  {}\n",
-            d.id,
-            d.role,
-            d.state,
-            opt(d.checkpoint),
-            opt(d.newest_seen),
-            opt(d.lag),
-            d.updated.as_deref().unwrap_or("-")
+            " — last known, as of {}",
+            text_time(&g.as_of, now)
+        ));
+    }
+    out.push('\n');
+    if let Some(e) = &g.error {
+        out.push_str(&format!("         {e}\n"));
+    }
+    if let Some(n) = &g.next_step {
+        out.push_str(&format!("         next: {n}\n"));
+    }
+    out.push_str(&format!("state:   {}\n\n", s.state));
+    if !d.running && !s.devices.is_empty() {
+        out.push_str("devices as last known (the daemon is not running):\n");
+    }
+    out.push_str(&format!(
+        "{:<12} {:<7} {:<15} {:>10} {:>10} {:>6}  {}\n",
+        "DEVICE", "ROLE", "STATE", "CHECKPOINT", "NEWEST", "LAG", "UPDATED"
+    ));
+    let opt = |v: Option<u32>| v.map_or("-".to_owned(), |v| v.to_string());
+    for dv in &s.devices {
+        let state = if dv.current || dv.state == "unknown" {
+            dv.state.clone()
+        } else {
+            format!("was {}", dv.state)
+        };
+        out.push_str(&format!(
+            "{:<12} {:<7} {:<15} {:>10} {:>10} {:>6}  {}\n",
+            dv.id,
+            dv.role,
+            state,
+            opt(dv.checkpoint),
+            opt(dv.newest_seen),
+            opt(dv.lag),
+            text_time(&dv.updated, now)
         ));
     }
     out.push_str(&format!(
-        "\n{:<12} {:<12} {:>8} {:>8} {:>10}  {}\n",
-        "GROUP", "TARGET", "CURSOR", "PENDING", "RECONCILE", "QUARANTINED"
+        "\n{:<12} {:<12} {:>11} {:>8} {:<12} {}\n",
+        "GROUP", "TARGET", "JOURNAL-SEQ", "PENDING", "RECONCILE", "QUARANTINED"
     ));
     for t in &s.targets {
-        let reconcile = match (&t.reconcile_requested, t.reconcile_queued) {
-            (Some(_), _) => "requested".to_owned(),
+        let reconcile = match (&t.reconcile, t.reconcile_queued) {
+            (Some(r), _) => r.state.clone(),
             (None, 0) => "-".to_owned(),
             (None, n) => format!("{n} queued"),
         };
         out.push_str(&format!(
-            "{:<12} {:<12} {:>8} {:>8} {:>10}  {}\n",
+            "{:<12} {:<12} {:>11} {:>8} {:<12} {}\n",
             t.group,
             t.target,
-            t.cursor.map_or("-".to_owned(), |c| c.to_string()),
+            t.journal_seq.map_or("-".to_owned(), |c| c.to_string()),
             t.behind + t.reconcile_queued,
             reconcile,
             if t.quarantined.is_empty() {
@@ -289,6 +762,65 @@ pub fn render_status(s: &Status) -> String {
                 t.quarantined.join(", ")
             }
         ));
+    }
+    out.push_str(
+        "JOURNAL-SEQ: the last entry of usersync's change journal the target has applied (not a device event ID)\n",
+    );
+    let results: Vec<&TargetStatus> = s
+        .targets
+        .iter()
+        .filter(|t| t.last_reconcile.is_some() || t.reconcile.is_some())
+        .collect();
+    if !results.is_empty() {
+        out.push_str("\nreconcile:\n");
+        for t in results {
+            if let Some(r) = &t.reconcile {
+                out.push_str(&format!(
+                    "  {}/{}: {} ({}{}){}\n",
+                    t.group,
+                    t.target,
+                    r.state,
+                    r.reason,
+                    if r.prune { ", prune" } else { "" },
+                    r.after_user
+                        .as_ref()
+                        .map_or(String::new(), |u| format!(", done up to user {u}"))
+                ));
+            }
+            if let Some(r) = &t.last_reconcile {
+                out.push_str(&format!(
+                    "  {}/{}: last finished {}, {}: {} missing, {} different, {} extra, {} pruned\n",
+                    t.group,
+                    t.target,
+                    text_time(&Some(r.finished_at.clone()), now),
+                    r.reason,
+                    r.missing,
+                    r.different,
+                    r.extra,
+                    r.pruned
+                ));
+            }
+        }
+    }
+    let drifting: Vec<&TargetStatus> = s.targets.iter().filter(|t| t.drift.is_some()).collect();
+    if !drifting.is_empty() {
+        out.push_str(
+            "\ndrift (users changed at a target itself, which the daemon does not copy):\n",
+        );
+        for t in drifting {
+            if let Some(d) = &t.drift {
+                out.push_str(&format!(
+                    "  {}/{}: {} since its last reconcile (last: user {} at {}); `{}` restores the sources' \
+                     users there (add --prune to also delete users no source has)\n",
+                    t.group,
+                    t.target,
+                    plural(d.changes, "user change"),
+                    d.last_user,
+                    text_time(&Some(d.last_at.clone()), now),
+                    d.fix
+                ));
+            }
+        }
     }
     for (g, why) in &s.diverged {
         out.push_str(&format!("\ngroup {g} diverged: {why}\n"));
@@ -301,6 +833,7 @@ pub fn render_status(s: &Status) -> String {
 #[derive(Debug, Serialize)]
 pub struct EventLine {
     pub id: u32,
+    /// RFC 3339.
     pub time: String,
     pub device: u32,
     pub user: String,
@@ -308,18 +841,21 @@ pub struct EventLine {
     pub sub_code: u32,
     pub description: String,
     pub changed_on_device: bool,
+    #[serde(skip)]
+    timestamp: u64,
 }
 
 fn event_line(e: &EventLog) -> EventLine {
     EventLine {
         id: e.id,
-        time: fmt_utc(u64::from(e.timestamp)),
+        time: rfc3339(u64::from(e.timestamp)),
         device: e.device_id,
         user: e.user_id.clone(),
         code: format!("0x{:04X}", e.event_code),
         sub_code: e.sub_code,
         description: codes::name(e.event_code, e.sub_code),
         changed_on_device: e.changed_on_device,
+        timestamp: u64::from(e.timestamp),
     }
 }
 
@@ -331,13 +867,18 @@ pub async fn events(
     since: Option<u32>,
     limit: u32,
 ) -> Result<Vec<EventLine>, CliError> {
+    configured(config, device)?;
     let gw = client(config)?;
     let events = match since {
-        Some(start) => gw.get_log(device, start, limit).await?,
+        Some(start) => gw.get_log(device, start, limit).await.map_err(at(device))?,
         None => {
             // The newest event in O(log n) calls, then the page before it.
-            let Some(newest) = crate::events::read::find_newest(&gw, device, None, None).await?
-            else {
+            let newest = match crate::events::read::find_newest(&gw, device, None, None).await {
+                Ok(n) => n,
+                Err(crate::events::read::ReadError::Gateway(e)) => return Err(at(device)(e)),
+                Err(e) => return Err(e.into()),
+            };
+            let Some(newest) = newest else {
                 return Ok(Vec::new());
             };
             let start = newest.id.saturating_sub(limit.saturating_sub(1)).max(1);
@@ -346,9 +887,9 @@ pub async fn events(
                 // Older than the oldest record (WIRE.md §5.4): the log is
                 // shorter than `limit`; read it from its start.
                 Err(e) if e.code() == Some(tonic::Code::OutOfRange) => {
-                    gw.get_log(device, 0, limit).await?
+                    gw.get_log(device, 0, limit).await.map_err(at(device))?
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(at(device)(e)),
             };
             page.into_iter().filter(|e| e.id <= newest.id).collect()
         }
@@ -356,7 +897,13 @@ pub async fn events(
     Ok(events.iter().map(event_line).collect())
 }
 
-pub fn render_events(lines: &[EventLine]) -> String {
+pub fn render_events(device: u32, since: Option<u32>, lines: &[EventLine]) -> String {
+    if lines.is_empty() {
+        return match since {
+            Some(id) => format!("no events on device {device} from event {id} on\n"),
+            None => format!("no events on device {device}: its log is empty\n"),
+        };
+    }
     lines
         .iter()
         .map(|l| {
@@ -368,7 +915,7 @@ pub fn render_events(lines: &[EventLine]) -> String {
             format!(
                 "#{:<8} {}  Device {}{}, {}{}\n",
                 l.id,
-                l.time,
+                fmt_utc(l.timestamp),
                 l.device,
                 user,
                 l.description,
@@ -446,18 +993,23 @@ pub async fn users(
     device: u32,
     user: Option<String>,
 ) -> Result<UsersOutput, CliError> {
+    configured(config, device)?;
     let gw = client(config)?;
     match user {
         None => {
-            let mut users = gw.user_ids(device).await?;
+            let mut users = gw.user_ids(device).await.map_err(at(device))?;
             users.sort();
             Ok(UsersOutput::List { device, users })
         }
         Some(id) => {
-            let got = sync::get_users(&gw, device, vec![id.clone()]).await?;
-            let rec = got
-                .get(&id)
-                .ok_or_else(|| CliError::Usage(format!("device {device} has no user {id}")))?;
+            let got = sync::get_users(&gw, device, vec![id.clone()])
+                .await
+                .map_err(at(device))?;
+            let rec = got.get(&id).ok_or_else(|| {
+                CliError::Usage(format!(
+                    "device {device} has no user {id} (`usersync users --device {device}` lists its users)"
+                ))
+            })?;
             let s = summarize(&rec.raw, config.gateway.api.numbering())
                 .map_err(|e| CliError::Usage(format!("user {id}: undecodable record: {e}")))?;
             Ok(UsersOutput::One(s))
@@ -467,21 +1019,35 @@ pub async fn users(
 
 pub fn render_users(o: &UsersOutput) -> String {
     match o {
+        UsersOutput::List { device, users } if users.is_empty() => {
+            format!("no users on device {device}\n")
+        }
         UsersOutput::List { device, users } => {
-            let mut s = format!("{} users on device {device}\n", users.len());
+            let mut s = format!(
+                "{} on device {device}\n",
+                plural(u64::try_from(users.len()).unwrap_or(u64::MAX), "user")
+            );
             for u in users {
                 s.push_str(&format!("  {u}\n"));
             }
             s
         }
         UsersOutput::One(u) => format!(
-            "user {}\n  name:          {}\n  cards:         {}\n  fingers:       {}\n  faces:         {}\n  access groups: {:?}\n  PIN:           {}\n  photo:         {} bytes\n  record:        {} bytes{}\n",
+            "user {}\n  name:          {}\n  cards:         {}\n  fingers:       {}\n  faces:         {}\n  access groups: {}\n  PIN:           {}\n  photo:         {} bytes\n  record:        {} bytes{}\n",
             u.id,
             u.name,
             u.cards,
             u.fingers,
             u.faces,
-            u.access_groups,
+            if u.access_groups.is_empty() {
+                "-".to_owned()
+            } else {
+                u.access_groups
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
             if u.has_pin { "set" } else { "none" },
             u.photo_bytes,
             u.record_bytes,
@@ -536,7 +1102,104 @@ pub fn card_user(numbering: Numbering, id: &str, name: &str, card: CsnCardData) 
     }
 }
 
-/// Waits for a card at `device` and enrolls `user` with it.
+/// A warning for a write the CLI makes at a target: the daemon copies
+/// changes from sources to targets only, so a change made at a target is
+/// drift that the next reconcile of it judges.
+pub fn target_warning(config: &Config, device: u32, what: TargetWrite) -> Option<String> {
+    let g = config.groups.iter().find(|g| g.targets.contains(&device))?;
+    let fix = format!("usersync reconcile --group {} --target {device}", g.name);
+    let effect = match what {
+        TargetWrite::Enroll => format!(
+            "the user is on this device only (no source has it): it stays as an extra user, and `{fix} --prune` \
+             deletes it"
+        ),
+        TargetWrite::Delete => format!(
+            "if a source of the group has the user, the next reconcile of the device (`{fix}`) puts it back"
+        ),
+    };
+    Some(format!(
+        "warning: device {device} is a target of group {}: the daemon copies changes from the group's sources \
+         ({}) to it, never from it; {effect}. `usersync status` counts this as drift. To change the group's \
+         users, write to a source instead",
+        g.name,
+        g.sources
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    ))
+}
+
+/// Counts a write the CLI made at a target as drift, for `usersync
+/// status`: the daemon counts what is changed at the device itself, but the
+/// CLI's writes go through the gateway as the daemon's own do
+/// (`changedOnDevice` false, WIRE.md B13). Best effort: without a state
+/// database (or the right to write it) the warning printed is all.
+fn record_drift(config: &Config, device: u32, user: &str) {
+    let groups: Vec<&str> = config
+        .groups
+        .iter()
+        .filter(|g| g.targets.contains(&device))
+        .map(|g| g.name.as_str())
+        .collect();
+    if groups.is_empty() || !matches!(config.state_dir.join(store::DB_FILE).try_exists(), Ok(true))
+    {
+        return;
+    }
+    let r = Store::open_existing(&config.state_dir).and_then(|st| {
+        st.with(|c| {
+            for g in &groups {
+                store::record_target_change(c, g, device, user)?;
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = r {
+        eprintln!("warning: the change is not counted as drift in `usersync status`: {e}");
+    }
+}
+
+/// What the CLI writes at a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetWrite {
+    Enroll,
+    Delete,
+}
+
+/// What a user holds, in words ("2 fingers, 1 face, a PIN, a photo").
+fn holdings(s: &UserSummary) -> String {
+    let mut parts = vec![plural(s.cards as u64, "card")];
+    if s.fingers > 0 {
+        parts.push(plural(s.fingers as u64, "finger"));
+    }
+    if s.faces > 0 {
+        parts.push(plural(s.faces as u64, "face"));
+    }
+    if s.has_pin {
+        parts.push("a PIN".into());
+    }
+    if s.photo_bytes > 0 {
+        parts.push("a photo".into());
+    }
+    if !s.access_groups.is_empty() {
+        parts.push(plural(s.access_groups.len() as u64, "access group"));
+    }
+    if !s.name.is_empty() {
+        parts.push(format!("name {:?}", s.name));
+    }
+    parts.join(", ")
+}
+
+/// Most cards a user may hold (WIRE.md §2.3, `numOfCard` ≤ 8).
+const MAX_CARDS: usize = 8;
+
+/// Waits for a card at `device` and enrolls `user` with it. Inputs are
+/// checked before anyone is asked for a card: the device is configured, the
+/// ID is valid, and the user is absent unless `overwrite`. With
+/// `overwrite`, an existing user gets the card *added*: its record is read
+/// and written back with one more card, every other byte untouched
+/// (fingers, faces, PIN, photo, access groups, fields unknown to usersync);
+/// `name` renames it. Nothing else ever replaces a user's record.
 pub async fn enroll_card(
     config: &Config,
     device: u32,
@@ -545,32 +1208,141 @@ pub async fn enroll_card(
     overwrite: bool,
 ) -> Result<String, CliError> {
     crate::sim::model::validate_user_id(user).map_err(CliError::Usage)?;
+    configured(config, device)?;
+    let numbering = config.gateway.api.numbering();
     let gw = client(config)?;
+    let read = |gw: GatewayClient| async move {
+        sync::get_users(&gw, device, vec![user.to_owned()])
+            .await
+            .map(|mut m| m.remove(user))
+            .map_err(at(device))
+    };
+    let existing = read(gw.clone()).await?;
+    if let Some(rec) = &existing {
+        let held = summarize(&rec.raw, numbering)
+            .map(|s| holdings(&s))
+            .unwrap_or_else(|e| format!("a record usersync cannot read: {e}"));
+        if !overwrite {
+            return Err(CliError::Usage(format!(
+                "user {user} already exists on device {device} ({held}); nothing changed. --overwrite adds the \
+                 card to it and keeps everything else"
+            )));
+        }
+        let cards = crate::wire::raw_cards(&rec.raw).map_err(|e| {
+            CliError::Usage(format!(
+                "user {user} on device {device} has a record usersync cannot edit ({e}); nothing changed, \
+                 rather than lose what it holds ({held})"
+            ))
+        })?;
+        if cards.len() >= MAX_CARDS {
+            return Err(CliError::Usage(format!(
+                "user {user} on device {device} already has {MAX_CARDS} cards, the most a user may hold; \
+                 nothing changed"
+            )));
+        }
+    }
+    if let Some(w) = target_warning(config, device, TargetWrite::Enroll) {
+        eprintln!("{w}");
+    }
     eprintln!("place a card on device {device} …");
-    let card = gw.card_scan(device).await?;
+    let card = gw.card_scan(device).await.map_err(at(device))?;
     let csn = card.csn_card_data.ok_or_else(|| {
         CliError::Usage(format!(
             "the card (type {}) carries no CSN; smart cards cannot be enrolled by this command",
             card.r#type
         ))
     })?;
-    let raw = card_user(
-        config.gateway.api.numbering(),
-        user,
-        name.unwrap_or(""),
-        csn,
-    );
-    gw.user_enroll(device, vec![raw], overwrite).await?;
+    if existing.is_none() {
+        let raw = card_user(numbering, user, name.unwrap_or(""), csn);
+        gw.user_enroll(device, vec![raw], false)
+            .await
+            .map_err(at(device))?;
+        record_drift(config, device, user);
+        return Ok(format!(
+            "enrolled user {user} with a card on device {device}{}",
+            if config.is_source(device) {
+                "; the daemon copies it to the group's targets"
+            } else {
+                ""
+            }
+        ));
+    }
+    // Read again: presenting the card took time, and the user may have
+    // changed at the device meanwhile. Edit what is there now.
+    let Some(rec) = read(gw.clone()).await? else {
+        return Err(CliError::Usage(format!(
+            "user {user} was deleted from device {device} while waiting for the card; nothing written"
+        )));
+    };
+    let card_bytes = csn.encode_to_vec();
+    let cards = crate::wire::raw_cards(&rec.raw)
+        .map_err(|e| CliError::Usage(format!("user {user}: {e}; nothing changed")))?;
+    if cards.iter().any(|c| {
+        CsnCardData::decode(c.as_slice())
+            .is_ok_and(|c| c.data == csn.data && c.r#type == csn.r#type)
+    }) {
+        return Ok(format!(
+            "user {user} on device {device} already has this card; nothing changed"
+        ));
+    }
+    let mut raw = crate::wire::add_card(&rec.raw, numbering, &card_bytes)
+        .map_err(|e| CliError::Usage(format!("user {user}: {e}; nothing changed")))?;
+    if let Some(n) = name {
+        raw = crate::wire::set_name(&raw, n)
+            .map_err(|e| CliError::Usage(format!("user {user}: {e}; nothing changed")))?;
+    }
+    gw.user_enroll(device, vec![raw.clone()], true)
+        .await
+        .map_err(at(device))?;
+    record_drift(config, device, user);
+    let held = summarize(&raw, numbering)
+        .map(|s| holdings(&s))
+        .unwrap_or_default();
     Ok(format!(
-        "enrolled user {user} with a card on device {device}; the daemon syncs it if the device is a source"
+        "added a card to user {user} on device {device}; it now holds {held} (everything else kept){}",
+        if config.is_source(device) {
+            "; the daemon copies it to the group's targets"
+        } else {
+            ""
+        }
     ))
 }
 
+/// Deletes a user from a device. A user the device does not have is an
+/// error (exit 1, "has no user … nothing deleted"): a mistyped ID must not
+/// read as done.
 pub async fn delete(config: &Config, device: u32, user: &str) -> Result<String, CliError> {
-    client(config)?
-        .user_delete(device, vec![user.to_owned()])
-        .await?;
-    Ok(format!("deleted user {user} from device {device}"))
+    configured(config, device)?;
+    let gw = client(config)?;
+    let not_there = || {
+        CliError::Usage(format!(
+            "device {device} has no user {user}: nothing deleted (`usersync users --device {device}` lists \
+             its users)"
+        ))
+    };
+    let found = sync::get_users(&gw, device, vec![user.to_owned()])
+        .await
+        .map_err(at(device))?;
+    if !found.contains_key(user) {
+        return Err(not_there());
+    }
+    if let Some(w) = target_warning(config, device, TargetWrite::Delete) {
+        eprintln!("{w}");
+    }
+    match gw.user_delete(device, vec![user.to_owned()]).await {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => return Err(not_there()),
+        Err(e) => return Err(at(device)(e)),
+    }
+    record_drift(config, device, user);
+    Ok(format!(
+        "deleted user {user} from device {device}{}",
+        if config.is_source(device) {
+            "; the daemon deletes it from the group's targets"
+        } else {
+            ""
+        }
+    ))
 }
 
 // ---- reconcile ----------------------------------------------------------------
@@ -583,57 +1355,218 @@ pub struct TargetPlan {
     pub different: Vec<String>,
     pub extra: Vec<String>,
     pub prune: bool,
+    /// The source each missing or different user is copied from.
+    #[serde(skip)]
+    from: BTreeMap<String, u32>,
+}
+
+/// A target a reconcile could not handle, and why.
+#[derive(Debug, Serialize)]
+pub struct NotReconciled {
+    pub group: String,
+    pub target: u32,
+    pub reason: String,
+}
+
+/// What a reconcile would do: a plan per target it could read, and the
+/// targets it could not (unreachable target, or a source of the group
+/// unreachable: extras and differences are judged against every source).
+#[derive(Debug, Serialize, Default)]
+pub struct Plan {
+    pub targets: Vec<TargetPlan>,
+    pub not_reconciled: Vec<NotReconciled>,
+}
+
+impl Plan {
+    /// (users, targets) a prune would delete.
+    fn deletions(&self) -> (u64, u64) {
+        let doomed = self
+            .targets
+            .iter()
+            .filter(|p| p.prune && !p.extra.is_empty());
+        let users: usize = doomed.clone().map(|p| p.extra.len()).sum();
+        (users as u64, doomed.count() as u64)
+    }
+}
+
+/// The groups and targets a reconcile addresses.
+fn selection<'c>(
+    config: &'c Config,
+    group: Option<&str>,
+    target: Option<u32>,
+) -> Result<Vec<(&'c GroupConfig, Vec<u32>)>, CliError> {
+    let groups: Vec<&GroupConfig> = config
+        .groups
+        .iter()
+        .filter(|g| group.is_none_or(|n| n == g.name))
+        .collect();
+    if groups.is_empty() {
+        let names: Vec<&str> = config.groups.iter().map(|g| g.name.as_str()).collect();
+        return Err(CliError::Usage(match group {
+            Some(g) => format!(
+                "no group {g:?} in the configuration {}; its groups: {}",
+                config.path.display(),
+                if names.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    names.join(" ")
+                }
+            ),
+            None => format!("the configuration {} has no group", config.path.display()),
+        }));
+    }
+    let Some(t) = target else {
+        return Ok(groups.into_iter().map(|g| (g, g.targets.clone())).collect());
+    };
+    configured(config, t)?;
+    let picked: Vec<(&GroupConfig, Vec<u32>)> = groups
+        .iter()
+        .filter(|g| g.targets.contains(&t))
+        .map(|g| (*g, vec![t]))
+        .collect();
+    if picked.is_empty() {
+        let what = match config.groups.iter().find(|g| g.sources.contains(&t)) {
+            Some(g) => format!(
+                "device {t} is a source of group {}, not a target: a reconcile writes targets only",
+                g.name
+            ),
+            None => format!(
+                "device {t} is not a target of {}",
+                group.map_or("any group".to_owned(), |g| format!("group {g}"))
+            ),
+        };
+        return Err(CliError::Usage(what));
+    }
+    Ok(picked)
+}
+
+/// Why a device could not be read, for a plan's `not_reconciled`; a
+/// gateway that cannot be reached at all is the whole command's error.
+fn unreachable(e: GatewayError, device: u32, config: &Config) -> Result<String, CliError> {
+    if is_transport(&e) {
+        return Err(CliError::Gateway(e));
+    }
+    let text = chain_text(&e);
+    Ok(match gateway_hint(&text, false, config, Some(device)) {
+        Some(h) => format!("{h} ({text})"),
+        None => text,
+    })
 }
 
 /// What a reconcile would do, read from the devices without changing them.
 pub async fn reconcile_plan(
     config: &Config,
     group: Option<&str>,
+    target: Option<u32>,
     prune: bool,
-) -> Result<Vec<TargetPlan>, CliError> {
+) -> Result<Plan, CliError> {
+    let picked = selection(config, group, target)?;
     let gw = client(config)?;
-    let groups: Vec<_> = config
-        .groups
-        .iter()
-        .filter(|g| group.is_none_or(|n| n == g.name))
-        .collect();
-    if groups.is_empty() {
-        return Err(CliError::Usage(format!(
-            "no group {:?} in the configuration",
-            group.unwrap_or("")
-        )));
-    }
-    let mut plans = Vec::new();
-    for g in groups {
-        let sources = sync::source_users(&gw, &g.sources).await?;
-        for t in &g.targets {
-            let on_target: BTreeSet<String> = gw.user_ids(*t).await?.into_iter().collect();
-            let all: Vec<(String, u32)> = sources.iter().map(|(u, s)| (u.clone(), *s)).collect();
-            let mut cmp = sync::Comparison::default();
-            for chunk in all.chunks(config.sync.batch_users) {
-                let c = sync::compare(&gw, *t, &on_target, chunk.to_vec()).await?;
-                cmp.missing.extend(c.missing);
-                cmp.different.extend(c.different);
-            }
-            plans.push(TargetPlan {
-                group: g.name.clone(),
-                target: *t,
-                missing: cmp.missing.into_iter().map(|(u, _)| u).collect(),
-                different: cmp.different.into_iter().map(|(u, _)| u).collect(),
-                extra: on_target
-                    .into_iter()
-                    .filter(|u| !sources.contains_key(u))
-                    .collect(),
-                prune: prune || g.prune,
-            });
-        }
-    }
-    Ok(plans)
+    plan(config, &gw, &picked, prune).await
 }
 
-pub fn render_plan(plans: &[TargetPlan]) -> String {
+async fn plan(
+    config: &Config,
+    gw: &GatewayClient,
+    picked: &[(&GroupConfig, Vec<u32>)],
+    prune: bool,
+) -> Result<Plan, CliError> {
+    let mut out = Plan::default();
+    for (g, targets) in picked {
+        let mut sources: BTreeMap<String, u32> = BTreeMap::new();
+        let mut down = None;
+        for s in &g.sources {
+            match gw.user_ids(*s).await {
+                Ok(ids) => {
+                    for id in ids {
+                        sources.entry(id).or_insert(*s);
+                    }
+                }
+                Err(e) => {
+                    down = Some(format!(
+                        "source {s} cannot be read, and a reconcile judges against every source of the group: {}",
+                        unreachable(e, *s, config)?
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = down {
+            for t in targets {
+                out.not_reconciled.push(NotReconciled {
+                    group: g.name.clone(),
+                    target: *t,
+                    reason: why.clone(),
+                });
+            }
+            continue;
+        }
+        for t in targets {
+            match plan_target(config, gw, g, *t, &sources, prune).await {
+                Ok(p) => out.targets.push(p),
+                Err(e) => out.not_reconciled.push(NotReconciled {
+                    group: g.name.clone(),
+                    target: *t,
+                    reason: format!("target unreachable: {}", unreachable(e, *t, config)?),
+                }),
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn plan_target(
+    config: &Config,
+    gw: &GatewayClient,
+    g: &GroupConfig,
+    t: u32,
+    sources: &BTreeMap<String, u32>,
+    prune: bool,
+) -> Result<TargetPlan, GatewayError> {
+    let on_target: BTreeSet<String> = gw.user_ids(t).await?.into_iter().collect();
+    let all: Vec<(String, u32)> = sources.iter().map(|(u, s)| (u.clone(), *s)).collect();
+    let mut cmp = sync::Comparison::default();
+    for chunk in all.chunks(config.sync.batch_users) {
+        let c = sync::compare(gw, t, &on_target, chunk.to_vec()).await?;
+        cmp.missing.extend(c.missing);
+        cmp.different.extend(c.different);
+    }
+    let from = cmp
+        .missing
+        .iter()
+        .chain(&cmp.different)
+        .map(|(u, s)| (u.clone(), *s))
+        .collect();
+    Ok(TargetPlan {
+        group: g.name.clone(),
+        target: t,
+        missing: cmp.missing.into_iter().map(|(u, _)| u).collect(),
+        different: cmp.different.into_iter().map(|(u, _)| u).collect(),
+        extra: on_target
+            .into_iter()
+            .filter(|u| !sources.contains_key(u))
+            .collect(),
+        prune: prune || g.prune,
+        from,
+    })
+}
+
+fn not_reconciled_text(plan: &Plan) -> String {
+    plan.not_reconciled
+        .iter()
+        .map(|n| {
+            format!(
+                "not reconciled: group {} target {}: {}; run `usersync reconcile --group {} --target {}` once it \
+                 can be reached\n",
+                n.group, n.target, n.reason, n.group, n.target
+            )
+        })
+        .collect()
+}
+
+pub fn render_plan(plan: &Plan) -> String {
     let mut s = String::new();
-    for p in plans {
+    for p in &plan.targets {
         s.push_str(&format!(
             "group {} target {}: {} missing, {} different, {} extra{}\n",
             p.group,
@@ -654,100 +1587,257 @@ pub fn render_plan(plans: &[TargetPlan]) -> String {
                 s.push_str(&format!("  {what}: {}\n", users.join(" ")));
             }
         }
-        if p.prune && !p.extra.is_empty() {
-            s.push_str(&format!("  delete: {}\n", p.extra.join(" ")));
+        if !p.extra.is_empty() {
+            let what = if p.prune {
+                "delete"
+            } else {
+                "keep (no source has them; --prune deletes them)"
+            };
+            s.push_str(&format!("  {what}: {}\n", p.extra.join(" ")));
         }
     }
     s
 }
 
+/// Asks before a prune deletes users: on a terminal, the operator types
+/// `yes`; elsewhere only `--yes` confirms.
+async fn confirm_prune(plan: &Plan, yes: bool) -> Result<(), CliError> {
+    let (users, targets) = plan.deletions();
+    if users == 0 || yes {
+        return Ok(());
+    }
+    let list: String = plan
+        .targets
+        .iter()
+        .filter(|p| p.prune && !p.extra.is_empty())
+        .map(|p| {
+            format!(
+                "  group {} target {}: {}\n",
+                p.group,
+                p.target,
+                p.extra.join(" ")
+            )
+        })
+        .collect();
+    let what = format!(
+        "this reconcile deletes {} from {} (users no source of the group has):\n{list}",
+        plural(users, "user"),
+        plural(targets, "target")
+    );
+    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+        return Err(CliError::Usage(format!(
+            "{what}nothing changed: confirm with --yes (there is no terminal to ask on), or review with \
+             --dry-run --prune"
+        )));
+    }
+    eprint!("{what}type yes to delete them: ");
+    let answer = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await
+    .map_err(|e| CliError::Usage(e.to_string()))?
+    .map_err(|e| CliError::Usage(format!("cannot read the answer: {e}")))?;
+    if answer.trim() == "yes" {
+        Ok(())
+    } else {
+        Err(CliError::Usage("not confirmed; nothing changed".into()))
+    }
+}
+
 /// Reconciles: asks the running daemon (request rows it picks up within
 /// its poll interval), or — with the daemon stopped — does it here,
-/// holding the daemon lock so that none starts meanwhile.
+/// holding the daemon lock so that none starts meanwhile. Each reachable
+/// target is reconciled; unreachable ones are reported (exit 1). A prune
+/// that deletes users is confirmed first ([`confirm_prune`]).
 pub async fn reconcile(
     config: &Config,
     group: Option<&str>,
+    target: Option<u32>,
     prune: bool,
+    yes: bool,
 ) -> Result<String, CliError> {
-    let _lock = match daemon(config)? {
+    let picked = selection(config, group, target)?;
+    let prunes = picked.iter().any(|(g, _)| prune || g.prune);
+    let lock = match daemon(config)? {
         Daemon::Stopped(lock) => lock,
-        Daemon::Running => return request_reconcile(config, group, prune),
+        Daemon::Running => {
+            if prunes && !yes {
+                // Count what the daemon's prune would delete now.
+                let gw = client(config)?;
+                let p = plan(config, &gw, &picked, prune).await.map_err(|e| {
+                    CliError::Usage(format!(
+                        "cannot count the users a prune would delete ({}); nothing requested: retry when the \
+                         devices can be read, or confirm with --yes",
+                        describe(&e, Some(config))
+                    ))
+                })?;
+                confirm_prune(&p, yes).await?;
+            }
+            return request_reconcile(config, &picked, prune);
+        }
     };
-    reconcile_here(config, group, prune).await
+    let gw = client(config)?;
+    let p = plan(config, &gw, &picked, prune).await?;
+    confirm_prune(&p, yes).await?;
+    let r = reconcile_here(config, &gw, p).await;
+    drop(lock);
+    r
 }
 
-/// Writes reconcile requests for the running daemon.
+/// Writes reconcile requests for the running daemon, one per target.
 fn request_reconcile(
     config: &Config,
-    group: Option<&str>,
+    picked: &[(&GroupConfig, Vec<u32>)],
     prune: bool,
 ) -> Result<String, CliError> {
     let st = Store::open_existing(&config.state_dir)?;
-    let mut n = 0;
-    for g in config
-        .groups
-        .iter()
-        .filter(|g| group.is_none_or(|x| x == g.name))
-    {
-        for t in &g.targets {
+    let mut lines = Vec::new();
+    let mut n = 0u64;
+    for (g, targets) in picked {
+        for t in targets {
             st.request_reconcile(&g.name, *t, "requested by the operator", prune || g.prune)?;
             n += 1;
         }
-    }
-    if n == 0 {
-        return Err(CliError::Usage(format!(
-            "no group {:?} in the configuration",
-            group.unwrap_or("")
-        )));
+        lines.push(format!(
+            "group {}: {}",
+            g.name,
+            targets
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
     }
     Ok(format!(
-        "reconcile of {n} target(s) requested from the running daemon; it starts within {}s (see `usersync status`)",
+        "reconcile of {} requested from the running daemon ({}); it starts within {} s, once every source of \
+         the group is live — `usersync status` shows its progress and result",
+        plural(n, "target"),
+        lines.join("; "),
         config.sync.poll_interval.as_secs()
     ))
 }
 
-/// Reconciles from here; the caller holds the daemon lock.
+/// Reconciles from here; the caller holds the daemon lock. Each target
+/// of the plan is written on its own: one that fails is reported, the
+/// others are done. Results are recorded for `usersync status` when the
+/// state database exists.
 async fn reconcile_here(
     config: &Config,
-    group: Option<&str>,
-    prune: bool,
+    gw: &GatewayClient,
+    mut plan: Plan,
 ) -> Result<String, CliError> {
-    let plans = reconcile_plan(config, group, prune).await?;
-    let gw = client(config)?;
     let mut done = String::new();
-    for p in &plans {
-        let g = config
-            .group(&p.group)
-            .ok_or_else(|| CliError::Usage(p.group.clone()))?;
-        let sources = sync::source_users(&gw, &g.sources).await?;
-        let write: Vec<String> = p.missing.iter().chain(&p.different).cloned().collect();
-        let mut by_source: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        for u in write {
-            if let Some(s) = sources.get(&u) {
-                by_source.entry(*s).or_default().push(u);
+    let mut results = Vec::new();
+    for p in &plan.targets {
+        match write_target(config, gw, p).await {
+            Ok((written, deleted)) => {
+                done.push_str(&format!(
+                    "group {} target {}: {} written, {} deleted{}\n",
+                    p.group,
+                    p.target,
+                    plural(written, "user"),
+                    deleted,
+                    if !p.prune && !p.extra.is_empty() {
+                        format!(
+                            " ({} kept: no source has them; --prune deletes them)",
+                            plural(p.extra.len() as u64, "extra user")
+                        )
+                    } else {
+                        String::new()
+                    }
+                ));
+                results.push(store::ReconcileResult {
+                    group: p.group.clone(),
+                    target: p.target,
+                    reason: "run by the operator (daemon stopped)".into(),
+                    finished_at: unix_now(),
+                    missing: p.missing.len() as u64,
+                    different: p.different.len() as u64,
+                    extra: p.extra.len() as u64,
+                    pruned: deleted,
+                });
             }
+            Err(e) => plan.not_reconciled.push(NotReconciled {
+                group: p.group.clone(),
+                target: p.target,
+                reason: match unreachable(e, p.target, config) {
+                    Ok(why) => why,
+                    Err(e) => describe(&e, Some(config)),
+                },
+            }),
         }
-        let mut written = 0;
-        for (s, ids) in by_source {
-            for chunk in ids.chunks(config.sync.batch_users) {
-                let recs = sync::get_users(&gw, s, chunk.to_vec()).await?;
-                let raws: Vec<Vec<u8>> = recs.into_values().map(|r| r.raw).collect();
-                written += raws.len();
-                gw.user_enroll_multi(vec![p.target], raws, true).await?;
-            }
-        }
-        let mut deleted = 0;
-        if p.prune && !p.extra.is_empty() {
-            gw.user_delete_multi(vec![p.target], p.extra.clone())
-                .await?;
-            deleted = p.extra.len();
-        }
-        done.push_str(&format!(
-            "group {} target {}: {written} users written, {deleted} deleted\n",
-            p.group, p.target
-        ));
     }
-    Ok(done)
+    if !results.is_empty()
+        && let Ok(true) = config.state_dir.join(store::DB_FILE).try_exists()
+    {
+        let recorded = Store::open_existing(&config.state_dir).and_then(|st| {
+            st.with(|c| {
+                for r in &results {
+                    store::record_reconcile_result(c, r)?;
+                }
+                Ok(())
+            })
+        });
+        if let Err(e) = recorded {
+            eprintln!("warning: the result is not recorded for `usersync status`: {e}");
+        }
+    }
+    if plan.not_reconciled.is_empty() {
+        Ok(done)
+    } else {
+        Err(CliError::Incomplete {
+            done,
+            failed: not_reconciled_text(&plan),
+        })
+    }
+}
+
+/// Writes one target's plan: (users written, users deleted).
+async fn write_target(
+    config: &Config,
+    gw: &GatewayClient,
+    p: &TargetPlan,
+) -> Result<(u64, u64), GatewayError> {
+    let mut by_source: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for u in p.missing.iter().chain(&p.different) {
+        if let Some(s) = p.from.get(u) {
+            by_source.entry(*s).or_default().push(u.clone());
+        }
+    }
+    let mut written = 0u64;
+    for (s, ids) in by_source {
+        for chunk in ids.chunks(config.sync.batch_users) {
+            let recs = sync::get_users(gw, s, chunk.to_vec()).await?;
+            let raws: Vec<Vec<u8>> = recs.into_values().map(|r| r.raw).collect();
+            written += raws.len() as u64;
+            gw.user_enroll_multi(vec![p.target], raws, true).await?;
+        }
+    }
+    let mut deleted = 0;
+    if p.prune && !p.extra.is_empty() {
+        gw.user_delete_multi(vec![p.target], p.extra.clone())
+            .await?;
+        deleted = p.extra.len() as u64;
+    }
+    Ok((written, deleted))
+}
+
+/// The text a dry run prints, and the error for targets it could not read.
+pub fn plan_outcome(plan: &Plan, as_json: bool) -> Result<String, CliError> {
+    let text = if as_json {
+        json(plan)
+    } else {
+        render_plan(plan)
+    };
+    if plan.not_reconciled.is_empty() {
+        Ok(text)
+    } else {
+        Err(CliError::Incomplete {
+            done: text,
+            failed: not_reconciled_text(plan),
+        })
+    }
 }
 
 // ---- import-config ------------------------------------------------------------
@@ -776,27 +1866,42 @@ fn default_port() -> u16 {
     51211
 }
 
-/// Where the converted configuration points.
+/// Where the converted configuration points. Paths are as the operator
+/// gave them; [`import_config`] resolves them against the current
+/// directory.
 #[derive(Debug, Clone)]
 pub struct ImportTarget {
     pub gateway: String,
-    pub ca_file: String,
-    pub state_dir: String,
+    pub ca_file: PathBuf,
+    pub state_dir: PathBuf,
     pub api: crate::wire::Api,
 }
 
+/// TOML text of a string.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
 /// Converts the example's JSON into our TOML (a group "main": the
-/// enrollment device as source, the others as targets).
+/// enrollment device as source, the others as targets). `ca_file` and
+/// `state_dir` are written as given (absolute, from [`import_config`]).
 pub fn import_text(example: &ExampleConfig, t: &ImportTarget) -> String {
     let mut s = format!(
-        "# Converted from Suprema's sync example by `usersync import-config`.\n\n\
-         [gateway]\naddress = \"{}\"\nca_file = \"{}\"\napi = \"{}\"\n\n[state]\ndir = \"{}\"\n\n",
-        t.gateway, t.ca_file, t.api, t.state_dir
+        "# Converted from Suprema's sync example by `usersync import-config`.\n\
+         # Every key is explained in /usr/share/doc/usersync/README.md (Configure).\n\n\
+         [gateway]\naddress = {}\nca_file = {}\napi = {}\n\n[state]\ndir = {}\n\n",
+        toml_str(&t.gateway),
+        toml_str(&t.ca_file.display().to_string()),
+        toml_str(t.api.as_str()),
+        toml_str(&t.state_dir.display().to_string())
     );
     for d in std::iter::once(&example.enroll_device).chain(&example.devices) {
         s.push_str(&format!(
-            "[[device]]\nid = {}\naddress = \"{}\"\nport = {}\ntls = {}\n\n",
-            d.device_id, d.ip_addr, d.port, d.use_ssl
+            "[[device]]\nid = {}\naddress = {}\nport = {}\ntls = {}\n\n",
+            d.device_id,
+            toml_str(&d.ip_addr),
+            d.port,
+            d.use_ssl
         ));
     }
     let targets: Vec<String> = example
@@ -812,47 +1917,318 @@ pub fn import_text(example: &ExampleConfig, t: &ImportTarget) -> String {
     s
 }
 
-/// Converts `json`, validates the result and writes it to `output`; seeds
-/// the checkpoints from `last_event_id` so nothing is replayed twice. The
-/// checkpoints are the daemon's: a running daemon is refused, and the lock
-/// is held while they are written.
+/// The JSON key at (1-based) `line` and `column` of `text`: the last
+/// `"key":` before the column on that line.
+fn json_key_at(text: &str, line: usize, column: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let upto = &l[..column.min(l.len())];
+    let colon = upto.rfind(':')?;
+    let before = upto[..colon].trim_end().strip_suffix('"')?;
+    let start = before.rfind('"')?;
+    Some(before[start + 1..].to_owned())
+}
+
+/// Checks the example's devices as the configuration will: every problem
+/// is named by its place in the JSON.
+fn check_example(json: &Path, example: &ExampleConfig) -> Result<(), CliError> {
+    let err = |place: String, reason: String| {
+        Err(CliError::Usage(format!(
+            "{}: {place}: {reason}; nothing written",
+            json.display()
+        )))
+    };
+    if example.devices.is_empty() {
+        return err(
+            "devices".into(),
+            "is empty: the group needs at least one device to copy users to".into(),
+        );
+    }
+    let mut seen: BTreeMap<u32, String> = BTreeMap::new();
+    let places = std::iter::once(("enroll_device".to_owned(), &example.enroll_device)).chain(
+        example
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("devices[{i}]"), d)),
+    );
+    for (place, d) in places {
+        if d.device_id == 0 {
+            return err(
+                format!("{place}.device_id"),
+                "must not be 0 (a device ID is a whole number between 1 and 4294967295)".into(),
+            );
+        }
+        if let Some(first) = seen.insert(d.device_id, place.clone()) {
+            return err(
+                format!("{place}.device_id"),
+                format!(
+                    "device {} is also {first}: a device is listed once (the enrollment device is the \
+                     source, the others are targets)",
+                    d.device_id
+                ),
+            );
+        }
+        if d.ip_addr.trim().is_empty() {
+            return err(format!("{place}.ip_addr"), "is empty".into());
+        }
+        if let Err(reason) = crate::config::check_device_host(&d.ip_addr) {
+            // Said in the JSON's terms.
+            let reason = reason
+                .replace("write address = ", "write \"ip_addr\": ")
+                .replace(" and port = ", " and \"port\": ");
+            return Err(CliError::Usage(format!(
+                "{}: {place}.ip_addr {:?} {reason}; nothing written",
+                json.display(),
+                d.ip_addr
+            )));
+        }
+        if d.port == 0 {
+            return err(
+                format!("{place}.port"),
+                "must be a port between 1 and 65535".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Why this user cannot write in `dir`, in words with the next step.
+fn unwritable(flag: &str, path: &Path, dir: &Path, e: &std::io::Error) -> CliError {
+    let why = match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "directory {} does not exist (create it, or pass {flag} with another path)",
+            dir.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "this user may not write in {} (run it with sudo, or pass {flag} with a path of yours)",
+            dir.display()
+        ),
+        _ => format!("cannot write in {}: {e}", dir.display()),
+    };
+    CliError::Usage(format!("{flag} {}: {why}; nothing written", path.display()))
+}
+
+/// Converts `json` and writes it to `output`, seeding the checkpoints from
+/// `last_event_id` so nothing is replayed twice — all or nothing: the JSON,
+/// the flags, the CA, the output's directory and the state directory are
+/// checked first; the file appears (created beside it, then linked into
+/// place, never over an existing file) in the same step as the seeded
+/// checkpoints are committed. Relative paths (`json`, `--ca-file`,
+/// `--output`, `--state-dir`) are relative to the current directory. The
+/// checkpoints are the daemon's: a running daemon is refused, and its lock
+/// is held meanwhile.
 pub fn import_config(json: &Path, output: &Path, t: &ImportTarget) -> Result<String, CliError> {
-    let text = std::fs::read_to_string(json)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", json.display())))?;
-    let example: ExampleConfig = serde_json::from_str(&text)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", json.display())))?;
-    let toml = import_text(&example, t);
-    if output.exists() {
+    let cwd = std::env::current_dir()
+        .map_err(|e| CliError::Usage(format!("cannot tell the current directory: {e}")))?;
+    let abs = |p: &Path| {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            cwd.join(p)
+        }
+    };
+    // The output first: where it goes decides whether anything else matters.
+    let output = abs(output);
+    match output.try_exists() {
+        Ok(true) => {
+            return Err(CliError::Usage(format!(
+                "--output {}: exists; not overwriting it (move it aside, or pass --output with a new path)",
+                output.display()
+            )));
+        }
+        Ok(false) => {}
+        Err(e) => {
+            return Err(unwritable(
+                "--output",
+                &output,
+                output.parent().unwrap_or(Path::new("/")),
+                &e,
+            ));
+        }
+    }
+    let out_dir = output.parent().unwrap_or(Path::new("/")).to_owned();
+    if let Err(e) = rustix::fs::access(
+        &out_dir,
+        rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+    ) {
+        return Err(unwritable(
+            "--output",
+            &output,
+            &out_dir,
+            &std::io::Error::from(e),
+        ));
+    }
+
+    // The JSON.
+    let json_abs = abs(json);
+    let text = std::fs::read_to_string(&json_abs).map_err(|e| {
+        CliError::Usage(format!(
+            "{}: cannot read: {e}{}",
+            json.display(),
+            if json.is_relative() {
+                format!(" (relative to the current directory {})", cwd.display())
+            } else {
+                String::new()
+            }
+        ))
+    })?;
+    let example: ExampleConfig = serde_json::from_str(&text).map_err(|e| {
+        let key = json_key_at(&text, e.line(), e.column());
+        let msg = e.to_string();
+        let msg = msg
+            .rsplit_once(" at line ")
+            .map_or(msg.as_str(), |(m, _)| m);
+        CliError::Usage(format!(
+            "{}:{}:{}: {}; nothing written",
+            json.display(),
+            e.line(),
+            e.column(),
+            crate::config::in_words(msg, key.as_deref())
+        ))
+    })?;
+    check_example(json, &example)?;
+
+    // The flags.
+    if let Err(reason) = crate::config::check_host_port(&t.gateway) {
         return Err(CliError::Usage(format!(
-            "{} exists; not overwriting it",
-            output.display()
+            "--gateway {:?}: {reason}; nothing written",
+            t.gateway
         )));
     }
-    let config = crate::config::parse(output, &toml)
-        .map_err(|e| CliError::Usage(format!("the converted configuration is invalid: {e}")))?;
+    let ca = abs(&t.ca_file);
+    let pem = std::fs::read(&ca).map_err(|e| {
+        CliError::Usage(format!(
+            "--ca-file {}: cannot read {}: {e}; copy the gateway's CA certificate (cert/ca.crt of its \
+             installation) there, or pass --ca-file with its path (relative paths are relative to the \
+             current directory); nothing written",
+            t.ca_file.display(),
+            ca.display()
+        ))
+    })?;
+    crate::config::check_ca(&pem).map_err(|reason| {
+        CliError::Usage(format!(
+            "--ca-file {}: {reason}; nothing written",
+            ca.display()
+        ))
+    })?;
+    let state_dir = abs(&t.state_dir);
+    let resolved = ImportTarget {
+        gateway: t.gateway.clone(),
+        ca_file: ca,
+        state_dir: state_dir.clone(),
+        api: t.api,
+    };
+    let toml = import_text(&example, &resolved);
+    let config = crate::config::parse(&output, &toml).map_err(|e| {
+        CliError::Usage(format!(
+            "{}: the converted configuration is invalid: {} (a bug in the conversion: please report it \
+             with the JSON); nothing written",
+            json.display(),
+            e.reason
+        ))
+    })?;
+    if let Err(e) = crate::config::check_runnable(&config) {
+        let why = match &e {
+            crate::config::Unrunnable::Config(c) => c.reason.clone(),
+            other => other.to_string(),
+        };
+        let sudo = if why.contains("Permission denied") {
+            " (run it with sudo, or pass --state-dir with a directory of yours)"
+        } else {
+            ""
+        };
+        return Err(CliError::Usage(format!(
+            "--state-dir {}: {}{sudo}; nothing written",
+            state_dir.display(),
+            why.split(" (the systemd unit").next().unwrap_or(&why)
+        )));
+    }
+
+    // Everything checked: the daemon's lock, then file and checkpoints.
     let Daemon::Stopped(_lock) = daemon(&config)? else {
         return Err(CliError::Usage(format!(
             "a usersync daemon is running on {}: stop it first (systemctl stop usersync); \
-             import-config seeds the checkpoints it owns",
+             import-config seeds the checkpoints it owns; nothing written",
             config.state_dir.display()
         )));
     };
-    std::fs::write(output, &toml)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", output.display())))?;
-    let st = Store::open(&config.state_dir)?;
-    let mut seeded = 0;
-    for d in std::iter::once(&example.enroll_device).chain(&example.devices) {
-        if d.last_event_id > 0 {
-            st.set_checkpoint(d.device_id, d.last_event_id)?;
-            seeded += 1;
+    let tmp = out_dir.join(format!(
+        ".{}.import-{}",
+        output
+            .file_name()
+            .map_or("usersync.toml".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let written = write_new(&tmp, &toml).and_then(|()| {
+        let st = Store::open(&config.state_dir)?;
+        let seeded = st.with(|c| {
+            let tx = c.transaction()?;
+            let mut seeded = 0u64;
+            for d in std::iter::once(&example.enroll_device).chain(&example.devices) {
+                if d.last_event_id > 0 {
+                    store::set_checkpoint(&tx, d.device_id, d.last_event_id)?;
+                    seeded += 1;
+                }
+            }
+            // The file appears only if it is still new, just before the
+            // commit; a commit that fails takes it away again.
+            std::fs::hard_link(&tmp, &output).map_err(|source| StoreError::Dir {
+                path: output.clone(),
+                source,
+            })?;
+            if let Err(e) = tx.commit() {
+                let _ = std::fs::remove_file(&output);
+                return Err(e.into());
+            }
+            Ok(seeded)
+        })?;
+        Ok((seeded, st.path().to_owned()))
+    });
+    let _ = std::fs::remove_file(&tmp);
+    let (seeded, db) = written.map_err(|e| match e {
+        StoreError::Dir { path, source } if path == output => {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                CliError::Usage(format!(
+                    "--output {}: appeared meanwhile; not overwriting it; nothing written",
+                    output.display()
+                ))
+            } else {
+                unwritable("--output", &output, &out_dir, &source)
+            }
         }
-    }
+        other => CliError::Store(other),
+    })?;
     Ok(format!(
-        "wrote {} ({} devices, 1 group); seeded {seeded} checkpoints in {}",
+        "wrote {} ({}, 1 group); seeded {} in {}\nnext: `sudo usersync check-config --config {}`, then \
+         `sudo systemctl start usersync`",
         output.display(),
-        config.devices.len(),
-        st.path().display()
+        plural(config.devices.len() as u64, "device"),
+        plural(seeded, "checkpoint"),
+        db.display(),
+        output.display()
     ))
+}
+
+/// Creates `path` (which must not exist) with `text`, mode 0644 (the
+/// service's user reads it), synced to disk.
+fn write_new(path: &Path, text: &str) -> Result<(), StoreError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |source| StoreError::Dir {
+        path: path.to_owned(),
+        source,
+    };
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(err)?;
+    f.sync_all().map_err(err)
 }
 
 #[cfg(test)]
@@ -864,6 +2240,26 @@ mod tests {
         assert_eq!(fmt_utc(0), "1970-01-01 00:00:00Z");
         assert_eq!(fmt_utc(1_624_226_577), "2021-06-20 22:02:57Z");
         assert_eq!(fmt_utc(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(rfc3339(1_624_226_577), "2021-06-20T22:02:57Z");
+        for t in [0, 951_782_400, 1_624_226_577, 4_102_444_799] {
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        }
+        assert_eq!(age(59), "59s");
+        assert_eq!(age(61), "1m");
+        assert_eq!(age(7200), "2h");
+        assert_eq!(plural(1u64, "user"), "1 user");
+        assert_eq!(plural(2u64, "user"), "2 users");
+        assert_eq!(plural(0u64, "target"), "0 targets");
+    }
+
+    #[test]
+    fn json_errors_name_their_key() {
+        let text = "{\n  \"enroll_device\": {\"device_id\": \"x\", \"ip_addr\": \"a\"}\n}";
+        let e = serde_json::from_str::<ExampleConfig>(text).unwrap_err();
+        assert_eq!(
+            json_key_at(text, e.line(), e.column()).as_deref(),
+            Some("device_id")
+        );
     }
 
     #[test]

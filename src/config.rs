@@ -275,12 +275,98 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates `text` (the contents of `path`).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let v = Validator { path, text };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-        file: path.to_owned(),
-        line: e.span().map(|s| v.line_of(s.start)),
-        reason: e.message().trim().to_owned(),
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let key = e.span().and_then(|s| key_at(text, s.start));
+        ConfigError {
+            file: path.to_owned(),
+            line: e.span().map(|s| v.line_of(s.start)),
+            reason: in_words(e.message().trim(), key.as_deref()),
+        }
     })?;
     v.validate(raw)
+}
+
+/// The key of the `key = value` line that holds byte `offset`, if any.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    key.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        .then(|| key.to_owned())
+}
+
+/// Keys (of the TOML file and of Suprema's JSON) that hold device IDs.
+const DEVICE_ID_KEYS: [&str; 4] = ["id", "sources", "targets", "device_id"];
+
+/// Says a deserializer's type error in words an operator reads
+/// (`expected u32` → `expected a whole number between 0 and 4294967295`;
+/// a device ID is between 1 and 4294967295).
+pub fn in_words(message: &str, key: Option<&str>) -> String {
+    let device_id = key.is_some_and(|k| DEVICE_ID_KEYS.contains(&k));
+    let whole = |lo: &str, hi: &str| format!("expected a whole number between {lo} and {hi}");
+    let table: [(&str, String); 10] = [
+        (
+            "expected u32",
+            if device_id {
+                "expected a device ID, a whole number between 1 and 4294967295".to_owned()
+            } else {
+                whole("0", "4294967295")
+            },
+        ),
+        (
+            "expected u16",
+            if key == Some("port") {
+                "expected a port, a whole number between 1 and 65535".to_owned()
+            } else {
+                whole("0", "65535")
+            },
+        ),
+        ("expected u64", whole("0", "18446744073709551615")),
+        ("expected usize", whole("0", "18446744073709551615")),
+        ("expected i32", whole("-2147483648", "2147483647")),
+        (
+            "expected i64",
+            whole("-9223372036854775808", "9223372036854775807"),
+        ),
+        ("expected a boolean", "expected true or false".to_owned()),
+        (
+            "expected a sequence",
+            "expected a list, e.g. [1, 2]".to_owned(),
+        ),
+        (
+            "expected a string",
+            "expected text in double quotes".to_owned(),
+        ),
+        (
+            "expected a borrowed string",
+            "expected text in double quotes".to_owned(),
+        ),
+    ];
+    let mut out = message.to_owned();
+    for (rust, words) in &table {
+        if let Some(i) = out.find(rust) {
+            let end = i + rust.len();
+            // Only whole words: `expected u32` but not `expected u320`.
+            if out[end..]
+                .chars()
+                .next()
+                .is_none_or(|c| !c.is_ascii_alphanumeric())
+            {
+                out.replace_range(i..end, words);
+                break;
+            }
+        }
+    }
+    if let Some(k) = key
+        && !out.starts_with(k)
+    {
+        out = format!("{k}: {out}");
+    }
+    out
 }
 
 struct Validator<'a> {
@@ -348,6 +434,12 @@ impl Validator<'_> {
                 return self.err(
                     d.address.span(),
                     format!("device {id}: address must not be empty"),
+                );
+            }
+            if let Err(reason) = check_device_host(d.address.get_ref()) {
+                return self.err(
+                    d.address.span(),
+                    format!("device {id}: address {:?} {reason}", d.address.get_ref()),
                 );
             }
             if d.port == 0 {
@@ -670,9 +762,47 @@ impl Validator<'_> {
     }
 }
 
+/// Checks a device address: a host name or an IP address, without a port
+/// (the port has its own key) and without brackets.
+pub fn check_device_host(address: &str) -> Result<(), String> {
+    if address.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if address.chars().any(char::is_whitespace) {
+        return Err("contains spaces; write the device's IP address or host name".into());
+    }
+    if address.contains("://") {
+        return Err("is a URL; write only the device's IP address or host name".into());
+    }
+    if let Some(inner) = address.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        return Err(format!(
+            "has brackets; write the IPv6 address without them: {inner:?}"
+        ));
+    }
+    if let Some((host, port)) = address.rsplit_once(':')
+        && !host.is_empty()
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+    {
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        return Err(format!(
+            "has a port in it; write address = \"{host}\" and port = {port}"
+        ));
+    }
+    let name_char = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+    if !address.chars().all(name_char) || address.starts_with(['.', '-']) || address.ends_with('-')
+    {
+        return Err("is not a host name or IP address".into());
+    }
+    Ok(())
+}
+
 /// Checks a gateway address: `host:port` with a DNS name or IPv4 address,
 /// or `[v6]:port`; no scheme, no spaces, a port in 1..=65535.
-fn check_host_port(address: &str) -> Result<(), String> {
+pub fn check_host_port(address: &str) -> Result<(), String> {
     const FORM: &str = "write host:port, e.g. \"192.168.0.2:4000\" or \"[fd00::2]:4000\"";
     if address.is_empty() {
         return Err(format!("is empty; {FORM}"));
@@ -724,7 +854,7 @@ fn check_host_port(address: &str) -> Result<(), String> {
 /// PEM certificate block decodes and is a certificate a trust store
 /// accepts (the client skips unparsable ones silently and would then trust
 /// nothing).
-fn check_ca(pem: &[u8]) -> Result<(), String> {
+pub fn check_ca(pem: &[u8]) -> Result<(), String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -826,6 +956,11 @@ fn check_state_dir(dir: &Path) -> Result<(), (&'static str, std::io::Error)> {
                 .map_err(|e| ("cannot create a file in it", e))?;
             std::fs::remove_file(&probe).map_err(|e| ("cannot remove a file from it", e))
         }
+        // A symbolic link to nowhere (a state directory removed under its
+        // link) cannot be created through: mkdir finds the link.
+        Err(e) if e.kind() == ErrorKind::NotFound && std::fs::symlink_metadata(dir).is_ok() => {
+            Err(("is a symbolic link to a directory that does not exist", e))
+        }
         Err(e) if e.kind() == ErrorKind::NotFound => {
             let missing = |a: &Path| matches!(std::fs::symlink_metadata(a), Err(e) if e.kind() == ErrorKind::NotFound);
             let ancestor = dir
@@ -867,6 +1002,63 @@ pub fn warnings(config: &Config) -> Vec<String> {
         ));
     }
     w
+}
+
+/// Files the daemon reads that the systemd unit's user could not: the unit
+/// runs as a dynamic user (not root, in no group of the file), so it reads
+/// only what others may read, through directories others may enter, while
+/// `sudo usersync check-config` runs as root and reads everything.
+pub fn unreadable_by_service(config: &Config) -> Vec<String> {
+    let mut files = vec![("the configuration", config.path.clone())];
+    if config.gateway.ca_pem.is_some()
+        && let Some(ca) = &config.gateway.ca_file
+    {
+        files.push(("gateway.ca_file", ca.clone()));
+    }
+    let mut out = Vec::new();
+    for (what, path) in files {
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        if let Some(why) = not_world_readable(&path) {
+            out.push(format!(
+                "{what} {} is not readable by the service's user ({why}); the systemd unit runs as a \
+                 dynamic user, not root and in no group, and would exit 78 at start",
+                path.display()
+            ));
+        }
+    }
+    out
+}
+
+/// Why others cannot read `path`: a directory on the way they cannot enter,
+/// or the file's mode.
+fn not_world_readable(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).ok().map(|m| m.permissions().mode());
+    let mut dirs: Vec<&Path> = path.ancestors().skip(1).collect();
+    dirs.reverse();
+    for d in dirs {
+        if d.as_os_str().is_empty() {
+            continue;
+        }
+        if let Some(m) = mode(d)
+            && m & 0o001 == 0
+        {
+            return Some(format!(
+                "directory {} has mode {:o}: `sudo chmod o+x {}`",
+                d.display(),
+                m & 0o7777,
+                d.display()
+            ));
+        }
+    }
+    match mode(path) {
+        Some(m) if m & 0o004 == 0 => Some(format!(
+            "mode {:o}: `sudo chmod o+r {}`",
+            m & 0o7777,
+            path.display()
+        )),
+        _ => None,
+    }
 }
 
 /// `check-config` runs outside the unit's sandbox, where any directory
@@ -1164,6 +1356,10 @@ targets = [2]
                 "{bad:?}: {what}: {e}"
             );
         }
+        let dangling = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("gone"), &dangling).unwrap();
+        let (what, _) = check_state_dir(&dangling).unwrap_err();
+        assert!(what.contains("symbolic link"), "{what}");
         let mut c = parse_str(GOOD).unwrap();
         c.state_dir = file.join("state");
         let e = check_runnable(&c).unwrap_err();
@@ -1171,6 +1367,69 @@ targets = [2]
         assert!(e.to_string().contains("state.dir"), "{e}");
         c.state_dir = dir.path().join("state");
         check_runnable(&c).unwrap();
+    }
+
+    #[test]
+    fn a_device_address_has_no_port() {
+        let text = GOOD.replace("address = \"192.0.2.1\"", "address = \"192.0.2.1:51211\"");
+        let e = parse_str(&text).unwrap_err();
+        assert!(
+            e.reason
+                .contains("has a port in it; write address = \"192.0.2.1\" and port = 51211"),
+            "{e}"
+        );
+        for ok in ["192.0.2.1", "fd00::1", "reader-1.site.local"] {
+            assert!(check_device_host(ok).is_ok(), "{ok}");
+        }
+        for bad in ["[fd00::1]", "reader 1", "http://x", "x:1"] {
+            assert!(check_device_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn type_errors_are_said_in_words() {
+        let text = GOOD.replace("id = 1", "id = \"one\"");
+        let e = parse_str(&text).unwrap_err();
+        assert!(
+            e.reason
+                .contains("id: invalid type: string \"one\", expected a device ID, a whole number between 1 and 4294967295"),
+            "{e}"
+        );
+        assert!(!e.reason.contains("u32"), "{e}");
+        assert_eq!(
+            in_words("invalid value: integer `-1`, expected u16", Some("port")),
+            "port: invalid value: integer `-1`, expected a port, a whole number between 1 and 65535"
+        );
+    }
+
+    #[test]
+    fn reload_summaries_read_as_words() {
+        let d = ConfigDiff {
+            added_devices: vec![5, 6],
+            changed_groups: vec!["main".into()],
+            ..Default::default()
+        };
+        assert_eq!(d.to_string(), "devices added: 5 6; groups changed: main");
+        assert_eq!(
+            ConfigDiff::default().to_string(),
+            "no device or group changed"
+        );
+    }
+
+    #[test]
+    fn files_the_service_cannot_read_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = dir.path().join("usersync.toml");
+        std::fs::write(&f, GOOD).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = parse(&f, GOOD).unwrap();
+        let w = unreadable_by_service(&c);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("chmod o+r"), "{w:?}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(unreadable_by_service(&c).is_empty());
     }
 
     #[test]
@@ -1206,16 +1465,32 @@ impl ConfigDiff {
 
 impl fmt::Display for ConfigDiff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "devices +{:?} -{:?} ~{:?}, groups +{:?} -{:?} ~{:?}",
-            self.added_devices,
-            self.removed_devices,
-            self.changed_devices,
-            self.added_groups,
-            self.removed_groups,
-            self.changed_groups
-        )?;
+        fn list<T: fmt::Display>(v: &[T]) -> String {
+            v.iter().map(T::to_string).collect::<Vec<_>>().join(" ")
+        }
+        let mut parts = Vec::new();
+        for (what, devices) in [
+            ("devices added", &self.added_devices),
+            ("devices removed", &self.removed_devices),
+            ("devices changed", &self.changed_devices),
+        ] {
+            if !devices.is_empty() {
+                parts.push(format!("{what}: {}", list(devices)));
+            }
+        }
+        for (what, groups) in [
+            ("groups added", &self.added_groups),
+            ("groups removed", &self.removed_groups),
+            ("groups changed", &self.changed_groups),
+        ] {
+            if !groups.is_empty() {
+                parts.push(format!("{what}: {}", list(groups)));
+            }
+        }
+        if parts.is_empty() {
+            parts.push("no device or group changed".to_owned());
+        }
+        write!(f, "{}", parts.join("; "))?;
         if !self.needs_restart.is_empty() {
             write!(f, "; needs a restart: {}", self.needs_restart.join(", "))?;
         }

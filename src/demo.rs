@@ -23,6 +23,16 @@ pub enum DemoError {
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Device IDs as an operator writes them: `540000002 and 540000003`.
+fn list(devices: &[u32]) -> String {
+    let ids: Vec<String> = devices.iter().map(u32::to_string).collect();
+    match ids.split_last() {
+        None => "no device".to_owned(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
 struct Scene {
     sim: Simulator,
     source: u32,
@@ -44,7 +54,8 @@ impl Scene {
         while targets.iter().any(|t| self.sim.users(*t) != want) {
             if started.elapsed() > WAIT {
                 return Err(DemoError::Step(format!(
-                    "{what}: targets did not converge within {WAIT:?}"
+                    "{what}: targets did not converge within {} s",
+                    WAIT.as_secs()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -162,8 +173,9 @@ async fn scene(dir: &std::path::Path) -> Result<(), DemoError> {
         scene.sim.address()
     );
     println!(
-        "   enrollment device {}, targets {:?}",
-        scene.source, scene.targets
+        "   enrollment device {}, targets {}",
+        scene.source,
+        list(&scene.targets)
     );
     println!("   the enrollment device already holds users 1 and 2\n");
 
@@ -196,7 +208,7 @@ async fn scene(dir: &std::path::Path) -> Result<(), DemoError> {
     scene
         .converge(&scene.targets[..1], "the online target has them")
         .await?;
-    println!("   user 1001 is on {:?}", scene.holders("1001"));
+    println!("   user 1001 is on {}", list(&scene.holders("1001")));
     println!("   device {offline} comes back");
     scene.sim.set_online(offline)?;
     scene
@@ -207,7 +219,7 @@ async fn scene(dir: &std::path::Path) -> Result<(), DemoError> {
     stop(signals, task).await?;
     scene.sim.delete_on_device(scene.source, "1000")?;
     scene.sim.enroll_on_device(scene.source, "1003")?;
-    println!("   user 1003 is on {:?} only", scene.holders("1003"));
+    println!("   user 1003 is on {} only", list(&scene.holders("1003")));
     let (signals, task) = start(&config);
     scene
         .converge(

@@ -2,7 +2,7 @@
 //! codes only.
 //!
 //! Exit codes: 0 success / clean stop; 78 (EX_CONFIG) invalid
-//! configuration; 1 any other failure.
+//! configuration; 2 a usage error (clap's); 1 any other failure.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,7 +19,10 @@ const DEFAULT_CONFIG: &str = "/etc/usersync/usersync.toml";
     name = "usersync",
     version,
     about = "Keeps the users of Suprema BioStar devices in sync through a G-SDK device gateway",
-    after_help = "Exit codes: 0 success, 78 invalid configuration, 1 other errors."
+    after_help = "Commands that use the daemon's configuration read it from --config/-c FILE \
+                  (default /etc/usersync/usersync.toml).\n\
+                  Exit codes: 0 success; 1 failure (the message says what to do next); 2 usage error \
+                  (unknown option, missing argument); 78 invalid configuration."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,7 +32,7 @@ struct Cli {
 #[derive(Debug, Args)]
 struct ConfigArg {
     /// The configuration file.
-    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    #[arg(long, short, value_name = "FILE", default_value = DEFAULT_CONFIG)]
     config: PathBuf,
 }
 
@@ -43,15 +46,18 @@ enum Command {
         /// Where logs go.
         #[arg(long, value_enum, default_value_t = LogTarget::Auto)]
         log_target: LogTarget,
-        /// Log line format on stderr.
+        /// Log line format on stderr: readable text, or one JSON object per
+        /// line.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
-    /// Show devices, checkpoints, targets, pending and quarantined users
-    /// (reads the state database; works with the daemon running or stopped).
+    /// Show the daemon, the gateway, devices (state, checkpoint, lag),
+    /// targets (journal position, pending, reconcile, drift, quarantine):
+    /// from the state database, with the daemon running or stopped.
     Status {
         #[command(flatten)]
         config: ConfigArg,
+        /// Print JSON (timestamps in RFC 3339) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -59,13 +65,16 @@ enum Command {
     Events {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(long)]
+        /// The device (its ID as in the configuration).
+        #[arg(long, value_name = "ID")]
         device: u32,
         /// First event ID to show (default: the last --limit events).
-        #[arg(long)]
+        #[arg(long, value_name = "EVENT_ID")]
         since: Option<u32>,
-        #[arg(long, default_value_t = 20)]
+        /// How many events to show at most.
+        #[arg(long, value_name = "N", default_value_t = 20)]
         limit: u32,
+        /// Print JSON (timestamps in RFC 3339) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -74,80 +83,113 @@ enum Command {
     Users {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(long)]
+        /// The device (its ID as in the configuration).
+        #[arg(long, value_name = "ID")]
         device: u32,
-        #[arg(long)]
+        /// Show this user instead of the list.
+        #[arg(long, value_name = "USER_ID")]
         user: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Wait for a card on a device and enroll a user with it.
+    /// Enroll a user with a card presented at a device (the inputs are
+    /// checked before the card is asked for). With --overwrite, an existing
+    /// user gets the card added and keeps everything else.
     Enroll {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(long)]
+        /// The device to enroll at (a source of a group, so that the daemon
+        /// copies the user to its targets).
+        #[arg(long, value_name = "ID")]
         device: u32,
-        #[arg(long)]
+        /// The user's ID (1–32 printable characters, not "0").
+        #[arg(long, value_name = "USER_ID")]
         user: String,
-        #[arg(long)]
+        /// The user's name (for a new user; renames an existing one with
+        /// --overwrite).
+        #[arg(long, value_name = "NAME")]
         name: Option<String>,
         /// Read the credential from a card presented at the device (the
-        /// only enrollment this command offers).
-        #[arg(long, required = true)]
+        /// default, and the only kind this command enrolls).
+        #[arg(long)]
         card: bool,
-        /// Replace a user with the same ID instead of failing.
+        /// If the user exists, add the card to it (fingers, faces, PIN,
+        /// photo and every other field are kept) instead of failing.
         #[arg(long)]
         overwrite: bool,
     },
-    /// Delete a user from a device.
+    /// Delete a user from a device (exit 1 if the device does not have it).
     Delete {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(long)]
+        /// The device to delete from (a source, so that the daemon deletes
+        /// the user from its targets).
+        #[arg(long, value_name = "ID")]
         device: u32,
-        #[arg(long)]
+        /// The user's ID.
+        #[arg(long, value_name = "USER_ID")]
         user: String,
     },
-    /// Reconcile targets with their sources: through the running daemon, or
-    /// here when it is stopped.
+    /// Reconcile targets with their sources: through the running daemon,
+    /// or here when it is stopped (each reachable target is reconciled, the
+    /// unreachable ones reported).
     Reconcile {
         #[command(flatten)]
         config: ConfigArg,
         /// Only this group.
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         group: Option<String>,
-        /// Print the plan; change nothing.
+        /// Only this target device.
+        #[arg(long, value_name = "ID")]
+        target: Option<u32>,
+        /// Print the plan (users to enroll, overwrite, delete or keep);
+        /// change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Also delete users the sources do not have.
+        /// Also delete users that no source of the group has (asks for
+        /// confirmation, saying how many).
         #[arg(long)]
         prune: bool,
+        /// Confirm a prune without asking (for scripts).
+        #[arg(long)]
+        yes: bool,
+        /// Print the --dry-run plan as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Validate a configuration file: exit 0 if valid, 78 if not.
+    /// Validate a configuration file as `run` does before it starts: exit 0
+    /// if valid, 78 if not; warnings on stderr.
     CheckConfig {
-        /// The configuration file.
-        #[arg(default_value = DEFAULT_CONFIG)]
-        path: PathBuf,
+        /// The configuration file (the same as --config).
+        #[arg(value_name = "FILE", conflicts_with = "config")]
+        path: Option<PathBuf>,
+        /// The configuration file [default: /etc/usersync/usersync.toml].
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Convert the sync_config.json of Suprema's sync example and seed the
-    /// checkpoints from its last_event_id values.
+    /// checkpoints from its last_event_id values: all or nothing.
     ImportConfig {
         /// The example's sync_config.json.
+        #[arg(value_name = "JSON")]
         json: PathBuf,
         /// Where to write the TOML configuration (must not exist).
-        #[arg(long, default_value = DEFAULT_CONFIG)]
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         output: PathBuf,
         /// The gateway, host:port (the example keeps it in its code).
-        #[arg(long)]
+        #[arg(long, value_name = "HOST:PORT")]
         gateway: String,
-        /// The gateway's CA certificate.
-        #[arg(long, default_value = "ca.crt")]
-        ca_file: String,
-        #[arg(long, default_value = "/var/lib/usersync")]
-        state_dir: String,
-        #[arg(long, default_value = "v1.8")]
+        /// The gateway's CA certificate (relative paths are relative to the
+        /// current directory).
+        #[arg(long, value_name = "FILE", default_value = "/etc/usersync/ca.crt")]
+        ca_file: PathBuf,
+        /// The daemon's state directory, where the checkpoints are seeded.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/usersync")]
+        state_dir: PathBuf,
+        /// The gateway's API generation: v1.8 (V1.8+), v1.5 (V1.5–V1.6)
+        /// or v1.4 (V1.0–V1.4).
+        #[arg(long, value_name = "API", default_value = "v1.8")]
         api: usersync::wire::Api,
     },
     /// Run the simulator and the daemon together with a scripted scene.
@@ -165,7 +207,10 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     match cli.command {
-        Command::CheckConfig { path } => {
+        Command::CheckConfig { path, config } => {
+            let path = path
+                .or(config)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
             let c = match runnable_config(&path) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -173,14 +218,17 @@ fn main() -> ExitCode {
             for w in usersync::config::warnings(&c) {
                 eprintln!("warning: {w}");
             }
+            for w in usersync::config::unreadable_by_service(&c) {
+                eprintln!("warning: {w}");
+            }
             if let Some(note) = usersync::config::sandbox_note(&c) {
                 eprintln!("note: {note}");
             }
             println!(
-                "{}: valid ({} devices, {} groups)",
+                "{}: valid ({}, {})",
                 path.display(),
-                c.devices.len(),
-                c.groups.len()
+                cli::plural(c.devices.len() as u64, "device"),
+                cli::plural(c.groups.len() as u64, "group")
             );
             ExitCode::SUCCESS
         }
@@ -194,6 +242,20 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if let Some(addr) = config.metrics_listen
+                && let Err(e) = usersync::metrics::check_listen(addr)
+            {
+                // Another daemon on this state holds the port: say that.
+                if let Ok(None) = usersync::supervisor::try_lock(&config.state_dir) {
+                    eprintln!(
+                        "usersync: {}",
+                        usersync::DaemonError::AlreadyRunning(config.state_dir.clone())
+                    );
+                } else {
+                    eprintln!("usersync: {}: {e}", path.display());
+                }
+                return ExitCode::from(1);
+            }
             let note = usersync::logging::init(log_target, log_format);
             block_on(async move {
                 if let Some(note) = note {
@@ -215,14 +277,9 @@ fn main() -> ExitCode {
             block_on(async move { Ok(usersync::sim::cli::run(args).await?) })
         }
         Command::Demo => {
-            std::env::var("RUST_LOG").is_err().then(|| {
-                // The narration is the output; keep the daemon's own lines
-                // to warnings.
-                tracing_subscriber::fmt()
-                    .with_env_filter("warn")
-                    .with_writer(std::io::stderr)
-                    .init()
-            });
+            // The narration is the output; keep the daemon's own lines to
+            // warnings.
+            usersync::logging::init_with(LogTarget::Stderr, LogFormat::Text, "warn");
             block_on(async { Ok(usersync::demo::run().await?) })
         }
         Command::ImportConfig {
@@ -239,7 +296,7 @@ fn main() -> ExitCode {
                 state_dir,
                 api,
             };
-            report(cli::import_config(&json, &output, &target))
+            report(cli::import_config(&json, &output, &target), None)
         }
         Command::Status { config, json } => with_config(&config.config, |c| async move {
             let s = cli::status(&c)?;
@@ -260,7 +317,7 @@ fn main() -> ExitCode {
             Ok(if json {
                 cli::json(&lines)
             } else {
-                cli::render_events(&lines)
+                cli::render_events(device, since, &lines)
             })
         }),
         Command::Users {
@@ -296,19 +353,17 @@ fn main() -> ExitCode {
         Command::Reconcile {
             config,
             group,
+            target,
             dry_run,
             prune,
+            yes,
             json,
         } => with_config(&config.config, |c| async move {
             if dry_run {
-                let plan = cli::reconcile_plan(&c, group.as_deref(), prune).await?;
-                Ok(if json {
-                    cli::json(&plan)
-                } else {
-                    cli::render_plan(&plan)
-                })
+                let plan = cli::reconcile_plan(&c, group.as_deref(), target, prune).await?;
+                cli::plan_outcome(&plan, json)
             } else {
-                cli::reconcile(&c, group.as_deref(), prune).await
+                cli::reconcile(&c, group.as_deref(), target, prune, yes).await
             }
         }),
     }
@@ -335,17 +390,28 @@ fn runnable_config(path: &Path) -> Result<usersync::config::Config, ExitCode> {
     }
 }
 
-fn report(r: Result<String, cli::CliError>) -> ExitCode {
+fn report(r: Result<String, cli::CliError>, config: Option<&usersync::config::Config>) -> ExitCode {
+    let print = |text: &str| {
+        print!("{text}");
+        if !text.is_empty() && !text.ends_with('\n') {
+            println!();
+        }
+    };
     match r {
         Ok(text) => {
-            print!("{text}");
-            if !text.ends_with('\n') {
-                println!();
-            }
+            print(&text);
             ExitCode::SUCCESS
         }
+        Err(cli::CliError::Incomplete { done, failed }) => {
+            print(&done);
+            eprint!("usersync: {failed}");
+            if !failed.ends_with('\n') {
+                eprintln!();
+            }
+            ExitCode::from(1)
+        }
         Err(e) => {
-            eprintln!("usersync: {e}");
+            eprintln!("usersync: {}", cli::describe(&e, config));
             ExitCode::from(1)
         }
     }
@@ -372,7 +438,22 @@ where
             return ExitCode::from(1);
         }
     };
-    report(runtime.block_on(f(config)))
+    let r = runtime.block_on(f(config.clone()));
+    report(r, Some(&config))
+}
+
+/// An error and its causes, each said once (a cause whose text is already
+/// in the message is not repeated).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let t = cause.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+    }
+    out
 }
 
 fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
@@ -389,7 +470,7 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("usersync: {e:#}");
+            eprintln!("usersync: {}", chain(&e));
             ExitCode::from(1)
         }
     }

@@ -60,12 +60,34 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-const PHASES: [(Phase, &str); 4] = [
-    (Phase::Disconnected, "disconnected"),
-    (Phase::SettingUp, "setting_up"),
-    (Phase::Live, "live"),
-    (Phase::Backoff, "backoff"),
+const PHASES: [Phase; 4] = [
+    Phase::Disconnected,
+    Phase::SettingUp,
+    Phase::Live,
+    Phase::Backoff,
 ];
+
+/// The one vocabulary for device phases: the `phase` label here, the STATE
+/// column of `usersync status`, the README.
+pub fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Disconnected => "disconnected",
+        // Monitoring being enabled, then the log replayed.
+        Phase::SettingUp => "catching-up",
+        Phase::Live => "live",
+        Phase::Backoff => "backoff",
+    }
+}
+
+/// Maps a device state as the device task records it (its finer names:
+/// `connected` is the first step of catching up) to [`phase_name`]'s
+/// vocabulary. Unknown names pass through.
+pub fn phase_of_state(state: &str) -> &str {
+    match state {
+        "connected" | "catching-up" => phase_name(Phase::SettingUp),
+        other => other,
+    }
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -151,21 +173,21 @@ impl Metrics {
     }
 
     pub fn set_phase(&self, device: u32, phase: Phase) {
-        for (p, name) in PHASES {
+        for p in PHASES {
             self.device_phase
                 .get_or_create(&PhaseLabel {
                     device: device.to_string(),
-                    phase: name.to_owned(),
+                    phase: phase_name(p).to_owned(),
                 })
                 .set(i64::from(p == phase));
         }
     }
 
     pub fn forget_device(&self, device: u32) {
-        for (_, name) in PHASES {
+        for p in PHASES {
             self.device_phase.remove(&PhaseLabel {
                 device: device.to_string(),
-                phase: name.to_owned(),
+                phase: phase_name(p).to_owned(),
             });
         }
         let d = DeviceLabel {
@@ -198,14 +220,56 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `addr` until cancelled.
+/// How often a metrics address that cannot be bound is tried again (and
+/// the warning repeated).
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Checks that `addr` can be listened on (`usersync run` does before it
+/// starts: a port already in use is an error at start, not a log line).
+pub fn check_listen(addr: SocketAddr) -> Result<(), String> {
+    std::net::TcpListener::bind(addr).map(drop).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                "port {} is already in use (another usersync, or another exporter: `ss -ltnp 'sport = :{}'` shows which)",
+                addr.port(),
+                addr.port()
+            ),
+            std::io::ErrorKind::AddrNotAvailable => {
+                format!("{} is not an address of this machine", addr.ip())
+            }
+            _ => e.to_string(),
+        };
+        format!("metrics.listen = \"{addr}\": cannot listen: {why}; choose another address or free the port")
+    })
+}
+
+/// Serves `/metrics` on `addr` until cancelled. An address that cannot be
+/// bound (taken after the start check) is retried every 30 s with a warning
+/// each time, so a scrape that finds nothing has a reason in the journal.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics on /metrics");
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                tracing::warn!(
+                    addr = %addr,
+                    error = %e,
+                    retry_in_secs = BIND_RETRY.as_secs(),
+                    "metrics endpoint cannot listen; /metrics is not served"
+                );
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(BIND_RETRY) => {}
+                }
+            }
+        }
+    };
+    tracing::info!(addr = %addr, "metrics on /metrics");
     serve_on(listener, metrics, cancel).await
 }
 
@@ -263,7 +327,25 @@ mod tests {
             text.contains("usersync_gateway_reconnects_total 1"),
             "{text}"
         );
+        m.set_phase(8, Phase::SettingUp);
+        assert!(
+            m.encode()
+                .contains("usersync_device_phase{device=\"8\",phase=\"catching-up\"} 1"),
+            "one vocabulary with `usersync status`"
+        );
+        assert_eq!(phase_of_state("connected"), "catching-up");
+        assert_eq!(phase_of_state("live"), "live");
         m.forget_device(7);
         assert!(!m.encode().contains("device=\"7\""));
+    }
+
+    #[test]
+    fn a_port_in_use_is_named() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = check_listen(addr).unwrap_err();
+        assert!(err.contains("already in use"), "{err}");
+        drop(taken);
+        check_listen(addr).unwrap();
     }
 }

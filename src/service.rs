@@ -5,13 +5,20 @@
 //! no-op, so tests and foreground runs need nothing. The process is made
 //! non-dumpable at start: the watchdog's SIGABRT must not leave the user
 //! records in memory (templates, PINs) in a core file.
+//!
+//! The daemon's own health (the gateway session, since when) lives in its
+//! memory; the notifier also writes it to `health.json` in the state
+//! directory, so `usersync status`, another process, can tell it — and,
+//! after the daemon stopped, tell it as last known.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sd_notify::NotifyState;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::device::{Board, Phase};
@@ -165,8 +172,85 @@ pub fn pending(conn: &rusqlite::Connection) -> Result<u64, store::StoreError> {
     Ok(behind + queued)
 }
 
-/// Keeps `STATUS=` current and feeds the watchdog while the daemon is
-/// healthy. Runs until cancelled.
+/// The file in the state directory where the daemon keeps its health for
+/// `usersync status`.
+pub const HEALTH_FILE: &str = "health.json";
+
+/// How often the health file is rewritten when nothing changed, so its age
+/// tells when a daemon that was killed was last alive.
+const HEALTH_HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// The gateway session as recorded for `usersync status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRecord {
+    /// `connecting`, `up` or `down`.
+    pub state: String,
+    /// Unix seconds since the session has been in this state.
+    pub since: u64,
+    /// Why it is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the daemon last said about itself (`health.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    pub pid: u32,
+    /// Unix seconds.
+    pub started_at: u64,
+    /// Unix seconds; rewritten at least every 30 s while the daemon runs.
+    pub written_at: u64,
+    /// Set by an orderly stop; a daemon that was killed leaves it unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<u64>,
+    pub gateway: GatewayRecord,
+    /// The `STATUS=` line.
+    pub status: String,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The state word of a gateway health, as status and the health file say it.
+pub fn gateway_state_name(g: &GatewayHealth) -> &'static str {
+    match g {
+        GatewayHealth::Starting => "connecting",
+        GatewayHealth::Up => "up",
+        GatewayHealth::Down { .. } => "down",
+    }
+}
+
+/// Reads the health file of a state directory; `None` if there is none
+/// (a daemon that never ran, or one older than this file) or it does not
+/// parse.
+pub fn read_health(dir: &Path) -> Option<HealthRecord> {
+    let text = std::fs::read_to_string(dir.join(HEALTH_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Replaces the health file atomically (a temporary file renamed over it),
+/// mode 0600 like the rest of the state.
+pub fn write_health(dir: &Path, record: &HealthRecord) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!(".{HEALTH_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let text = serde_json::to_string(record).map_err(std::io::Error::other)?;
+    f.write_all(text.as_bytes())?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(HEALTH_FILE))
+}
+
+/// Keeps `STATUS=` current, feeds the watchdog while the daemon is
+/// healthy, and keeps the health file current. Runs until cancelled.
 pub async fn notifier(
     health: std::sync::Arc<Health>,
     board: Board,
@@ -181,26 +265,68 @@ pub async fn notifier(
     let limit = watchdog.map_or(Duration::MAX, |w| (w / 2).max(Duration::from_secs(2)));
     let mut tick = tokio::time::interval(period.min(Duration::from_secs(2)));
     let mut last = String::new();
+    let dir: Option<PathBuf> = store.path().parent().map(Path::to_owned);
+    let mut record = HealthRecord {
+        pid: std::process::id(),
+        started_at: unix_now(),
+        written_at: 0,
+        stopped_at: None,
+        gateway: GatewayRecord {
+            state: gateway_state_name(&GatewayHealth::Starting).to_owned(),
+            since: unix_now(),
+            error: None,
+        },
+        status: String::new(),
+    };
+    let mut written: Option<(HealthRecord, Instant)> = None;
     loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                if let Some(dir) = dir {
+                    record.stopped_at = Some(unix_now());
+                    record.written_at = unix_now();
+                    save_health(dir, record).await;
+                }
+                return;
+            }
             _ = tick.tick() => {}
         }
         let counts = store
             .run(|c| Ok((pending(c)?, store::quarantine(c)?.len())))
             .await;
         let (pending, quarantined) = counts.unwrap_or((0, 0));
+        let gateway = health.gateway();
         let line = status_line(
             &board.snapshot(),
-            &health.gateway(),
+            &gateway,
             pending,
             quarantined,
             Instant::now(),
         );
         if line != last {
             notify(&[NotifyState::Status(&line)]);
-            last = line;
+            last.clone_from(&line);
+        }
+        let state = gateway_state_name(&gateway);
+        if record.gateway.state != state {
+            record.gateway.state = state.to_owned();
+            record.gateway.since = unix_now();
+        }
+        record.gateway.error = match &gateway {
+            GatewayHealth::Down { error, .. } => Some(error.clone()),
+            _ => None,
+        };
+        record.status = line;
+        let changed = written.as_ref().is_none_or(|(w, at)| {
+            w.gateway != record.gateway
+                || w.status != record.status
+                || at.elapsed() >= HEALTH_HEARTBEAT
+        });
+        if changed && let Some(dir) = &dir {
+            record.written_at = unix_now();
+            save_health(dir.clone(), record.clone()).await;
+            written = Some((record.clone(), Instant::now()));
         }
         if watchdog.is_some() {
             if health.alive(limit) {
@@ -209,6 +335,17 @@ pub async fn notifier(
                 tracing::error!("main loop or event consumer stalled; withholding the watchdog");
             }
         }
+    }
+}
+
+/// Writes the health file off the runtime's threads; a failure is logged
+/// at debug level only (status then shows what it has).
+async fn save_health(dir: PathBuf, record: HealthRecord) {
+    let r = tokio::task::spawn_blocking(move || write_health(&dir, &record)).await;
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "cannot write the health file"),
+        Err(e) => tracing::debug!(error = %e, "health file task failed"),
     }
 }
 
@@ -261,5 +398,31 @@ mod tests {
             status_line(&phases, &down, 0, 0, now),
             "gateway unreachable: retrying in 8s (connection refused); 2/3 devices live, 0 pending"
         );
+    }
+
+    #[test]
+    fn the_health_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_health(dir.path()), None);
+        let r = HealthRecord {
+            pid: 7,
+            started_at: 1,
+            written_at: 2,
+            stopped_at: None,
+            gateway: GatewayRecord {
+                state: "down".into(),
+                since: 3,
+                error: Some("tcp connect error".into()),
+            },
+            status: "gateway unreachable".into(),
+        };
+        write_health(dir.path(), &r).unwrap();
+        assert_eq!(read_health(dir.path()), Some(r));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(HEALTH_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

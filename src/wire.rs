@@ -204,6 +204,219 @@ fn non_empty(id: String) -> Result<String, PeekError> {
     }
 }
 
+// ---- editing a raw record in place -------------------------------------------
+
+/// One field of a raw protobuf message, located by byte offsets: the
+/// whole field (key included) is `start..end`, its payload `value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawField {
+    number: u32,
+    wire_type: u8,
+    start: usize,
+    value: std::ops::Range<usize>,
+    end: usize,
+}
+
+fn malformed(what: &str) -> PeekError {
+    PeekError::Malformed(what.to_owned())
+}
+
+fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, PeekError> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos).ok_or_else(|| malformed("truncated varint"))?;
+        *pos += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(malformed("varint longer than 10 bytes"))
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Splits a message into its fields without interpreting any of them.
+fn raw_fields(buf: &[u8]) -> Result<Vec<RawField>, PeekError> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < buf.len() {
+        let start = pos;
+        let key = read_varint(buf, &mut pos)?;
+        let number = u32::try_from(key >> 3).map_err(|_| malformed("field number out of range"))?;
+        if number == 0 {
+            return Err(malformed("field number 0"));
+        }
+        let wire_type = (key & 7) as u8;
+        let value_start = match wire_type {
+            0 => {
+                let s = pos;
+                read_varint(buf, &mut pos)?;
+                s
+            }
+            1 => {
+                pos += 8;
+                pos - 8
+            }
+            2 => {
+                let len = usize::try_from(read_varint(buf, &mut pos)?)
+                    .map_err(|_| malformed("length out of range"))?;
+                pos = pos
+                    .checked_add(len)
+                    .ok_or_else(|| malformed("length out of range"))?;
+                pos - len
+            }
+            5 => {
+                pos += 4;
+                pos - 4
+            }
+            _ => return Err(malformed("group or unknown wire type")),
+        };
+        if pos > buf.len() {
+            return Err(malformed("field runs past the end of the record"));
+        }
+        out.push(RawField {
+            number,
+            wire_type,
+            start,
+            value: value_start..pos,
+            end: pos,
+        });
+    }
+    Ok(out)
+}
+
+fn key(number: u32, wire_type: u8) -> u64 {
+    (u64::from(number) << 3) | u64::from(wire_type)
+}
+
+fn len_field(number: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 6);
+    put_varint(&mut out, key(number, 2));
+    put_varint(&mut out, payload.len() as u64);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Rebuilds `buf` with every occurrence of field `number` removed and
+/// `replacement` (a whole encoded field, or nothing) put where the first
+/// occurrence was, else after the last field numbered below `number`.
+/// Every other field keeps its bytes and its place.
+fn replace_field(buf: &[u8], number: u32, replacement: &[u8]) -> Result<Vec<u8>, PeekError> {
+    let fields = raw_fields(buf)?;
+    let at = fields
+        .iter()
+        .position(|f| f.number == number)
+        .or_else(|| {
+            fields
+                .iter()
+                .rposition(|f| f.number < number)
+                .map(|i| i + 1)
+        })
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(buf.len() + replacement.len());
+    for (i, f) in fields.iter().enumerate() {
+        if i == at {
+            out.extend_from_slice(replacement);
+        }
+        if f.number != number {
+            out.extend_from_slice(&buf[f.start..f.end]);
+        }
+    }
+    if at >= fields.len() {
+        out.extend_from_slice(replacement);
+    }
+    Ok(out)
+}
+
+/// UserInfo field numbers, the same in every generation (WIRE.md §2.3).
+const USER_HDR: u32 = 1;
+const USER_NAME: u32 = 3;
+const USER_CARDS: u32 = 4;
+
+impl Numbering {
+    /// `UserHdr.numOfCard`: 2 up to V1.6, 3 from V1.8 (WIRE.md §1.3).
+    fn num_of_card_field(self) -> u32 {
+        match self {
+            Numbering::V16 => 2,
+            Numbering::V18 => 3,
+        }
+    }
+}
+
+/// The raw `cards` entries (`CSNCardData`, UserInfo field 4) of a record.
+pub fn raw_cards(raw: &[u8]) -> Result<Vec<Vec<u8>>, PeekError> {
+    Ok(raw_fields(raw)?
+        .into_iter()
+        .filter(|f| f.number == USER_CARDS && f.wire_type == 2)
+        .map(|f| raw[f.value].to_vec())
+        .collect())
+}
+
+/// Adds a card (an encoded `CSNCardData`) to a raw `UserInfo` without
+/// re-encoding anything else: the entry goes after the record's last
+/// card (UserInfo field 4) and `hdr.numOfCard` is set to the new number of
+/// cards. Every other byte — name, fingers, faces, PIN, photo, access
+/// groups, fields no schema of ours knows — stays as it was.
+pub fn add_card(raw: &[u8], numbering: Numbering, card: &[u8]) -> Result<Vec<u8>, PeekError> {
+    let fields = raw_fields(raw)?;
+    let hdrs: Vec<&RawField> = fields.iter().filter(|f| f.number == USER_HDR).collect();
+    let [hdr] = hdrs.as_slice() else {
+        return Err(malformed("the record does not have exactly one header"));
+    };
+    if hdr.wire_type != 2 {
+        return Err(malformed("the header is not a message"));
+    }
+    let cards = fields
+        .iter()
+        .filter(|f| f.number == USER_CARDS && f.wire_type == 2)
+        .count();
+    // The header, with only numOfCard changed.
+    let mut count = Vec::new();
+    let n = numbering.num_of_card_field();
+    put_varint(&mut count, key(n, 0));
+    put_varint(&mut count, cards as u64 + 1);
+    let new_hdr = replace_field(&raw[hdr.value.clone()], n, &count)?;
+    // The card after the last field numbered up to 4 (after the existing
+    // cards, or after the name), so the record keeps its field order.
+    let card_at = fields
+        .iter()
+        .rposition(|f| f.number <= USER_CARDS)
+        .map_or(0, |i| i + 1);
+    let mut out = Vec::with_capacity(raw.len() + card.len() + 8);
+    for (i, f) in fields.iter().enumerate() {
+        if i == card_at {
+            out.extend_from_slice(&len_field(USER_CARDS, card));
+        }
+        if f.number == USER_HDR {
+            out.extend_from_slice(&len_field(USER_HDR, &new_hdr));
+        } else {
+            out.extend_from_slice(&raw[f.start..f.end]);
+        }
+    }
+    if card_at >= fields.len() {
+        out.extend_from_slice(&len_field(USER_CARDS, card));
+    }
+    Ok(out)
+}
+
+/// Sets the name (UserInfo field 3) of a raw `UserInfo`, every other byte
+/// untouched.
+pub fn set_name(raw: &[u8], name: &str) -> Result<Vec<u8>, PeekError> {
+    let field = if name.is_empty() {
+        Vec::new()
+    } else {
+        len_field(USER_NAME, name.as_bytes())
+    };
+    replace_field(raw, USER_NAME, &field)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,5 +515,107 @@ mod tests {
         assert!(shown.contains("\"7\""));
         assert!(shown.contains("40"));
         assert!(!shown.contains("171"), "{shown}");
+    }
+
+    /// The record with its header and cards taken out: what adding a card
+    /// must leave byte for byte.
+    fn without_hdr_and_cards(raw: &[u8]) -> Vec<u8> {
+        raw_fields(raw)
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.number != USER_HDR && f.number != USER_CARDS)
+            .flat_map(|f| raw[f.start..f.end].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn adding_a_card_keeps_every_other_byte() {
+        use crate::proto::gsdk::card::CsnCardData;
+        let card = CsnCardData {
+            r#type: 1,
+            size: 32,
+            data: vec![7; 32],
+        };
+        for n in [Numbering::V16, Numbering::V18] {
+            let mut raw = crate::sim::users::generate("42", 1, n, Default::default());
+            // A field no schema of ours knows (a future generation's).
+            raw.extend_from_slice(&len_field(15, b"future"));
+            let edited = add_card(&raw, n, &card.encode_to_vec()).unwrap();
+            assert_eq!(without_hdr_and_cards(&edited), without_hdr_and_cards(&raw));
+            let cards = raw_cards(&edited).unwrap();
+            assert_eq!(cards.len(), 2);
+            assert_eq!(cards[0], raw_cards(&raw).unwrap()[0]);
+            assert_eq!(cards[1], card.encode_to_vec());
+            assert_eq!(peek_user_id(&edited).unwrap(), "42");
+            match n {
+                Numbering::V18 => {
+                    let (a, b) = (
+                        v18::UserInfo::decode(raw.as_slice()).unwrap(),
+                        v18::UserInfo::decode(edited.as_slice()).unwrap(),
+                    );
+                    let (ha, hb) = (a.hdr.clone().unwrap(), b.hdr.clone().unwrap());
+                    assert_eq!(hb.num_of_card, 2);
+                    assert_eq!(
+                        (hb.num_of_finger, hb.num_of_face, hb.user_flag),
+                        (ha.num_of_finger, ha.num_of_face, ha.user_flag)
+                    );
+                    assert_eq!((b.name, b.fingers, b.faces), (a.name, a.fingers, a.faces));
+                }
+                Numbering::V16 => {
+                    let (a, b) = (
+                        v16::UserInfo::decode(raw.as_slice()).unwrap(),
+                        v16::UserInfo::decode(edited.as_slice()).unwrap(),
+                    );
+                    let (ha, hb) = (a.hdr.clone().unwrap(), b.hdr.clone().unwrap());
+                    assert_eq!(hb.num_of_card, 2);
+                    assert_eq!(
+                        (hb.num_of_finger, hb.num_of_face),
+                        (ha.num_of_finger, ha.num_of_face)
+                    );
+                    assert_eq!((b.name, b.fingers, b.faces), (a.name, a.fingers, a.faces));
+                }
+            }
+            // A user without a card gets its first.
+            let bare = v18::UserInfo {
+                hdr: Some(v18::UserHdr {
+                    id: "9".into(),
+                    ..Default::default()
+                }),
+                pin: vec![1; 32],
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let one = add_card(&bare, Numbering::V18, &card.encode_to_vec()).unwrap();
+            let u = v18::UserInfo::decode(one.as_slice()).unwrap();
+            assert_eq!((u.cards.len(), u.hdr.unwrap().num_of_card), (1, 1));
+            assert_eq!(u.pin, vec![1; 32]);
+        }
+    }
+
+    #[test]
+    fn renaming_keeps_every_other_byte() {
+        let raw = crate::sim::users::generate("42", 1, Numbering::V18, Default::default());
+        let renamed = set_name(&raw, "Ann").unwrap();
+        let u = v18::UserInfo::decode(renamed.as_slice()).unwrap();
+        assert_eq!(u.name, "Ann");
+        let strip = |r: &[u8]| -> Vec<u8> {
+            raw_fields(r)
+                .unwrap()
+                .into_iter()
+                .filter(|f| f.number != USER_NAME)
+                .flat_map(|f| r[f.start..f.end].to_vec())
+                .collect()
+        };
+        assert_eq!(strip(&renamed), strip(&raw));
+    }
+
+    #[test]
+    fn editing_refuses_what_it_cannot_read() {
+        assert!(add_card(&[0x0a, 0x05, 0x01], Numbering::V18, &[]).is_err());
+        assert!(
+            add_card(&[0x1a, 0x00], Numbering::V18, &[]).is_err(),
+            "no header"
+        );
+        assert!(raw_fields(&[0x0b]).is_err(), "groups are not supported");
     }
 }

@@ -1,9 +1,13 @@
 //! The operator commands, run as the real binary against the simulator:
-//! status (daemon running and stopped), events, users, enroll --card,
-//! delete, reconcile (dry run, through the daemon, directly),
-//! import-config and demo; and the single-instance lock: every writer of
-//! the state holds it, the daemon takes it before it opens the state, and
-//! a command that cannot tell whether the daemon runs refuses to act.
+//! status (daemon running, stopped, killed; gateway up and down; drift and
+//! reconcile results), events, users, enroll --card (a card added to an
+//! existing user keeps every other byte), delete, reconcile (dry run,
+//! through the daemon, directly, per target, with unreachable targets, a
+//! prune that asks), import-config (all or nothing), demo, errors that say
+//! what to do next and one CLI convention; and the single-instance lock:
+//! every writer of the state holds it, the daemon takes it before it opens
+//! the state, and a command that cannot tell whether the daemon runs
+//! refuses to act.
 
 mod common;
 
@@ -50,10 +54,13 @@ async fn operator_commands_against_the_simulator() {
     let site = site(&sim);
     let config = usersync::config::load(&site.cfg).unwrap();
 
-    // status before the daemon ever ran: a clear error.
+    // status before the daemon ever ran: what to do.
     let (code, _, err) = run(&site.cfg, &["status"]).await;
     assert_eq!(code, 1);
-    assert!(err.contains("has the daemon ever run"), "{err}");
+    assert!(
+        err.contains("no state yet") && err.contains("start it"),
+        "{err}"
+    );
 
     let daemon = Daemon::start(config.clone());
     sim.enroll_on_device(src, "1000").unwrap();
@@ -62,7 +69,7 @@ async fn operator_commands_against_the_simulator() {
     // status while running.
     let (code, out, err) = run(&site.cfg, &["status"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("daemon: running"), "{out}");
+    assert!(out.contains("daemon:  running"), "{out}");
     assert!(out.contains(&format!("{src:<12} source  live")), "{out}");
     let (code, out, _) = run(&site.cfg, &["status", "--json"]).await;
     assert_eq!(code, 0);
@@ -103,7 +110,7 @@ async fn operator_commands_against_the_simulator() {
     let (code, out, _) = run(&site.cfg, &["users", "--device", &t2.to_string()]).await;
     assert_eq!(code, 0);
     assert!(
-        out.contains("1 users on device") && out.contains("1000"),
+        out.contains("1 user on device") && out.contains("1000"),
         "{out}"
     );
     let (code, out, _) = run(
@@ -201,9 +208,10 @@ async fn operator_commands_against_the_simulator() {
     let (code, out, _) = run(&site.cfg, &["reconcile", "--dry-run", "--prune", "--json"]).await;
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v[0]["extra"][0], "stray");
-    // Through the running daemon (a request it picks up).
-    let (code, out, err) = run(&site.cfg, &["reconcile", "--prune"]).await;
+    assert_eq!(v["targets"][0]["extra"][0], "stray");
+    // Through the running daemon (a request it picks up); the prune is
+    // confirmed with --yes (no terminal here to ask on).
+    let (code, out, err) = run(&site.cfg, &["reconcile", "--prune", "--yes"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("requested from the running daemon"), "{out}");
     wait_converged(&sim, src, &[t1, t2]).await;
@@ -211,7 +219,7 @@ async fn operator_commands_against_the_simulator() {
     daemon.stop().await;
     let (code, out, _) = run(&site.cfg, &["status"]).await;
     assert_eq!(code, 0);
-    assert!(out.contains("daemon: stopped"), "{out}");
+    assert!(out.contains("daemon:  stopped"), "{out}");
 
     // With the daemon stopped, reconcile runs here.
     sim.delete_on_device(t2, "2000").unwrap();
@@ -219,7 +227,7 @@ async fn operator_commands_against_the_simulator() {
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains(&format!(
-            "group main target {t2}: 1 users written, 0 deleted"
+            "group main target {t2}: 1 user written, 0 deleted"
         )),
         "{out}"
     );
@@ -263,11 +271,13 @@ async fn import_config_converts_and_seeds_checkpoints() {
         .unwrap();
     let out_path = dir.path().join("usersync.toml");
     let state = dir.path().join("state");
+    // Relative paths are relative to the current directory.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .current_dir(dir.path())
         .arg("import-config")
-        .arg(&json)
+        .arg("sync_config.json")
         .arg("--output")
-        .arg(&out_path)
+        .arg("usersync.toml")
         .args([
             "--gateway",
             "127.0.0.1:4000",
@@ -285,6 +295,7 @@ async fn import_config_converts_and_seeds_checkpoints() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("seeded 3 checkpoints"));
     let cfg = usersync::config::load(&out_path).unwrap();
+    assert_eq!(cfg.gateway.ca_file, Some(dir.path().join("ca.crt")));
     assert_eq!(cfg.groups[0].sources, vec![939_504_224]);
     assert_eq!(cfg.groups[0].targets, vec![543_664_528, 547_634_389]);
     assert!(cfg.devices[&547_634_389].tls);
@@ -301,6 +312,11 @@ async fn import_config_converts_and_seeds_checkpoints() {
         .output()
         .unwrap();
     assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists; not overwriting it"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 }
 
 #[tokio::test]
@@ -376,7 +392,7 @@ async fn a_command_that_cannot_tell_whether_the_daemon_runs_refuses_to_act() {
         tokio::task::spawn_blocking(move || cmd.output().expect("run usersync"))
     };
     let refusal = format!(
-        "cannot tell whether the daemon is running: permission denied on {}; run as the service user or with sudo",
+        "cannot tell whether the daemon is running: permission denied on {}; run with sudo",
         state.display()
     );
     for args in [&["reconcile"][..], &["status"]] {
@@ -437,7 +453,7 @@ async fn a_reconcile_run_here_holds_the_daemon_lock() {
     sim.hold_device(src, false);
     let (code, out, err) = reconcile.await.unwrap();
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("1 users written"), "{out}");
+    assert!(out.contains("1 user written"), "{out}");
     wait_converged(&sim, src, &[t1, t2]).await;
 }
 
@@ -494,7 +510,9 @@ async fn import_config_refuses_while_a_daemon_runs() {
         .arg(&json)
         .arg("--output")
         .arg(&out_path)
-        .args(["--gateway", "127.0.0.1:4000", "--state-dir"])
+        .args(["--gateway", "127.0.0.1:4000", "--ca-file"])
+        .arg(dir.path().join("ca.crt"))
+        .arg("--state-dir")
         .arg(&state)
         .output()
         .unwrap();
@@ -504,4 +522,760 @@ async fn import_config_refuses_while_a_daemon_runs() {
     assert!(!out_path.exists(), "the configuration was written");
     assert!(!state.join(usersync::store::DB_FILE).exists());
     drop(held);
+}
+
+// ---- the operator's edge (issue 9) ------------------------------------------------
+
+/// The top-level fields of a raw protobuf record, as (number, whole field
+/// bytes), without interpreting any of them.
+fn wire_fields(buf: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    fn varint(buf: &[u8], pos: &mut usize) -> u64 {
+        let mut v = 0u64;
+        let mut shift = 0;
+        loop {
+            let b = buf[*pos];
+            *pos += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < buf.len() {
+        let start = pos;
+        let key = varint(buf, &mut pos);
+        match key & 7 {
+            0 => {
+                varint(buf, &mut pos);
+            }
+            1 => pos += 8,
+            2 => {
+                let len = usize::try_from(varint(buf, &mut pos)).unwrap();
+                pos += len;
+            }
+            5 => pos += 4,
+            t => panic!("wire type {t}"),
+        }
+        out.push((key >> 3, buf[start..pos].to_vec()));
+    }
+    out
+}
+
+/// A record's bytes without its header (field 1) and cards (field 4).
+fn without_hdr_and_cards(raw: &[u8]) -> Vec<u8> {
+    wire_fields(raw)
+        .into_iter()
+        .filter(|(n, _)| *n != 1 && *n != 4)
+        .flat_map(|(_, b)| b)
+        .collect()
+}
+
+/// Item 1: `enroll --card --overwrite` on an existing user adds the card
+/// and keeps every other byte — fingers, face, PIN, photo, name and a
+/// field no schema of ours knows — on the device and, after sync, on every
+/// target. Without --overwrite it refuses before asking for a card and
+/// says what the user holds. `delete` of a user the device does not have
+/// says so and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_card_keeps_everything_else_on_every_device() {
+    use prost::Message;
+    use usersync::proto::usersync::schema::v18;
+    let sim = sim(Api::V1_8, 3).await;
+    let ids = sim.device_ids();
+    let (src, t1, t2) = (ids[0], ids[1], ids[2]);
+    let site = site(&sim);
+    let config = usersync::config::load(&site.cfg).unwrap();
+    let daemon = Daemon::start(config);
+    // A generated user (a card, two fingers, a face, PIN, photo), plus a
+    // field of a later gateway generation (number 15).
+    let mut raw = usersync::sim::users::generate(
+        "1000",
+        1,
+        usersync::wire::Numbering::V18,
+        Default::default(),
+    );
+    raw.extend_from_slice(&[0x7a, 0x06]);
+    raw.extend_from_slice(b"future");
+    sim.put_raw_on_device(src, raw.clone()).unwrap();
+    wait_converged(&sim, src, &[t1, t2]).await;
+    let before = sim.user_bytes(src, "1000").unwrap();
+    assert_eq!(before, raw);
+    let s = src.to_string();
+
+    sim.clear_rpc_log();
+    let (code, _, err) = run(&site.cfg, &["enroll", "--device", &s, "--user", "1000"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("user 1000 already exists")
+            && err.contains("2 fingers")
+            && err.contains("1 face")
+            && err.contains("--overwrite adds the card to it and keeps everything else"),
+        "{err}"
+    );
+    assert!(
+        !sim.rpc_log().iter().any(|r| r.method == "Scan"),
+        "no card is asked for before the inputs are checked"
+    );
+
+    let (code, out, err) = run(
+        &site.cfg,
+        &[
+            "enroll",
+            "--device",
+            &s,
+            "--user",
+            "1000",
+            "--card",
+            "--overwrite",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("added a card to user 1000")
+            && out.contains("2 cards, 2 fingers, 1 face, a PIN, a photo"),
+        "{out}"
+    );
+    let after = sim.user_bytes(src, "1000").unwrap();
+    assert_eq!(
+        without_hdr_and_cards(&after),
+        without_hdr_and_cards(&before),
+        "every byte but the header and the cards is kept"
+    );
+    assert!(
+        after.windows(8).any(|w| w == b"\x7a\x06future"),
+        "the unknown field is kept"
+    );
+    let (a, b) = (
+        v18::UserInfo::decode(before.as_slice()).unwrap(),
+        v18::UserInfo::decode(after.as_slice()).unwrap(),
+    );
+    assert_eq!(b.cards.len(), a.cards.len() + 1);
+    assert_eq!(b.cards[0], a.cards[0]);
+    let (ha, hb) = (a.hdr.clone().unwrap(), b.hdr.clone().unwrap());
+    assert_eq!(hb.num_of_card, ha.num_of_card + 1);
+    assert_eq!(
+        (hb.id, hb.user_flag, hb.num_of_finger, hb.num_of_face),
+        (ha.id, ha.user_flag, ha.num_of_finger, ha.num_of_face)
+    );
+    assert_eq!(
+        (&b.name, &b.fingers, &b.faces, &b.pin, &b.photo, &b.setting),
+        (&a.name, &a.fingers, &a.faces, &a.pin, &a.photo, &a.setting)
+    );
+    // Every target gets exactly these bytes.
+    wait_converged(&sim, src, &[t1, t2]).await;
+    assert_eq!(sim.user_bytes(t1, "1000"), Some(after.clone()));
+    assert_eq!(sim.user_bytes(t2, "1000"), Some(after));
+
+    sim.clear_rpc_log();
+    let (code, _, err) = run(&site.cfg, &["delete", "--device", &s, "--user", "nosuch"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("device {src} has no user nosuch: nothing deleted")),
+        "{err}"
+    );
+    assert!(!sim.rpc_log().iter().any(|r| r.method == "Delete"));
+    daemon.stop().await;
+}
+
+fn import_cmd(dir: &Path, ca: &str, extra: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"));
+    let gateway = extra.first().copied().unwrap_or("127.0.0.1:4000");
+    cmd.current_dir(dir)
+        .args(["import-config", "sync_config.json", "--gateway", gateway])
+        .args(["--ca-file", ca, "--output", "usersync.toml", "--state-dir"])
+        .arg(dir.join("state"));
+    cmd
+}
+
+const EXAMPLE: &str = r#"{
+  "enroll_device": {"device_id": 939504224, "ip_addr": "192.168.0.110", "port": 51211, "use_ssl": false, "last_event_id": 34667},
+  "devices": [
+    {"device_id": 543664528, "ip_addr": "192.168.0.135", "port": 51211, "use_ssl": false, "last_event_id": 5984}
+  ]
+}"#;
+
+/// Item 2: import-config checks everything before it writes anything;
+/// errors are said in terms of the JSON and the flags; the file and the
+/// seeded checkpoints appear together; a failed run leaves nothing behind,
+/// so a rerun works; a directory this user may not write says sudo.
+#[tokio::test]
+async fn import_config_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    usersync::sim::tls::generate(&["localhost"])
+        .unwrap()
+        .write_ca(dir.path())
+        .unwrap();
+    let json = dir.path().join("sync_config.json");
+    let out_path = dir.path().join("usersync.toml");
+    let db = dir.path().join("state").join(usersync::store::DB_FILE);
+    let attempt = |text: &str, ca: &str, extra: &[&str]| {
+        std::fs::write(&json, text).unwrap();
+        let out = import_cmd(dir.path(), ca, extra).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let failures: Vec<(String, &str, Vec<&str>, Vec<String>)> = vec![
+        (
+            EXAMPLE.into(),
+            "nope.crt",
+            vec![],
+            vec![
+                "--ca-file nope.crt: cannot read".into(),
+                "relative paths are relative to the current directory".into(),
+            ],
+        ),
+        (
+            EXAMPLE.replace("\"device_id\": 939504224", "\"device_id\": \"939504224\""),
+            "ca.crt",
+            vec![],
+            vec![
+                "sync_config.json:2:".into(),
+                "device_id: invalid type: string \"939504224\", expected a device ID, a whole number between 1 and 4294967295".into(),
+            ],
+        ),
+        (
+            EXAMPLE.replace("\"192.168.0.135\"", "\"192.168.0.135:51211\""),
+            "ca.crt",
+            vec![],
+            vec!["sync_config.json: devices[0].ip_addr \"192.168.0.135:51211\" has a port in it".into()],
+        ),
+        (
+            EXAMPLE.replace("543664528", "939504224"),
+            "ca.crt",
+            vec![],
+            vec!["devices[0].device_id: device 939504224 is also enroll_device".into()],
+        ),
+        (
+            EXAMPLE.into(),
+            "ca.crt",
+            vec!["http://192.168.0.2:4000"],
+            vec!["--gateway \"http://192.168.0.2:4000\": is host:port, not a URL".into()],
+        ),
+    ];
+    for (text, ca, extra, wanted) in &failures {
+        let (code, _, err) = attempt(text, ca, extra);
+        assert_eq!(code, Some(1), "{err}");
+        for w in wanted {
+            assert!(err.contains(w.as_str()), "expected {w:?} in {err}");
+        }
+        assert!(err.contains("nothing written"), "{err}");
+        assert!(!err.contains("u32"), "{err}");
+        assert!(!out_path.exists(), "{err}: a file was left behind");
+        assert!(!db.exists(), "{err}: the state was touched");
+    }
+    // After all that, the good input goes through at once.
+    let (code, out, err) = attempt(EXAMPLE, "ca.crt", &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("(2 devices, 1 group); seeded 2 checkpoints"),
+        "{out}"
+    );
+    let store = usersync::store::Store::open(&dir.path().join("state")).unwrap();
+    assert_eq!(store.checkpoint(939_504_224).unwrap(), Some(34_667));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out_path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644, "readable by the service's user");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".import-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // An output directory this user may not write: sudo, and nothing else.
+    use std::os::unix::process::CommandExt;
+    let other = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(other.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let locked = other.path().join("etc");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::write(other.path().join("sync_config.json"), EXAMPLE).unwrap();
+    std::fs::set_permissions(
+        other.path().join("sync_config.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"));
+    cmd.current_dir(other.path())
+        .args([
+            "import-config",
+            "sync_config.json",
+            "--gateway",
+            "127.0.0.1:4000",
+        ])
+        .arg("--output")
+        .arg(locked.join("usersync.toml"));
+    if rustix::process::geteuid().is_root() {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "--output {}: this user may not write in {} (run it with sudo",
+            locked.join("usersync.toml").display(),
+            locked.display()
+        )),
+        "{err}"
+    );
+}
+
+/// Polls `usersync status --json` until `check` holds.
+async fn status_until(
+    cfg: &Path,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        let (code, out, err) = run(cfg, &["status", "--json"]).await;
+        if code == 0 {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            if check(&v) {
+                return v;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for status: {what}\n{out}{err}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn is_rfc3339(v: &serde_json::Value) -> bool {
+    v.as_str().is_some_and(|s| {
+        s.len() == 20
+            && s.as_bytes()[10] == b'T'
+            && s.ends_with('Z')
+            && s[..4].parse::<u32>().is_ok()
+    })
+}
+
+/// Item 3 (and 8's status parts): status says the gateway's state and
+/// since when, in text and JSON (RFC 3339); after the daemon is killed,
+/// device rows are last known, with their age, and no orderly stop is
+/// claimed; the CURSOR column is named for what it is; the phases are the
+/// metrics' words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_the_truth_about_the_daemon_and_the_gateway() {
+    let sim = sim(Api::V1_8, 3).await;
+    let src = sim.device_ids()[0];
+    let site = site(&sim);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .args(["run", "--log-target", "stderr", "--config"])
+        .arg(&site.cfg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let v = status_until(&site.cfg, "every device live, gateway up", |v| {
+        v["gateway"]["state"] == "up"
+            && v["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["state"] == "live")
+    })
+    .await;
+    assert_eq!(v["daemon"]["running"], true);
+    assert_eq!(v["gateway"]["current"], true);
+    assert!(is_rfc3339(&v["gateway"]["since"]), "{v}");
+    assert!(is_rfc3339(&v["devices"][0]["updated"]), "{v}");
+    let (_, text, _) = run(&site.cfg, &["status"]).await;
+    assert!(
+        text.contains(&format!("gateway: {} up since", sim.address())),
+        "{text}"
+    );
+    assert!(
+        text.contains("JOURNAL-SEQ") && !text.contains("CURSOR"),
+        "{text}"
+    );
+    assert!(text.contains("not a device event ID"), "{text}");
+
+    // kill -9: what it recorded is last known.
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let (code, text, err) = run(&site.cfg, &["status"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("daemon:  not running: last seen")
+            && text.contains("no orderly stop recorded"),
+        "{text}"
+    );
+    assert!(text.contains("devices as last known"), "{text}");
+    assert!(
+        text.contains(&format!("{src:<12} source  was live")),
+        "{text}"
+    );
+    assert!(text.contains("ago)"), "{text}");
+    assert!(text.contains("— last known, as of"), "{text}");
+    let (_, out, _) = run(&site.cfg, &["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["daemon"]["running"], false);
+    assert_eq!(v["devices"][0]["current"], false);
+    assert!(v["devices"][0]["age_secs"].is_u64(), "{v}");
+    assert_eq!(v["gateway"]["current"], false);
+
+    // The gateway goes away under a running daemon: status says so, since
+    // when, and what to check.
+    let config = usersync::config::load(&site.cfg).unwrap();
+    let daemon = Daemon::start(config);
+    status_until(&site.cfg, "gateway up again", |v| {
+        v["gateway"]["state"] == "up"
+    })
+    .await;
+    sim.shutdown().await;
+    let refused = format!("cannot connect to the gateway at {}", sim.address());
+    let v = status_until(&site.cfg, "gateway down, cannot connect", |v| {
+        v["gateway"]["state"] == "down"
+            && v["gateway"]["next_step"]
+                .as_str()
+                .is_some_and(|s| s.contains(&refused))
+    })
+    .await;
+    assert!(is_rfc3339(&v["gateway"]["since"]), "{v}");
+    let (_, text, _) = run(&site.cfg, &["status"]).await;
+    assert!(
+        text.contains(&format!("gateway: {} DOWN since", sim.address()))
+            && text.contains("next: cannot connect to the gateway"),
+        "{text}"
+    );
+    daemon.stop().await;
+    let (_, text, _) = run(&site.cfg, &["status"]).await;
+    assert!(text.contains("daemon:  stopped"), "{text}");
+}
+
+/// Item 4: a CLI write at a target warns; changes at a target (at the
+/// device, or through the CLI) show in status as drift with the reconcile
+/// that fixes it; that reconcile, through the running daemon and for one
+/// target, shows its result and clears the drift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_at_a_target_warn_and_show_as_drift() {
+    let sim = sim(Api::V1_8, 3).await;
+    let ids = sim.device_ids();
+    let (src, t1, t2) = (ids[0], ids[1], ids[2]);
+    let site = site(&sim);
+    let config = usersync::config::load(&site.cfg).unwrap();
+    let daemon = Daemon::start(config);
+    sim.enroll_on_device(src, "1000").unwrap();
+    wait_converged(&sim, src, &[t1, t2]).await;
+
+    sim.enroll_on_device(t1, "stray").unwrap();
+    let t = t1.to_string();
+    let (code, out, err) = run(&site.cfg, &["delete", "--device", &t, "--user", "1000"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted user 1000"), "{out}");
+    assert!(
+        err.contains(&format!("warning: device {t1} is a target of group main"))
+            && err.contains("puts it back"),
+        "{err}"
+    );
+    let fix = format!("usersync reconcile --group main --target {t1}");
+    let v = status_until(&site.cfg, "drift of two user changes", |v| {
+        v["targets"][0]["drift"]["changes"].as_u64() == Some(2)
+    })
+    .await;
+    assert_eq!(v["targets"][0]["drift"]["fix"], fix.as_str());
+    assert!(v["targets"][1]["drift"].is_null(), "{v}");
+    let (_, text, _) = run(&site.cfg, &["status"]).await;
+    assert!(
+        text.contains(&format!(
+            "main/{t1}: 2 user changes since its last reconcile"
+        )) && text.contains(&fix),
+        "{text}"
+    );
+
+    // The reconcile status names, for that target only.
+    let (code, out, err) = run(&site.cfg, &["reconcile", "--target", &t]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("reconcile of 1 target requested from the running daemon")
+            && out.contains(&format!("group main: {t1}")),
+        "{out}"
+    );
+    let v = status_until(&site.cfg, "the reconcile's result", |v| {
+        v["targets"][0]["last_reconcile"]["reason"] == "requested by the operator"
+            && v["targets"][0]["drift"].is_null()
+    })
+    .await;
+    assert_eq!(v["targets"][0]["last_reconcile"]["missing"], 1);
+    assert_eq!(v["targets"][0]["last_reconcile"]["extra"], 1);
+    assert!(is_rfc3339(
+        &v["targets"][0]["last_reconcile"]["finished_at"]
+    ));
+    assert!(sim.users(t1).contains_key("1000"));
+    assert!(sim.users(t1).contains_key("stray"), "kept: prune is off");
+    daemon.stop().await;
+}
+
+/// Item 5: with the daemon stopped and one target offline, reconcile fixes
+/// the reachable target and reports the other (exit 1); --target picks
+/// one; a prune says how many users it deletes and needs --yes off a
+/// terminal; a dry run lists the extra users it keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_does_what_it_can_and_asks_before_it_deletes() {
+    let sim = common::sim_registered(Api::V1_8, 3).await;
+    let ids = sim.device_ids();
+    let (src, t1, t2) = (ids[0], ids[1], ids[2]);
+    let site = site(&sim);
+    sim.enroll_on_device(src, "1000").unwrap();
+    sim.enroll_on_device(t1, "stray").unwrap();
+    sim.set_offline(t2).unwrap();
+
+    let (code, out, err) = run(&site.cfg, &["reconcile", "--dry-run"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains(&format!(
+            "group main target {t1}: 1 missing, 0 different, 1 extra (kept: prune is off)"
+        )) && out.contains("keep (no source has them; --prune deletes them): stray"),
+        "{out}"
+    );
+    assert!(
+        err.contains(&format!(
+            "not reconciled: group main target {t2}: target unreachable"
+        )) && err.contains(&format!("usersync reconcile --group main --target {t2}")),
+        "{err}"
+    );
+
+    // A prune off a terminal: refused, saying what it would delete.
+    let (code, _, err) = run(&site.cfg, &["reconcile", "--prune"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("this reconcile deletes 1 user from 1 target")
+            && err.contains(&format!("group main target {t1}: stray"))
+            && err.contains("confirm with --yes"),
+        "{err}"
+    );
+    assert!(sim.users(t1).contains_key("stray"), "nothing deleted");
+    assert!(!sim.users(t1).contains_key("1000"), "nothing written");
+
+    // Everything reachable is done; the offline target is reported.
+    let (code, out, err) = run(&site.cfg, &["reconcile", "--prune", "--yes"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains(&format!(
+            "group main target {t1}: 1 user written, 1 deleted"
+        )),
+        "{out}"
+    );
+    assert!(
+        err.contains(&format!("not reconciled: group main target {t2}")),
+        "{err}"
+    );
+    assert_eq!(sim.users(t1), sim.users(src));
+
+    // --target: only that one.
+    sim.set_online(t2).unwrap();
+    eventually("the target is back", || async { sim.is_connected(t2) }).await;
+    sim.enroll_on_device(src, "2000").unwrap();
+    let (code, out, err) = run(&site.cfg, &["reconcile", "--target", &t2.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("group main target {t2}: 2 users written")),
+        "{out}"
+    );
+    assert!(!out.contains(&t1.to_string()), "{out}");
+    assert_eq!(sim.users(t2), sim.users(src));
+    assert!(!sim.users(t1).contains_key("2000"));
+
+    let (code, _, err) = run(&site.cfg, &["reconcile", "--target", &src.to_string()]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "device {src} is a source of group main, not a target"
+        )),
+        "{err}"
+    );
+}
+
+/// Item 6: every error says what to do next — the gateway's address when
+/// it cannot be reached, the CA file for an unknown issuer, `tls = true`
+/// for a TLS gateway, "not in the configuration" for an unknown device —
+/// and enroll checks its inputs before it asks for a card.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_what_to_do_next() {
+    let sim = common::sim_registered(Api::V1_8, 2).await;
+    let src = sim.device_ids()[0];
+    let s = src.to_string();
+    let site = site(&sim);
+    let text = std::fs::read_to_string(&site.cfg).unwrap();
+    let variant = |name: &str, text: String| {
+        let p = site.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+
+    // Nothing listens there.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = variant(
+        "down.toml",
+        text.replace(&sim.address().to_string(), &free.to_string()),
+    );
+    let (code, _, err) = run(&down, &["users", "--device", &s]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("cannot connect to the gateway at {free}"))
+            && err.contains("check that the gateway runs"),
+        "{err}"
+    );
+
+    // A CA that did not sign the gateway's certificate.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = usersync::sim::tls::generate(&["localhost"])
+        .unwrap()
+        .write_ca(other.path())
+        .unwrap();
+    let ca_line = text
+        .lines()
+        .find(|l| l.starts_with("ca_file"))
+        .unwrap()
+        .to_owned();
+    let badca = variant(
+        "badca.toml",
+        text.replace(&ca_line, &format!("ca_file = \"{}\"", other_ca.display())),
+    );
+    let (code, _, err) = run(&badca, &["users", "--device", &s]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "the gateway's certificate is not signed by ca_file {}",
+            other_ca.display()
+        )),
+        "{err}"
+    );
+
+    // Plaintext to a TLS gateway.
+    let plain = variant("plain.toml", text.replace(&ca_line, "tls = false"));
+    let (code, _, err) = run(&plain, &["users", "--device", &s]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("speaks TLS") && err.contains("set tls = true"),
+        "{err}"
+    );
+
+    // A device the configuration does not declare.
+    sim.clear_rpc_log();
+    for args in [
+        &["users", "--device", "12345"][..],
+        &["events", "--device", "12345"],
+        &["delete", "--device", "12345", "--user", "1"],
+        &["enroll", "--device", "12345", "--user", "1", "--card"],
+    ] {
+        let (code, _, err) = run(&site.cfg, args).await;
+        assert_eq!(code, 1, "{args:?}");
+        assert!(
+            err.contains("device 12345 is not in the configuration"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, _, err) = run(&site.cfg, &["enroll", "--device", &s, "--user", ""]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid user ID"), "{err}");
+    assert!(
+        sim.rpc_log().is_empty(),
+        "nothing reached the gateway: {:?}",
+        sim.rpc_log()
+    );
+
+    // And `events` with nothing to show says so.
+    let (code, out, _) = run(&site.cfg, &["events", "--device", &s]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("no events on device {src}")), "{out}");
+}
+
+/// Item 7: one convention — `--config/-c` everywhere (check-config keeps
+/// its positional form); exit 2 for usage errors is documented; every
+/// option has help; the man page's synopsis lists every option.
+#[test]
+fn one_cli_convention_documented_everywhere() {
+    let usersync = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let missing = "/nonexistent/usersync.toml";
+    for args in [
+        &["check-config", "--config", missing][..],
+        &["check-config", "-c", missing],
+        &["check-config", missing],
+        &["status", "-c", missing],
+    ] {
+        let (code, _, err) = usersync(args);
+        assert_eq!(code, Some(78), "{args:?}: {err}");
+        assert!(err.contains(missing), "{err}");
+    }
+    let (code, _, _) = usersync(&["check-config", missing, "--config", missing]);
+    assert_eq!(code, Some(2), "one file, not two");
+    let (_, help, _) = usersync(&["--help"]);
+    assert!(help.contains("2 usage error"), "{help}");
+
+    let man =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/usersync.1"))
+            .unwrap();
+    let synopsis = &man[man.find(".SH SYNOPSIS").unwrap()..man.find(".SH DESCRIPTION").unwrap()];
+    assert!(
+        man.contains("\n2 for a usage error"),
+        "exit 2 in EXIT STATUS"
+    );
+    for cmd in [
+        "run",
+        "status",
+        "events",
+        "users",
+        "enroll",
+        "delete",
+        "reconcile",
+        "check-config",
+        "import-config",
+        "sim",
+    ] {
+        let (_, help, _) = usersync(&[cmd, "--help"]);
+        let block = synopsis
+            .split(".br")
+            .find(|b| b.contains(&format!(".B usersync {}", cmd.replace('-', "\\-"))))
+            .unwrap_or_else(|| panic!("no synopsis line for {cmd}"));
+        for line in help.lines() {
+            let line = line.trim_start();
+            if !line.starts_with('-') {
+                continue;
+            }
+            let Some(opt) = line
+                .split([' ', ','])
+                .find(|w| w.starts_with("--") && w.len() > 2)
+            else {
+                continue;
+            };
+            if opt == "--help" {
+                continue;
+            }
+            // Every option has a help text.
+            let described = line.split("  ").filter(|p| !p.trim().is_empty()).count() > 1
+                || help.contains(&format!("{line}\n          "));
+            assert!(described, "{cmd} {opt} has no help text:\n{help}");
+            assert!(
+                block.contains(&opt.replace('-', "\\-")),
+                "the man page's synopsis of {cmd} lacks {opt}"
+            );
+        }
+    }
 }

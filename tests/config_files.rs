@@ -4,7 +4,8 @@
 //! (`# expect: LINE: TEXT`), and the binary must exit 78 for them, from
 //! `check-config` and from `run` alike (the unit relies on `run` exiting 78
 //! to stop retrying). A valid file whose state directory cannot be used
-//! fails both the same way.
+//! fails both the same way. Files the service's user could not read are
+//! warned about; the demo configuration is shipped in the package.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -218,7 +219,7 @@ fn the_binary_exits_78_on_invalid_config() {
     std::fs::write(&good, text).unwrap();
     let (code, stdout, stderr) = usersync(&["check-config".as_ref(), good.as_os_str()]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stdout.contains("valid (3 devices, 1 groups)"), "{stdout}");
+    assert!(stdout.contains("valid (3 devices, 1 group)"), "{stdout}");
     assert!(
         stderr.contains("only /var/lib/usersync writable"),
         "a state dir other than the unit's gets a note: {stderr}"
@@ -281,4 +282,102 @@ fn check_config_warns_about_plaintext() {
         stderr.contains("warning: gateway.tls = false") && stderr.contains("plaintext"),
         "{stderr}"
     );
+}
+
+/// `check-config` runs as root (sudo); the unit's dynamic user reads only
+/// what others may read. A config or CA it could not read is warned about.
+#[test]
+fn check_config_warns_about_files_the_service_cannot_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, file) = with_ca(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/config/valid/minimal-plaintext.toml"),
+    );
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = dir.path().join("ca.crt");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace(
+            "/var/lib/usersync",
+            &dir.path().join("state").display().to_string(),
+        )
+        .replace("tls = false", &format!("ca_file = \"{}\"", ca.display()));
+    std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, _, stderr) = usersync(&["check-config".as_ref(), file.as_os_str()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for f in [&file, &ca] {
+        assert!(
+            stderr.contains(&format!(
+                "{} is not readable by the service's user (mode 600: `sudo chmod o+r {}`)",
+                f.display(),
+                f.display()
+            )),
+            "{stderr}"
+        );
+    }
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (_, _, stderr) = usersync(&["check-config".as_ref(), file.as_os_str()]);
+    assert!(!stderr.contains("not readable"), "{stderr}");
+}
+
+/// The README's two-terminal walkthrough works installed: the package
+/// ships the demo configuration, the README gives the installed commands,
+/// and the package check looks for it.
+#[test]
+fn the_demo_config_is_shipped() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let installed = "/usr/share/doc/usersync/examples/demo.toml";
+    assert!(
+        cargo.contains(
+            "[\"config/demo.toml\", \"usr/share/doc/usersync/examples/demo.toml\", \"644\"]"
+        ),
+        "Cargo.toml's deb assets do not ship config/demo.toml"
+    );
+    let check = std::fs::read_to_string(root.join("packaging/check-deb.sh")).unwrap();
+    assert!(
+        check.contains("examples/demo\\.toml"),
+        "check-deb.sh does not check it"
+    );
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for cmd in [
+        "usersync sim --devices 3 --cert-dir /tmp/usersync-demo".to_owned(),
+        format!("usersync run --config {installed}"),
+    ] {
+        assert!(readme.contains(&cmd), "README lacks {cmd:?}");
+    }
+    // The shipped demo config is what the simulator's defaults serve.
+    let demo = std::fs::read_to_string(root.join("config/demo.toml")).unwrap();
+    assert!(demo.contains("address = \"127.0.0.1:4000\""));
+    assert!(demo.contains("ca_file = \"/tmp/usersync-demo/ca.crt\""));
+}
+
+/// A state directory that is a link to nowhere passed `check-config` and
+/// then failed `run` with exit 1 ("File exists"): both exit 78 now, naming
+/// the link.
+#[test]
+fn a_state_dir_behind_a_dangling_link_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("state");
+    std::os::unix::fs::symlink(dir.path().join("gone"), &link).unwrap();
+    let cfg = dir.path().join("usersync.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\naddress = \"127.0.0.1:1\"\ntls = false\n[state]\ndir = \"{}\"\n",
+            link.display()
+        ),
+    )
+    .unwrap();
+    for args in both(&cfg) {
+        let (code, _, stderr) = usersync(&args);
+        assert_eq!(code, Some(78), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("is a symbolic link to a directory that does not exist"),
+            "{args:?}: {stderr}"
+        );
+    }
 }

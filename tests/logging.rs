@@ -1,7 +1,10 @@
 //! What reaches the journal: the fields a shipped device event and a
 //! propagated change carry. tracing-journald upper-cases field names, so
 //! `device_id` becomes DEVICE_ID; the test checks the names the layer
-//! receives and the priority level.
+//! receives and the priority level. On stderr: no colours off a
+//! terminal, no Rust `Debug` notation, JSON fields as values.
+
+mod common;
 
 use std::sync::{Arc, Mutex};
 
@@ -90,4 +93,90 @@ fn shipped_events_carry_journal_fields() {
     assert_eq!(get(fields, "USER_ID"), Some("1000"));
     assert_eq!(get(fields, "EVENT_TIME"), Some("1624226577"));
     assert_eq!(get(fields, "CHANGED_ON_DEVICE"), Some("true"));
+}
+
+/// Lines `usersync run` writes on stderr until one contains `until`.
+async fn daemon_lines(format: &str, until: &str) -> Vec<String> {
+    use tokio::io::AsyncBufReadExt;
+    let sim = common::sim(usersync::wire::Api::V1_8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("usersync.toml");
+    std::fs::write(
+        &cfg,
+        common::config_text(&sim, dir.path(), &common::main_group(&sim)),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .args([
+            "run",
+            "--log-target",
+            "stderr",
+            "--log-format",
+            format,
+            "--config",
+        ])
+        .arg(&cfg)
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    common::within(&format!("a log line with {until:?}"), async {
+        while !seen.iter().any(|l: &String| l.contains(until)) {
+            seen.push(lines.next_line().await.unwrap().expect("a log line"));
+        }
+    })
+    .await;
+    child.start_kill().unwrap();
+    seen
+}
+
+/// Stderr that is not a terminal gets no ANSI colours, and no value is
+/// shown in Rust's `Debug` notation (`Some(…)`, `None`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_have_no_colours_off_a_terminal_and_no_debug_notation() {
+    let lines = daemon_lines("text", "reconcile done").await;
+    for l in &lines {
+        assert!(!l.contains('\u{1b}'), "ANSI escape in {l:?}");
+        assert!(!l.contains("Some(") && !l.contains("=None"), "{l}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("reconcile started") && l.contains("resume_after=-")),
+        "{lines:#?}"
+    );
+}
+
+/// JSON lines for collectors: every line is one object; fields are values
+/// (numbers are numbers, an absent value is null, not "None"); the Rust
+/// module that logged is `module`, so a `target` field (a target device)
+/// is not shadowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_fields_are_values() {
+    let lines = daemon_lines("json", "reconcile done").await;
+    let mut started = None;
+    for l in &lines {
+        assert!(l.matches("\"target\":").count() <= 1, "a key twice: {l}");
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["module"].is_string(), "{l}");
+        let ts = v["timestamp"].as_str().unwrap();
+        assert!(ts.contains('T') && ts.ends_with('Z'), "RFC 3339: {ts}");
+        for (k, val) in v.as_object().unwrap() {
+            if let Some(s) = val.as_str() {
+                assert!(!s.starts_with("Some(") && s != "None", "{k} = {s} in {l}");
+            }
+        }
+        if v["message"] == "reconcile started" {
+            started = Some(v);
+        }
+    }
+    let v = started.expect("a reconcile started line");
+    assert!(v["target"].is_u64(), "a target device ID is a number: {v}");
+    assert!(v["resume_after"].is_null(), "{v}");
+    assert_eq!(v["group"], "main");
 }

@@ -3,7 +3,8 @@
 //! MONOTONIC_USEC) and STOPPING; SIGHUP reloads a config that adds a target
 //! without dropping the others; an invalid reload is rejected and the
 //! running config stays; metrics are served. The daemon is not dumpable
-//! and warns at start about what its settings expose.
+//! and warns at start about what its settings expose; a metrics port in
+//! use stops it at start.
 
 mod common;
 
@@ -363,4 +364,43 @@ async fn the_daemon_is_not_dumpable_and_warns_about_what_it_exposes() {
         .expect("stops")
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// A metrics address already in use is an error at start (exit 1, the
+/// port named), not one log line and a daemon serving no metrics.
+#[tokio::test]
+async fn a_metrics_port_in_use_is_an_error_at_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("usersync.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[gateway]\naddress = \"127.0.0.1:1\"\ntls = false\n[state]\ndir = \"{}\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let out = within(
+        "usersync run gives up",
+        Command::new(env!("CARGO_BIN_EXE_usersync"))
+            .args(["run", "--log-target", "stderr", "--config"])
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "metrics.listen = \"127.0.0.1:{port}\": cannot listen: port {port} is already in use"
+        )),
+        "{stderr}"
+    );
+    drop(taken);
 }

@@ -91,23 +91,26 @@ struct Track {
     idle_at: Instant,
     /// Failed passes in a row (for the retry delay).
     failures: u32,
-    /// A realtime event of the device arrived since its last read ended.
-    heard: bool,
+    /// Realtime events of the device that arrived but were left to a read
+    /// (one was under way, or the device was not live yet), since its last
+    /// pass ended: a read that finds more new events than these found
+    /// events realtime never delivered.
+    unstaged: u64,
     /// Where the device is on the follow-up ladder of tail checks (see
     /// [`follow_up`]).
     ladder: usize,
 }
 
 /// The delay of the `step`th follow-up tail check after a device's last
-/// activity: the debounce, then 5 s, 30 s and 2 min; after that the idle
+/// activity: the debounce, then 5 s, 15 s and 1 min; after that the idle
 /// check (`None`). A device that logged something is checked a few times
 /// more, a quiet one once per idle interval.
 fn follow_up(sync: &crate::config::SyncConfig, step: usize) -> Option<Duration> {
     let ladder = [
         sync.tail_check_delay,
         Duration::from_secs(5),
-        Duration::from_secs(30),
-        Duration::from_secs(120),
+        Duration::from_secs(15),
+        Duration::from_secs(60),
     ];
     ladder
         .get(step)
@@ -231,7 +234,7 @@ impl Consumer {
                 tail_at: None,
                 idle_at: Instant::now() + spread,
                 failures: 0,
-                heard: false,
+                unstaged: 0,
                 ladder: 0,
             },
         );
@@ -316,8 +319,10 @@ impl Consumer {
             return;
         };
         t.idle_at = idle_at;
-        t.heard = true;
         t.ladder = 0;
+        if t.reading != Reading::Idle || !live {
+            t.unstaged += 1;
+        }
         if t.reading != Reading::Idle {
             // A read is under way or queued: it reads this event from the
             // log, or the pass reads once more.
@@ -494,15 +499,16 @@ impl Consumer {
             Ok(false) => {
                 t.failures = 0;
                 let pass = t.pass.take().unwrap_or_default();
-                let silent = !std::mem::take(&mut t.heard);
-                if pass.waiters.is_empty() && silent && pass.found > 0 {
-                    // A check no realtime event of the device preceded found
-                    // events: its monitoring may be gone without a status
-                    // change we saw (or the subscription took effect late).
-                    // Set the device up again.
+                let unseen = pass.found.saturating_sub(std::mem::take(&mut t.unstaged));
+                if pass.waiters.is_empty() && unseen > 0 {
+                    // A check found events realtime never delivered: its
+                    // queue dropped them, or the device's monitoring is gone
+                    // without a status change we saw (or the subscription
+                    // took effect late). Set the device up again: harmless
+                    // for the first, the cure for the others.
                     tracing::info!(
                         device_id = device,
-                        events = pass.found,
+                        events = unseen,
                         "a tail check found events realtime never delivered; enabling monitoring again"
                     );
                     (self.relink)(device);
