@@ -312,6 +312,13 @@ async fn randomized_fault_schedules() {
                 failures.push(e);
             }
         }
+        if (i + 1) % 50 == 0 {
+            eprintln!(
+                "... {} schedules, {} failed, worst convergence {worst:?}",
+                i + 1,
+                failures.len()
+            );
+        }
     }
     let injected: u32 = totals.values().sum();
     eprintln!(
