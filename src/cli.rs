@@ -25,7 +25,7 @@ use crate::proto::usersync::schema::{v16, v18};
 use crate::store::{self, Store, StoreError};
 use crate::supervisor::{self, DaemonError};
 use crate::sync;
-use crate::wire::Numbering;
+use crate::wire::{EditError, MAX_CARDS, Numbering, NumberingFit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -867,6 +867,12 @@ pub async fn events(
     since: Option<u32>,
     limit: u32,
 ) -> Result<Vec<EventLine>, CliError> {
+    if limit == 0 {
+        // maxNumOfLog = 0 asks the device for its whole log (WIRE.md B3).
+        return Err(CliError::Usage(
+            "--limit 0: give a number of events of at least 1 (0 would read the device's whole log)".into(),
+        ));
+    }
     configured(config, device)?;
     let gw = client(config)?;
     let events = match since {
@@ -1113,6 +1119,12 @@ pub fn target_warning(config: &Config, device: u32, what: TargetWrite) -> Option
             "the user is on this device only (no source has it): it stays as an extra user, and `{fix} --prune` \
              deletes it"
         ),
+        TargetWrite::AddCard => format!(
+            "the card is added on this device only: if a source of the group has the user, the change is \
+             undone by the next change of the user at a source or the next reconcile of the device (`{fix}`), \
+             which write the source's record over it (add the card at a source to keep it); if no source has \
+             the user, it stays as an extra user, and `{fix} --prune` deletes it"
+        ),
         TargetWrite::Delete => format!(
             "if a source of the group has the user, the next reconcile of the device (`{fix}`) puts it back"
         ),
@@ -1162,7 +1174,10 @@ fn record_drift(config: &Config, device: u32, user: &str) {
 /// What the CLI writes at a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetWrite {
+    /// A new user.
     Enroll,
+    /// A card added to an existing user (`enroll --overwrite`).
+    AddCard,
     Delete,
 }
 
@@ -1190,16 +1205,171 @@ fn holdings(s: &UserSummary) -> String {
     parts.join(", ")
 }
 
-/// Most cards a user may hold (WIRE.md §2.3, `numOfCard` ≤ 8).
-const MAX_CARDS: usize = 8;
+/// Most characters a user's name may have (WIRE.md §2.3).
+pub const MAX_NAME_CHARS: usize = 48;
+
+/// Refuses a name the device cannot store.
+fn check_name(name: &str) -> Result<(), CliError> {
+    let n = name.chars().count();
+    if n > MAX_NAME_CHARS {
+        return Err(CliError::Usage(format!(
+            "--name has {n} characters; a device stores at most {MAX_NAME_CHARS} (WIRE.md §2.3): shorten it; \
+             nothing changed"
+        )));
+    }
+    Ok(())
+}
+
+/// The field of the other numbering's header that numOfCard, written
+/// with `numbering`, would land on.
+fn clobbered(numbering: Numbering) -> &'static str {
+    match numbering {
+        // ≤V1.6 numOfCard is field 2: a V1.8 header's userFlag.
+        Numbering::V16 => "userFlag — a disabled user would be enabled again —",
+        // V1.8 numOfCard is field 3: a ≤V1.6 header's numOfFinger.
+        Numbering::V18 => "numOfFinger",
+    }
+}
+
+/// "If the gateway runs V1.8 or later, set api = "v1.8" in [gateway] of FILE".
+fn set_api(config: &Config, n: Numbering) -> String {
+    let runs = match n {
+        Numbering::V16 => "V1.6 or earlier",
+        Numbering::V18 => "V1.8 or later",
+    };
+    format!(
+        "If the gateway runs {runs}, set api = \"{}\" in [gateway] of {}",
+        n.api_name(),
+        config.path.display()
+    )
+}
+
+/// Why a user's record cannot get a card, in the operator's words, or
+/// `None` if it can: it is readable, its header fits the configured
+/// numbering (WIRE.md §1.3), and it holds fewer than [`MAX_CARDS`] cards.
+fn uneditable(config: &Config, device: u32, user: &str, raw: &[u8], held: &str) -> Option<String> {
+    let numbering = config.gateway.api.numbering();
+    let file = config.path.display();
+    let api = config.gateway.api;
+    let cards = match crate::wire::raw_cards(raw) {
+        Ok(c) => c.len(),
+        Err(e) => {
+            return Some(format!(
+                "user {user} on device {device} has a record usersync cannot edit ({e}); nothing changed, \
+                 rather than lose what it holds ({held})"
+            ));
+        }
+    };
+    let fit = match crate::wire::numbering_fit(raw) {
+        Ok(f) => f,
+        Err(e) => {
+            return Some(format!(
+                "user {user} on device {device} has a record usersync cannot edit ({e}); nothing changed, \
+                 rather than lose what it holds ({held})"
+            ));
+        }
+    };
+    if !fit.allows(numbering) {
+        let why = EditError::WrongNumbering { numbering, fit };
+        let next = match fit {
+            NumberingFit::Only(n) => set_api(config, n),
+            _ => {
+                "usersync cannot tell where its card count is: add the card at the device, or with \
+                  BioStar"
+                    .to_owned()
+            }
+        };
+        return Some(format!(
+            "user {user} on device {device}: {why}. Adding a card with api = \"{api}\" ([gateway] of {file}) \
+             would write the card count over its {} and the daemon would copy the damaged record to every \
+             target; nothing changed. {next}",
+            clobbered(numbering)
+        ));
+    }
+    if cards >= MAX_CARDS {
+        return Some(format!(
+            "user {user} on device {device} already has {MAX_CARDS} cards, the most a user may hold; \
+             nothing changed"
+        ));
+    }
+    None
+}
+
+/// Whether the gateway agrees with `[gateway] api` on the numbering of
+/// user headers: the version `Admin.GetInfo` reports (when it can be read
+/// and says), and — when `sample` (no record of the user itself decides)
+/// — a few of the device's own records. Evidence against the configured
+/// numbering refuses the write.
+async fn check_numbering(
+    config: &Config,
+    gw: &GatewayClient,
+    device: u32,
+    sample: bool,
+) -> Result<(), CliError> {
+    let numbering = config.gateway.api.numbering();
+    let api = config.gateway.api;
+    let file = config.path.display();
+    if let Ok(info) = gw.admin_get_info().await
+        && let Some(n) = crate::wire::numbering_of_version(&info.version)
+        && n != numbering
+    {
+        return Err(CliError::Usage(format!(
+            "the gateway at {} reports version {:?}, whose user headers are numbered as api = \"{}\" ({}), \
+             but [gateway] api in {file} is \"{api}\": a record written that way has its card count where \
+             this gateway keeps {} and the daemon would copy it to every target (WIRE.md §1.3); nothing \
+             changed. {}",
+            config.gateway.address,
+            info.version,
+            n.api_name(),
+            n.gateways(),
+            clobbered(numbering),
+            set_api(config, n)
+        )));
+    }
+    if !sample {
+        return Ok(());
+    }
+    // A handful of the device's records, each judged by its own counts.
+    const SAMPLE: usize = 8;
+    let mut ids = gw.user_ids(device).await.map_err(at(device))?;
+    ids.sort();
+    ids.truncate(SAMPLE);
+    let got = sync::get_users(gw, device, ids).await.map_err(at(device))?;
+    let (mut ours, mut other) = (0usize, 0usize);
+    for rec in got.values() {
+        match crate::wire::numbering_fit(&rec.raw) {
+            Ok(NumberingFit::Only(n)) if n == numbering => ours += 1,
+            Ok(NumberingFit::Only(_)) => other += 1,
+            _ => {}
+        }
+    }
+    if other > 0 && ours == 0 {
+        let n = numbering.other();
+        return Err(CliError::Usage(format!(
+            "the users on device {device} are numbered as api = \"{}\" ({}: {other} of the {} records read fit \
+             only that numbering), but [gateway] api in {file} is \"{api}\": a record written that way has its \
+             card count where this gateway keeps {} and the daemon would copy it to every target (WIRE.md \
+             §1.3); nothing changed. {}",
+            n.api_name(),
+            n.gateways(),
+            got.len(),
+            clobbered(numbering),
+            set_api(config, n)
+        )));
+    }
+    Ok(())
+}
 
 /// Waits for a card at `device` and enrolls `user` with it. Inputs are
 /// checked before anyone is asked for a card: the device is configured, the
-/// ID is valid, and the user is absent unless `overwrite`. With
-/// `overwrite`, an existing user gets the card *added*: its record is read
-/// and written back with one more card, every other byte untouched
+/// ID is valid, the name fits, and the user is absent unless `overwrite`.
+/// With `overwrite`, an existing user gets the card *added*: its record is
+/// read and written back with one more card, every other byte untouched
 /// (fingers, faces, PIN, photo, access groups, fields unknown to usersync);
-/// `name` renames it. Nothing else ever replaces a user's record.
+/// `name` renames it. Nothing else ever replaces a user's record. A record
+/// whose header does not fit `[gateway] api` (or a gateway whose version
+/// says another numbering) is refused, before the card and again after it
+/// ([`uneditable`], [`check_numbering`]), as is a ninth card.
 pub async fn enroll_card(
     config: &Config,
     device: u32,
@@ -1208,6 +1378,9 @@ pub async fn enroll_card(
     overwrite: bool,
 ) -> Result<String, CliError> {
     crate::sim::model::validate_user_id(user).map_err(CliError::Usage)?;
+    if let Some(n) = name {
+        check_name(n)?;
+    }
     configured(config, device)?;
     let numbering = config.gateway.api.numbering();
     let gw = client(config)?;
@@ -1218,30 +1391,37 @@ pub async fn enroll_card(
             .map_err(at(device))
     };
     let existing = read(gw.clone()).await?;
-    if let Some(rec) = &existing {
-        let held = summarize(&rec.raw, numbering)
+    let held_by = |raw: &[u8]| {
+        summarize(raw, numbering)
             .map(|s| holdings(&s))
-            .unwrap_or_else(|e| format!("a record usersync cannot read: {e}"));
+            .unwrap_or_else(|e| format!("a record usersync cannot read: {e}"))
+    };
+    // Whether the user's own record tells the numbering apart; if not,
+    // the device's other records are asked.
+    let mut decided = false;
+    if let Some(rec) = &existing {
+        let held = held_by(&rec.raw);
         if !overwrite {
             return Err(CliError::Usage(format!(
                 "user {user} already exists on device {device} ({held}); nothing changed. --overwrite adds the \
                  card to it and keeps everything else"
             )));
         }
-        let cards = crate::wire::raw_cards(&rec.raw).map_err(|e| {
-            CliError::Usage(format!(
-                "user {user} on device {device} has a record usersync cannot edit ({e}); nothing changed, \
-                 rather than lose what it holds ({held})"
-            ))
-        })?;
-        if cards.len() >= MAX_CARDS {
-            return Err(CliError::Usage(format!(
-                "user {user} on device {device} already has {MAX_CARDS} cards, the most a user may hold; \
-                 nothing changed"
-            )));
+        if let Some(why) = uneditable(config, device, user, &rec.raw, &held) {
+            return Err(CliError::Usage(why));
         }
+        decided = matches!(
+            crate::wire::numbering_fit(&rec.raw),
+            Ok(NumberingFit::Only(_))
+        );
     }
-    if let Some(w) = target_warning(config, device, TargetWrite::Enroll) {
+    check_numbering(config, &gw, device, !decided).await?;
+    let what = if existing.is_some() {
+        TargetWrite::AddCard
+    } else {
+        TargetWrite::Enroll
+    };
+    if let Some(w) = target_warning(config, device, what) {
         eprintln!("{w}");
     }
     eprintln!("place a card on device {device} …");
@@ -1268,7 +1448,8 @@ pub async fn enroll_card(
         ));
     }
     // Read again: presenting the card took time, and the user may have
-    // changed at the device meanwhile. Edit what is there now.
+    // changed at the device meanwhile. Edit what is there now, after the
+    // same checks.
     let Some(rec) = read(gw.clone()).await? else {
         return Err(CliError::Usage(format!(
             "user {user} was deleted from device {device} while waiting for the card; nothing written"
@@ -1284,6 +1465,11 @@ pub async fn enroll_card(
         return Ok(format!(
             "user {user} on device {device} already has this card; nothing changed"
         ));
+    }
+    if let Some(why) = uneditable(config, device, user, &rec.raw, &held_by(&rec.raw)) {
+        return Err(CliError::Usage(format!(
+            "{why} (the user changed at the device while the card was awaited)"
+        )));
     }
     let mut raw = crate::wire::add_card(&rec.raw, numbering, &card_bytes)
         .map_err(|e| CliError::Usage(format!("user {user}: {e}; nothing changed")))?;
@@ -1308,10 +1494,46 @@ pub async fn enroll_card(
     ))
 }
 
+/// The sources of `device`'s groups (when it is a target) that hold
+/// `user`, or cannot say whether they do: (group, source, why not sure).
+async fn sources_holding(
+    config: &Config,
+    gw: &GatewayClient,
+    device: u32,
+    user: &str,
+) -> Vec<(String, u32, Option<String>)> {
+    let mut out = Vec::new();
+    for g in config.groups.iter().filter(|g| g.targets.contains(&device)) {
+        for s in &g.sources {
+            let answer = sync::fetch_users(gw, *s, vec![user.to_owned()]).await;
+            let unsure = match answer.as_ref().map(|m| m.get(user)) {
+                Ok(Some(sync::Fetched::Absent)) => continue,
+                Ok(Some(sync::Fetched::Present(_))) => None,
+                Ok(Some(sync::Fetched::Failed(why))) => {
+                    Some(format!("its record there cannot be read: {why}"))
+                }
+                Ok(Some(sync::Fetched::Unknown) | None) => {
+                    Some("the source could not say".to_owned())
+                }
+                Err(e) => Some(chain_text(e)),
+            };
+            out.push((g.name.clone(), *s, unsure));
+        }
+    }
+    out
+}
+
 /// Deletes a user from a device. A user the device does not have is an
 /// error (exit 1, "has no user … nothing deleted"): a mistyped ID must not
-/// read as done.
-pub async fn delete(config: &Config, device: u32, user: &str) -> Result<String, CliError> {
+/// read as done. At a target whose group's source still holds the user
+/// (or cannot say), it is refused unless `force`: the person would be
+/// locked out there until a reconcile puts them back.
+pub async fn delete(
+    config: &Config,
+    device: u32,
+    user: &str,
+    force: bool,
+) -> Result<String, CliError> {
     configured(config, device)?;
     let gw = client(config)?;
     let not_there = || {
@@ -1325,6 +1547,33 @@ pub async fn delete(config: &Config, device: u32, user: &str) -> Result<String, 
         .map_err(at(device))?;
     if !found.contains_key(user) {
         return Err(not_there());
+    }
+    let holding = sources_holding(config, &gw, device, user).await;
+    if !holding.is_empty() {
+        let (group, source, _) = &holding[0];
+        let fix = format!("usersync reconcile --group {group} --target {device}");
+        let whom: Vec<String> = holding
+            .iter()
+            .map(|(g, s, unsure)| match unsure {
+                None => format!("source {s} of group {g} holds user {user}"),
+                Some(why) => {
+                    format!("cannot tell whether source {s} of group {g} holds user {user} ({why})")
+                }
+            })
+            .collect();
+        let effect = format!(
+            "deleting it from target {device} locks the person out of device {device} until a reconcile \
+             (`{fix}`) or the next change of user {user} at a source puts them back"
+        );
+        if !force {
+            return Err(CliError::Usage(format!(
+                "{}: {effect}; nothing deleted. To remove the person from the group, delete the user at the \
+                 source (`usersync delete --device {source} --user {user}`); --force deletes it from device \
+                 {device} anyway",
+                whom.join("; ")
+            )));
+        }
+        eprintln!("warning (--force): {}: {effect}", whom.join("; "));
     }
     if let Some(w) = target_warning(config, device, TargetWrite::Delete) {
         eprintln!("{w}");
@@ -1353,19 +1602,69 @@ pub struct TargetPlan {
     pub target: u32,
     pub missing: Vec<String>,
     pub different: Vec<String>,
+    /// Users on the target that no source lists.
     pub extra: Vec<String>,
+    /// Whether a prune was asked (`--prune`, or the group's `prune`).
     pub prune: bool,
+    /// The extras a prune deletes: each confirmed absent at every source
+    /// of the group (`User.Get`), not only missing from their lists.
+    pub delete: Vec<String>,
+    /// The extras a prune keeps, and why (a source holds it after all, or
+    /// cannot say).
+    pub kept: Vec<KeptUser>,
+    /// Why no extra of this target is pruned although a prune was asked.
+    pub prune_refused: Option<String>,
+    /// Users of the group's sources that cannot be named (their `GetList`
+    /// headers do not decode): neither copied nor judged.
+    pub unreadable_at_sources: Vec<UnreadableHeaders>,
     /// The source each missing or different user is copied from.
     #[serde(skip)]
     from: BTreeMap<String, u32>,
 }
 
-/// A target a reconcile could not handle, and why.
+impl TargetPlan {
+    /// Whether this target's extras are pruned.
+    fn prunes(&self) -> bool {
+        self.prune && self.prune_refused.is_none()
+    }
+}
+
+/// A user a reconcile leaves as it is on the target, and why.
+#[derive(Debug, Serialize, Clone, PartialEq, Eq)]
+pub struct KeptUser {
+    pub user: String,
+    pub reason: String,
+}
+
+/// Headers of a source's `GetList` answer that do not decode.
+#[derive(Debug, Serialize, Clone, Copy, PartialEq, Eq)]
+pub struct UnreadableHeaders {
+    pub source: u32,
+    pub headers: usize,
+}
+
+/// A target a reconcile could not handle (or not completely), why, and
+/// what to do about it.
 #[derive(Debug, Serialize)]
 pub struct NotReconciled {
     pub group: String,
     pub target: u32,
     pub reason: String,
+    pub next: String,
+}
+
+impl NotReconciled {
+    /// A target that could not be read or written (or a source of its group).
+    fn unreachable(group: &str, target: u32, reason: String) -> Self {
+        NotReconciled {
+            group: group.to_owned(),
+            target,
+            reason,
+            next: format!(
+                "run `usersync reconcile --group {group} --target {target}` once it can be reached"
+            ),
+        }
+    }
 }
 
 /// What a reconcile would do: a plan per target it could read, and the
@@ -1383,8 +1682,8 @@ impl Plan {
         let doomed = self
             .targets
             .iter()
-            .filter(|p| p.prune && !p.extra.is_empty());
-        let users: usize = doomed.clone().map(|p| p.extra.len()).sum();
+            .filter(|p| p.prunes() && !p.delete.is_empty());
+        let users: usize = doomed.clone().map(|p| p.delete.len()).sum();
         (users as u64, doomed.count() as u64)
     }
 }
@@ -1453,16 +1752,145 @@ fn unreachable(e: GatewayError, device: u32, config: &Config) -> Result<String, 
     })
 }
 
+/// What the sources of a group list.
+struct SourceLists {
+    /// Every listed user, with the first source that lists it.
+    users: BTreeMap<String, u32>,
+    unreadable: Vec<UnreadableHeaders>,
+    /// Sources that list no user at all.
+    empty: Vec<u32>,
+}
+
+impl SourceLists {
+    /// Why a prune of the group must not run, judged from the lists: a
+    /// user the lists cannot name, or a source with no user at all (reset,
+    /// or a wrong answer), would make every user it holds look like one no
+    /// source has.
+    fn prune_refusal(&self, group: &str, allow_empty: bool) -> Option<String> {
+        let mut why: Vec<String> = self
+            .unreadable
+            .iter()
+            .map(|u| {
+                format!(
+                    "source {} lists {} that cannot be read (those users are neither copied nor judged, and a \
+                     prune could delete users it still holds); refusing to prune group {group} (repair or \
+                     re-enroll those users at the source)",
+                    u.source,
+                    plural(u.headers as u64, "user header")
+                )
+            })
+            .collect();
+        if !allow_empty {
+            why.extend(self.empty.iter().map(|s| {
+                format!(
+                    "source {s} lists no users, so a prune would delete every user of the target; refusing to \
+                     prune group {group} (if the group is meant to be empty, rerun with --allow-empty-source)"
+                )
+            }));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+}
+
+/// Reads the list of every source of `g`; the first that cannot be read
+/// is the error.
+async fn read_sources(
+    gw: &GatewayClient,
+    g: &GroupConfig,
+) -> Result<SourceLists, (u32, GatewayError)> {
+    let mut out = SourceLists {
+        users: BTreeMap::new(),
+        unreadable: Vec::new(),
+        empty: Vec::new(),
+    };
+    for s in &g.sources {
+        let list = gw.user_ids_checked(*s).await.map_err(|e| (*s, e))?;
+        if list.unreadable > 0 {
+            out.unreadable.push(UnreadableHeaders {
+                source: *s,
+                headers: list.unreadable,
+            });
+        }
+        if list.ids.is_empty() && list.unreadable == 0 {
+            out.empty.push(*s);
+        }
+        for id in list.ids {
+            out.users.entry(id).or_insert(*s);
+        }
+    }
+    Ok(out)
+}
+
+/// Asks every source of a group, record by record, about `users` (extras:
+/// no source lists them): (absent at every source, kept and why). Only an
+/// answer of "absent" from every source lets a user be deleted; a record
+/// that cannot be read, a source that holds it after all or cannot be
+/// asked keeps it.
+async fn confirm_absent(
+    config: &Config,
+    gw: &GatewayClient,
+    sources: &[u32],
+    users: Vec<String>,
+) -> (Vec<String>, Vec<KeptUser>) {
+    let mut open = users;
+    let mut kept = Vec::new();
+    for s in sources {
+        let mut still = Vec::new();
+        for chunk in open.chunks(config.sync.batch_users.max(1)) {
+            let answers = match sync::fetch_users(gw, *s, chunk.to_vec()).await {
+                Ok(a) => a,
+                Err(e) => {
+                    let why = chain_text(&e);
+                    kept.extend(chunk.iter().map(|u| KeptUser {
+                        user: u.clone(),
+                        reason: format!(
+                            "source {s} could not be asked whether it holds it ({why})"
+                        ),
+                    }));
+                    continue;
+                }
+            };
+            for u in chunk {
+                let reason = match answers.get(u) {
+                    Some(sync::Fetched::Absent) => {
+                        still.push(u.clone());
+                        continue;
+                    }
+                    Some(sync::Fetched::Present(_)) => {
+                        format!("source {s} holds it (its list did not show it)")
+                    }
+                    Some(sync::Fetched::Failed(why)) => {
+                        format!("its record at source {s} cannot be read ({why})")
+                    }
+                    Some(sync::Fetched::Unknown) | None => {
+                        format!("source {s} could not say whether it holds it")
+                    }
+                };
+                kept.push(KeptUser {
+                    user: u.clone(),
+                    reason,
+                });
+            }
+        }
+        open = still;
+        if open.is_empty() {
+            break;
+        }
+    }
+    (open, kept)
+}
+
 /// What a reconcile would do, read from the devices without changing them.
 pub async fn reconcile_plan(
     config: &Config,
     group: Option<&str>,
     target: Option<u32>,
     prune: bool,
+    allow_empty_source: bool,
 ) -> Result<Plan, CliError> {
     let picked = selection(config, group, target)?;
     let gw = client(config)?;
-    plan(config, &gw, &picked, prune).await
+    plan(config, &gw, &picked, prune, allow_empty_source).await
 }
 
 async fn plan(
@@ -1470,45 +1898,36 @@ async fn plan(
     gw: &GatewayClient,
     picked: &[(&GroupConfig, Vec<u32>)],
     prune: bool,
+    allow_empty_source: bool,
 ) -> Result<Plan, CliError> {
     let mut out = Plan::default();
     for (g, targets) in picked {
-        let mut sources: BTreeMap<String, u32> = BTreeMap::new();
-        let mut down = None;
-        for s in &g.sources {
-            match gw.user_ids(*s).await {
-                Ok(ids) => {
-                    for id in ids {
-                        sources.entry(id).or_insert(*s);
-                    }
+        let lists = match read_sources(gw, g).await {
+            Ok(l) => l,
+            Err((s, e)) => {
+                let why = format!(
+                    "source {s} cannot be read, and a reconcile judges against every source of the group: {}",
+                    unreachable(e, s, config)?
+                );
+                for t in targets {
+                    out.not_reconciled
+                        .push(NotReconciled::unreachable(&g.name, *t, why.clone()));
                 }
-                Err(e) => {
-                    down = Some(format!(
-                        "source {s} cannot be read, and a reconcile judges against every source of the group: {}",
-                        unreachable(e, *s, config)?
-                    ));
-                    break;
-                }
+                continue;
             }
-        }
-        if let Some(why) = down {
-            for t in targets {
-                out.not_reconciled.push(NotReconciled {
-                    group: g.name.clone(),
-                    target: *t,
-                    reason: why.clone(),
-                });
-            }
-            continue;
-        }
+        };
+        let prune = prune || g.prune;
+        let refusal = prune
+            .then(|| lists.prune_refusal(&g.name, allow_empty_source))
+            .flatten();
         for t in targets {
-            match plan_target(config, gw, g, *t, &sources, prune).await {
+            match plan_target(config, gw, g, *t, &lists, prune, refusal.clone()).await {
                 Ok(p) => out.targets.push(p),
-                Err(e) => out.not_reconciled.push(NotReconciled {
-                    group: g.name.clone(),
-                    target: *t,
-                    reason: format!("target unreachable: {}", unreachable(e, *t, config)?),
-                }),
+                Err(e) => out.not_reconciled.push(NotReconciled::unreachable(
+                    &g.name,
+                    *t,
+                    format!("target unreachable: {}", unreachable(e, *t, config)?),
+                )),
             }
         }
     }
@@ -1520,9 +1939,11 @@ async fn plan_target(
     gw: &GatewayClient,
     g: &GroupConfig,
     t: u32,
-    sources: &BTreeMap<String, u32>,
+    lists: &SourceLists,
     prune: bool,
+    prune_refused: Option<String>,
 ) -> Result<TargetPlan, GatewayError> {
+    let sources = &lists.users;
     let on_target: BTreeSet<String> = gw.user_ids(t).await?.into_iter().collect();
     let all: Vec<(String, u32)> = sources.iter().map(|(u, s)| (u.clone(), *s)).collect();
     let mut cmp = sync::Comparison::default();
@@ -1537,16 +1958,26 @@ async fn plan_target(
         .chain(&cmp.different)
         .map(|(u, s)| (u.clone(), *s))
         .collect();
+    let extra: Vec<String> = on_target
+        .into_iter()
+        .filter(|u| !sources.contains_key(u))
+        .collect();
+    let (delete, kept) = if prune && prune_refused.is_none() && !extra.is_empty() {
+        confirm_absent(config, gw, &g.sources, extra.clone()).await
+    } else {
+        (Vec::new(), Vec::new())
+    };
     Ok(TargetPlan {
         group: g.name.clone(),
         target: t,
         missing: cmp.missing.into_iter().map(|(u, _)| u).collect(),
         different: cmp.different.into_iter().map(|(u, _)| u).collect(),
-        extra: on_target
-            .into_iter()
-            .filter(|u| !sources.contains_key(u))
-            .collect(),
-        prune: prune || g.prune,
+        extra,
+        prune,
+        delete,
+        kept,
+        prune_refused,
+        unreadable_at_sources: lists.unreadable.clone(),
         from,
     })
 }
@@ -1556,12 +1987,18 @@ fn not_reconciled_text(plan: &Plan) -> String {
         .iter()
         .map(|n| {
             format!(
-                "not reconciled: group {} target {}: {}; run `usersync reconcile --group {} --target {}` once it \
-                 can be reached\n",
-                n.group, n.target, n.reason, n.group, n.target
+                "not reconciled: group {} target {}: {}; {}\n",
+                n.group, n.target, n.reason, n.next
             )
         })
         .collect()
+}
+
+fn kept_text(kept: &[KeptUser]) -> String {
+    kept.iter()
+        .map(|k| format!("{} ({})", k.user, k.reason))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn render_plan(plan: &Plan) -> String {
@@ -1575,11 +2012,19 @@ pub fn render_plan(plan: &Plan) -> String {
             p.different.len(),
             p.extra.len(),
             if p.extra.is_empty() {
-                ""
-            } else if p.prune {
-                " (would be deleted)"
+                String::new()
+            } else if !p.prune {
+                " (kept: prune is off)".to_owned()
+            } else if p.prune_refused.is_some() {
+                " (kept: prune refused)".to_owned()
+            } else if p.kept.is_empty() {
+                " (would be deleted)".to_owned()
             } else {
-                " (kept: prune is off)"
+                format!(
+                    " ({} would be deleted, {} kept)",
+                    p.delete.len(),
+                    p.kept.len()
+                )
             }
         ));
         for (what, users) in [("enroll", &p.missing), ("overwrite", &p.different)] {
@@ -1588,12 +2033,34 @@ pub fn render_plan(plan: &Plan) -> String {
             }
         }
         if !p.extra.is_empty() {
-            let what = if p.prune {
-                "delete"
-            } else {
-                "keep (no source has them; --prune deletes them)"
-            };
-            s.push_str(&format!("  {what}: {}\n", p.extra.join(" ")));
+            match (&p.prune_refused, p.prune) {
+                (_, false) => s.push_str(&format!(
+                    "  keep (no source has them; --prune deletes them): {}\n",
+                    p.extra.join(" ")
+                )),
+                (Some(why), true) => s.push_str(&format!(
+                    "  keep (prune refused: {why}): {}\n",
+                    p.extra.join(" ")
+                )),
+                (None, true) => {
+                    if !p.delete.is_empty() {
+                        s.push_str(&format!("  delete: {}\n", p.delete.join(" ")));
+                    }
+                    if !p.kept.is_empty() {
+                        s.push_str(&format!(
+                            "  keep (no source lists them, but not every source says it lacks them): {}\n",
+                            kept_text(&p.kept)
+                        ));
+                    }
+                }
+            }
+        }
+        for u in &p.unreadable_at_sources {
+            s.push_str(&format!(
+                "  source {} lists {} that cannot be read: those users are neither copied nor judged\n",
+                u.source,
+                plural(u.headers as u64, "user header")
+            ));
         }
     }
     s
@@ -1609,13 +2076,13 @@ async fn confirm_prune(plan: &Plan, yes: bool) -> Result<(), CliError> {
     let list: String = plan
         .targets
         .iter()
-        .filter(|p| p.prune && !p.extra.is_empty())
+        .filter(|p| p.prunes() && !p.delete.is_empty())
         .map(|p| {
             format!(
                 "  group {} target {}: {}\n",
                 p.group,
                 p.target,
-                p.extra.join(" ")
+                p.delete.join(" ")
             )
         })
         .collect();
@@ -1649,38 +2116,63 @@ async fn confirm_prune(plan: &Plan, yes: bool) -> Result<(), CliError> {
 /// its poll interval), or — with the daemon stopped — does it here,
 /// holding the daemon lock so that none starts meanwhile. Each reachable
 /// target is reconciled; unreachable ones are reported (exit 1). A prune
-/// that deletes users is confirmed first ([`confirm_prune`]).
+/// that deletes users is confirmed first ([`confirm_prune`]); a prune the
+/// sources' lists cannot bear out (a header that cannot be read, a source
+/// with no user unless `allow_empty_source`) is refused, here and as a
+/// request to the daemon.
 pub async fn reconcile(
     config: &Config,
     group: Option<&str>,
     target: Option<u32>,
     prune: bool,
     yes: bool,
+    allow_empty_source: bool,
 ) -> Result<String, CliError> {
     let picked = selection(config, group, target)?;
     let prunes = picked.iter().any(|(g, _)| prune || g.prune);
     let lock = match daemon(config)? {
         Daemon::Stopped(lock) => lock,
         Daemon::Running => {
-            if prunes && !yes {
+            if prunes {
                 // Count what the daemon's prune would delete now.
                 let gw = client(config)?;
-                let p = plan(config, &gw, &picked, prune).await.map_err(|e| {
-                    CliError::Usage(format!(
-                        "cannot count the users a prune would delete ({}); nothing requested: retry when the \
-                         devices can be read, or confirm with --yes",
-                        describe(&e, Some(config))
-                    ))
-                })?;
-                confirm_prune(&p, yes).await?;
+                match plan(config, &gw, &picked, prune, allow_empty_source).await {
+                    Ok(p) => {
+                        let refused: Vec<String> = p
+                            .targets
+                            .iter()
+                            .filter_map(|t| {
+                                t.prune_refused.as_ref().map(|why| {
+                                    format!("group {} target {}: {why}", t.group, t.target)
+                                })
+                            })
+                            .collect();
+                        if !refused.is_empty() {
+                            return Err(CliError::Usage(format!(
+                                "{}; nothing requested from the running daemon",
+                                refused.join("; ")
+                            )));
+                        }
+                        confirm_prune(&p, yes).await?;
+                    }
+                    // The daemon's prune waits for every source to be live.
+                    Err(_) if yes => {}
+                    Err(e) => {
+                        return Err(CliError::Usage(format!(
+                            "cannot count the users a prune would delete ({}); nothing requested: retry when \
+                             the devices can be read, or confirm with --yes",
+                            describe(&e, Some(config))
+                        )));
+                    }
+                }
             }
             return request_reconcile(config, &picked, prune);
         }
     };
     let gw = client(config)?;
-    let p = plan(config, &gw, &picked, prune).await?;
+    let p = plan(config, &gw, &picked, prune, allow_empty_source).await?;
     confirm_prune(&p, yes).await?;
-    let r = reconcile_here(config, &gw, p).await;
+    let r = reconcile_here(config, &gw, p, allow_empty_source).await;
     drop(lock);
     r
 }
@@ -1718,54 +2210,126 @@ fn request_reconcile(
     ))
 }
 
+/// What writing one target's plan did.
+#[derive(Debug, Default)]
+struct Written {
+    written: u64,
+    deleted: u64,
+    /// Missing or different users not written, and why (their source
+    /// record cannot be read, say): the target keeps what it has.
+    not_written: Vec<KeptUser>,
+    /// Extras the prune kept, and why.
+    kept: Vec<KeptUser>,
+    /// Why the prune did not run although asked.
+    prune_refused: Option<String>,
+}
+
+impl Written {
+    /// What keeps the target from counting as reconciled, in words.
+    fn problems(&self, p: &TargetPlan) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.not_written.is_empty() {
+            out.push(format!(
+                "{} not copied, the target keeps what it has: {}",
+                plural(self.not_written.len() as u64, "source user"),
+                kept_text(&self.not_written)
+            ));
+        }
+        if !self.kept.is_empty() {
+            out.push(format!(
+                "{} kept: {}",
+                plural(self.kept.len() as u64, "extra user"),
+                kept_text(&self.kept)
+            ));
+        }
+        if let Some(why) = &self.prune_refused {
+            out.push(format!("no user deleted: {why}"));
+        }
+        // A refused prune names them already.
+        let unnamed = if self.prune_refused.is_some() {
+            &[][..]
+        } else {
+            &p.unreadable_at_sources[..]
+        };
+        for u in unnamed {
+            out.push(format!(
+                "source {} lists {} that cannot be read: those users were neither copied nor judged",
+                u.source,
+                plural(u.headers as u64, "user header")
+            ));
+        }
+        out
+    }
+}
+
 /// Reconciles from here; the caller holds the daemon lock. Each target
 /// of the plan is written on its own: one that fails is reported, the
-/// others are done. Results are recorded for `usersync status` when the
-/// state database exists.
+/// others are done. A target is recorded as reconciled (for `usersync
+/// status`, when the state database exists) only if nothing was left
+/// undone: a user not copied because its source record cannot be read,
+/// an extra kept, a refused prune make it "not reconciled" (exit 1).
 async fn reconcile_here(
     config: &Config,
     gw: &GatewayClient,
     mut plan: Plan,
+    allow_empty_source: bool,
 ) -> Result<String, CliError> {
     let mut done = String::new();
     let mut results = Vec::new();
     for p in &plan.targets {
-        match write_target(config, gw, p).await {
-            Ok((written, deleted)) => {
+        match write_target(config, gw, p, allow_empty_source).await {
+            Ok(w) => {
+                let problems = w.problems(p);
+                let extras_kept = p.extra.len() as u64 - w.deleted;
                 done.push_str(&format!(
                     "group {} target {}: {} written, {} deleted{}\n",
                     p.group,
                     p.target,
-                    plural(written, "user"),
-                    deleted,
+                    plural(w.written, "user"),
+                    w.deleted,
                     if !p.prune && !p.extra.is_empty() {
                         format!(
                             " ({} kept: no source has them; --prune deletes them)",
                             plural(p.extra.len() as u64, "extra user")
                         )
+                    } else if p.prune && extras_kept > 0 {
+                        format!(" ({} kept)", plural(extras_kept, "extra user"))
                     } else {
                         String::new()
                     }
                 ));
-                results.push(store::ReconcileResult {
-                    group: p.group.clone(),
-                    target: p.target,
-                    reason: "run by the operator (daemon stopped)".into(),
-                    finished_at: unix_now(),
-                    missing: p.missing.len() as u64,
-                    different: p.different.len() as u64,
-                    extra: p.extra.len() as u64,
-                    pruned: deleted,
-                });
+                if problems.is_empty() {
+                    results.push(store::ReconcileResult {
+                        group: p.group.clone(),
+                        target: p.target,
+                        reason: "run by the operator (daemon stopped)".into(),
+                        finished_at: unix_now(),
+                        missing: p.missing.len() as u64,
+                        different: p.different.len() as u64,
+                        extra: p.extra.len() as u64,
+                        pruned: w.deleted,
+                    });
+                } else {
+                    plan.not_reconciled.push(NotReconciled {
+                        group: p.group.clone(),
+                        target: p.target,
+                        reason: problems.join("; "),
+                        next: format!(
+                            "the rest is done; rerun `usersync reconcile --group {} --target {}` once that is \
+                             resolved",
+                            p.group, p.target
+                        ),
+                    });
+                }
             }
-            Err(e) => plan.not_reconciled.push(NotReconciled {
-                group: p.group.clone(),
-                target: p.target,
-                reason: match unreachable(e, p.target, config) {
+            Err(e) => plan.not_reconciled.push(NotReconciled::unreachable(
+                &p.group,
+                p.target,
+                match unreachable(e, p.target, config) {
                     Ok(why) => why,
                     Err(e) => describe(&e, Some(config)),
                 },
-            }),
+            )),
         }
     }
     if !results.is_empty()
@@ -1793,34 +2357,98 @@ async fn reconcile_here(
     }
 }
 
-/// Writes one target's plan: (users written, users deleted).
+/// Writes one target's plan. Source records are read again, user by
+/// user: one that cannot be read is not copied and is reported, never
+/// skipped silently. The prune's deletions are confirmed again right
+/// before they are made (the operator may have taken a while to confirm):
+/// the sources' lists are read again, and each user must still be absent
+/// at every source.
 async fn write_target(
     config: &Config,
     gw: &GatewayClient,
     p: &TargetPlan,
-) -> Result<(u64, u64), GatewayError> {
+    allow_empty_source: bool,
+) -> Result<Written, GatewayError> {
+    let mut out = Written {
+        kept: p.kept.clone(),
+        prune_refused: p.prune_refused.clone().filter(|_| p.prune),
+        ..Written::default()
+    };
     let mut by_source: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for u in p.missing.iter().chain(&p.different) {
         if let Some(s) = p.from.get(u) {
             by_source.entry(*s).or_default().push(u.clone());
         }
     }
-    let mut written = 0u64;
     for (s, ids) in by_source {
         for chunk in ids.chunks(config.sync.batch_users) {
-            let recs = sync::get_users(gw, s, chunk.to_vec()).await?;
-            let raws: Vec<Vec<u8>> = recs.into_values().map(|r| r.raw).collect();
-            written += raws.len() as u64;
-            gw.user_enroll_multi(vec![p.target], raws, true).await?;
+            let answers = sync::fetch_users(gw, s, chunk.to_vec()).await?;
+            let mut raws = Vec::new();
+            for u in chunk {
+                let reason = match answers.get(u) {
+                    Some(sync::Fetched::Present(r)) => {
+                        raws.push(r.raw.clone());
+                        continue;
+                    }
+                    Some(sync::Fetched::Absent) => format!("source {s} no longer holds it"),
+                    Some(sync::Fetched::Failed(why)) => {
+                        format!("its record at source {s} cannot be read ({why})")
+                    }
+                    Some(sync::Fetched::Unknown) | None => {
+                        format!("source {s} could not say whether it holds it")
+                    }
+                };
+                out.not_written.push(KeptUser {
+                    user: u.clone(),
+                    reason,
+                });
+            }
+            if !raws.is_empty() {
+                out.written += raws.len() as u64;
+                gw.user_enroll_multi(vec![p.target], raws, true).await?;
+            }
         }
     }
-    let mut deleted = 0;
-    if p.prune && !p.extra.is_empty() {
-        gw.user_delete_multi(vec![p.target], p.extra.clone())
-            .await?;
-        deleted = p.extra.len() as u64;
+    if !p.prunes() || p.delete.is_empty() {
+        return Ok(out);
     }
-    Ok((written, deleted))
+    let Some(g) = config.groups.iter().find(|g| g.name == p.group) else {
+        out.prune_refused = Some(format!("group {} is no longer configured", p.group));
+        return Ok(out);
+    };
+    let lists = match read_sources(gw, g).await {
+        Ok(l) => l,
+        Err((s, e)) => {
+            out.prune_refused = Some(format!(
+                "source {s} cannot be read now to confirm the deletions ({})",
+                chain_text(&e)
+            ));
+            return Ok(out);
+        }
+    };
+    if let Some(why) = lists.prune_refusal(&g.name, allow_empty_source) {
+        out.prune_refused = Some(why);
+        return Ok(out);
+    }
+    let (unlisted, listed): (Vec<String>, Vec<String>) = p
+        .delete
+        .iter()
+        .cloned()
+        .partition(|u| !lists.users.contains_key(u));
+    out.kept.extend(listed.into_iter().map(|u| KeptUser {
+        reason: format!(
+            "source {} lists it now",
+            lists.users.get(&u).copied().unwrap_or_default()
+        ),
+        user: u,
+    }));
+    let (delete, kept) = confirm_absent(config, gw, &g.sources, unlisted).await;
+    out.kept.extend(kept);
+    if !delete.is_empty() {
+        gw.user_delete_multi(vec![p.target], delete.clone()).await?;
+        out.deleted = delete.len() as u64;
+    }
+    Ok(out)
 }
 
 /// The text a dry run prints, and the error for targets it could not read.
@@ -1921,7 +2549,12 @@ pub fn import_text(example: &ExampleConfig, t: &ImportTarget) -> String {
 /// `"key":` before the column on that line.
 fn json_key_at(text: &str, line: usize, column: usize) -> Option<String> {
     let l = text.lines().nth(line.checked_sub(1)?)?;
-    let upto = &l[..column.min(l.len())];
+    // The column counts bytes and may fall inside a character.
+    let mut end = column.min(l.len());
+    while !l.is_char_boundary(end) {
+        end -= 1;
+    }
+    let upto = &l[..end];
     let colon = upto.rfind(':')?;
     let before = upto[..colon].trim_end().strip_suffix('"')?;
     let start = before.rfind('"')?;
@@ -2016,7 +2649,8 @@ fn unwritable(flag: &str, path: &Path, dir: &Path, e: &std::io::Error) -> CliErr
 /// checkpoints are committed. Relative paths (`json`, `--ca-file`,
 /// `--output`, `--state-dir`) are relative to the current directory. The
 /// checkpoints are the daemon's: a running daemon is refused, and its lock
-/// is held meanwhile.
+/// is held meanwhile; a device that already has a checkpoint keeps it (the
+/// output says so).
 pub fn import_config(json: &Path, output: &Path, t: &ImportTarget) -> Result<String, CliError> {
     let cwd = std::env::current_dir()
         .map_err(|e| CliError::Usage(format!("cannot tell the current directory: {e}")))?;
@@ -2163,12 +2797,20 @@ pub fn import_config(json: &Path, output: &Path, t: &ImportTarget) -> Result<Str
         let st = Store::open(&config.state_dir)?;
         let seeded = st.with(|c| {
             let tx = c.transaction()?;
-            let mut seeded = 0u64;
+            let mut seeded = Seeded::default();
             for d in std::iter::once(&example.enroll_device).chain(&example.devices) {
-                if d.last_event_id > 0 {
-                    store::set_checkpoint(&tx, d.device_id, d.last_event_id)?;
-                    seeded += 1;
+                if d.last_event_id == 0 {
+                    continue;
                 }
+                // The daemon's own progress is newer knowledge than the
+                // example's: replacing it could skip events it has not
+                // handled (or replay handled ones).
+                if let Some(at) = store::checkpoint(&tx, d.device_id)? {
+                    seeded.kept.push((d.device_id, at, d.last_event_id));
+                    continue;
+                }
+                store::set_checkpoint(&tx, d.device_id, d.last_event_id)?;
+                seeded.set += 1;
             }
             // The file appears only if it is still new, just before the
             // commit; a commit that fails takes it away again.
@@ -2198,15 +2840,35 @@ pub fn import_config(json: &Path, output: &Path, t: &ImportTarget) -> Result<Str
         }
         other => CliError::Store(other),
     })?;
+    let kept: String = seeded
+        .kept
+        .iter()
+        .map(|(device, at, example)| {
+            format!(
+                "device {device} already has a checkpoint in {} (event {at}): kept, its last_event_id {example} \
+                 not used (replacing it could skip events the daemon has not handled yet)\n",
+                db.display()
+            )
+        })
+        .collect();
     Ok(format!(
-        "wrote {} ({}, 1 group); seeded {} in {}\nnext: `sudo usersync check-config --config {}`, then \
+        "wrote {} ({}, 1 group); seeded {} in {}\n{kept}next: `sudo usersync check-config --config {}`, then \
          `sudo systemctl start usersync`",
         output.display(),
         plural(config.devices.len() as u64, "device"),
-        plural(seeded, "checkpoint"),
+        plural(seeded.set, "checkpoint"),
         db.display(),
         output.display()
     ))
+}
+
+/// What import-config did to the checkpoints.
+#[derive(Debug, Default)]
+struct Seeded {
+    set: u64,
+    /// (device, its checkpoint, the example's last_event_id): devices that
+    /// already had a checkpoint, kept.
+    kept: Vec<(u32, u32, u32)>,
 }
 
 /// Creates `path` (which must not exist) with `text`, mode 0644 (the
@@ -2260,6 +2922,70 @@ mod tests {
             json_key_at(text, e.line(), e.column()).as_deref(),
             Some("device_id")
         );
+    }
+
+    /// Finding 5: serde_json's column counts bytes; inside a multi-byte
+    /// character it must not panic.
+    #[test]
+    fn json_errors_inside_a_character_do_not_panic() {
+        for text in [
+            "{\"enroll_device\": é}",
+            "{\"enroll_device\": {\"ip_addr\": \"ü\", \"device_id\": ñ}}",
+            "é",
+        ] {
+            let e = serde_json::from_str::<ExampleConfig>(text).unwrap_err();
+            for column in 0..=text.len() + 1 {
+                let _ = json_key_at(text, e.line(), column);
+            }
+            let _ = json_key_at(text, e.line(), e.column());
+        }
+        let text = "{\"enroll_device\": é}";
+        let e = serde_json::from_str::<ExampleConfig>(text).unwrap_err();
+        assert_eq!(
+            json_key_at(text, e.line(), e.column()).as_deref(),
+            Some("enroll_device")
+        );
+    }
+
+    #[test]
+    fn names_longer_than_a_device_stores_are_refused() {
+        assert!(check_name(&"é".repeat(MAX_NAME_CHARS)).is_ok());
+        let e = check_name(&"é".repeat(MAX_NAME_CHARS + 1)).unwrap_err();
+        assert!(e.to_string().contains("has 49 characters"), "{e}");
+    }
+
+    /// Finding 2: the lists alone refuse a prune when a source has a
+    /// header that cannot be read, or lists nobody (unless allowed).
+    #[test]
+    fn a_prune_is_refused_when_the_lists_cannot_bear_it_out() {
+        let lists = |unreadable: usize, empty: bool| SourceLists {
+            users: if empty {
+                BTreeMap::new()
+            } else {
+                [("1".to_owned(), 7)].into()
+            },
+            unreadable: if unreadable > 0 {
+                vec![UnreadableHeaders {
+                    source: 7,
+                    headers: unreadable,
+                }]
+            } else {
+                Vec::new()
+            },
+            empty: if empty { vec![7] } else { Vec::new() },
+        };
+        assert_eq!(lists(0, false).prune_refusal("g", false), None);
+        let why = lists(2, false).prune_refusal("g", true).unwrap();
+        assert!(
+            why.contains("source 7 lists 2 user headers that cannot be read"),
+            "{why}"
+        );
+        let why = lists(0, true).prune_refusal("g", false).unwrap();
+        assert!(
+            why.contains("source 7 lists no users") && why.contains("--allow-empty-source"),
+            "{why}"
+        );
+        assert_eq!(lists(0, true).prune_refusal("g", true), None);
     }
 
     #[test]

@@ -130,6 +130,11 @@ enum Command {
         /// The user's ID.
         #[arg(long, value_name = "USER_ID")]
         user: String,
+        /// Delete at a target even though a source of its group still
+        /// holds the user (the person is locked out there until a
+        /// reconcile puts them back).
+        #[arg(long)]
+        force: bool,
     },
     /// Reconcile targets with their sources: through the running daemon,
     /// or here when it is stopped (each reachable target is reconciled, the
@@ -154,6 +159,10 @@ enum Command {
         /// Confirm a prune without asking (for scripts).
         #[arg(long)]
         yes: bool,
+        /// Let a prune run although a source of the group lists no users
+        /// (it deletes every user of the group's targets).
+        #[arg(long)]
+        allow_empty_source: bool,
         /// Print the --dry-run plan as JSON.
         #[arg(long)]
         json: bool,
@@ -347,8 +356,9 @@ fn main() -> ExitCode {
             config,
             device,
             user,
+            force,
         } => with_config(&config.config, |c| async move {
-            cli::delete(&c, device, &user).await
+            cli::delete(&c, device, &user, force).await
         }),
         Command::Reconcile {
             config,
@@ -357,13 +367,16 @@ fn main() -> ExitCode {
             dry_run,
             prune,
             yes,
+            allow_empty_source,
             json,
         } => with_config(&config.config, |c| async move {
             if dry_run {
-                let plan = cli::reconcile_plan(&c, group.as_deref(), target, prune).await?;
+                let plan =
+                    cli::reconcile_plan(&c, group.as_deref(), target, prune, allow_empty_source)
+                        .await?;
                 cli::plan_outcome(&plan, json)
             } else {
-                cli::reconcile(&c, group.as_deref(), target, prune, yes).await
+                cli::reconcile(&c, group.as_deref(), target, prune, yes, allow_empty_source).await
             }
         }),
     }

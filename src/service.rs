@@ -231,11 +231,13 @@ pub fn read_health(dir: &Path) -> Option<HealthRecord> {
     serde_json::from_str(&text).ok()
 }
 
-/// Replaces the health file atomically (a temporary file renamed over it),
-/// mode 0600 like the rest of the state.
+/// Replaces the health file atomically (a temporary file, synced to disk,
+/// renamed over it), mode 0600 like the rest of the state — set on the file
+/// itself, since `mode` applies only to a file that open creates, not to a
+/// temporary file an earlier run left behind.
 pub fn write_health(dir: &Path, record: &HealthRecord) -> std::io::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = dir.join(format!(".{HEALTH_FILE}.tmp"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -243,8 +245,11 @@ pub fn write_health(dir: &Path, record: &HealthRecord) -> std::io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     let text = serde_json::to_string(record).map_err(std::io::Error::other)?;
     f.write_all(text.as_bytes())?;
+    // Without this, a crash after the rename can leave an empty file.
+    f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, dir.join(HEALTH_FILE))
 }
@@ -352,6 +357,35 @@ async fn save_health(dir: PathBuf, record: HealthRecord) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Finding 7: a temporary file left with a wider mode (an earlier run,
+    /// another umask) does not pass its mode on to the health file.
+    #[test]
+    fn the_health_file_is_private_even_over_a_stale_temporary_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(format!(".{HEALTH_FILE}.tmp"));
+        std::fs::write(&tmp, "stale").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let record = HealthRecord {
+            pid: 1,
+            started_at: 2,
+            written_at: 3,
+            stopped_at: None,
+            gateway: GatewayRecord {
+                state: "up".into(),
+                since: 2,
+                error: None,
+            },
+            status: "ok".into(),
+        };
+        write_health(dir.path(), &record).unwrap();
+        let file = dir.path().join(HEALTH_FILE);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(read_health(dir.path()).unwrap().written_at, 3);
+        assert!(!tmp.exists());
+    }
 
     #[test]
     fn core_dumps_are_forbidden() {

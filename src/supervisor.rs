@@ -73,6 +73,9 @@ pub struct Reload {
     pub done: oneshot::Sender<String>,
 }
 
+/// Looks at the lock, 250 ms apart, before the daemon gives up (5 s).
+const LOCK_TRIES: u32 = 20;
+
 /// The lock a running daemon holds in its state directory; operator
 /// commands take it to know whether a daemon runs.
 pub const LOCK_FILE: &str = "daemon.lock";
@@ -350,8 +353,19 @@ pub async fn run_with(
     // The lock first: opening the store upgrades its schema, which only
     // the one daemon of this state directory may do.
     crate::store::prepare_dir(&config.state_dir)?;
-    let Some(_lock) = try_lock(&config.state_dir)? else {
-        return Err(DaemonError::AlreadyRunning(config.state_dir.clone()));
+    // An operator command (`usersync status`, say) may hold the lock for a
+    // moment: look again for a few seconds before calling it a second
+    // daemon.
+    let mut tries = 0;
+    let _lock = loop {
+        if let Some(lock) = try_lock(&config.state_dir)? {
+            break lock;
+        }
+        tries += 1;
+        if tries >= LOCK_TRIES {
+            return Err(DaemonError::AlreadyRunning(config.state_dir.clone()));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let store = Store::open(&config.state_dir)?;
     let client = GatewayClient::new(&config.gateway.settings())?;

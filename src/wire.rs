@@ -339,14 +339,174 @@ fn replace_field(buf: &[u8], number: u32, replacement: &[u8]) -> Result<Vec<u8>,
 const USER_HDR: u32 = 1;
 const USER_NAME: u32 = 3;
 const USER_CARDS: u32 = 4;
+const USER_FINGERS: u32 = 5;
+const USER_FACES: u32 = 6;
+
+/// Most cards a user may hold (WIRE.md §2.3, `numOfCard` ≤ 8).
+pub const MAX_CARDS: usize = 8;
 
 impl Numbering {
     /// `UserHdr.numOfCard`: 2 up to V1.6, 3 from V1.8 (WIRE.md §1.3).
     fn num_of_card_field(self) -> u32 {
+        self.count_fields()[0]
+    }
+
+    /// `UserHdr` numbers of (numOfCard, numOfFinger, numOfFace), counting
+    /// UserInfo's cards (4), fingers (5) and faces (6) (WIRE.md §1.3).
+    fn count_fields(self) -> [u32; 3] {
         match self {
-            Numbering::V16 => 2,
-            Numbering::V18 => 3,
+            Numbering::V16 => [2, 3, 4],
+            Numbering::V18 => [3, 4, 5],
         }
+    }
+
+    /// The `[gateway] api` value of a gateway with this numbering (v1.4
+    /// shares v1.5's numbering and differs in its method paths only).
+    pub fn api_name(self) -> &'static str {
+        match self {
+            Numbering::V16 => "v1.5",
+            Numbering::V18 => "v1.8",
+        }
+    }
+
+    /// The gateway versions that use this numbering, in words.
+    pub fn gateways(self) -> &'static str {
+        match self {
+            Numbering::V16 => "gateways up to V1.6",
+            Numbering::V18 => "gateways V1.8 and later",
+        }
+    }
+
+    pub fn other(self) -> Numbering {
+        match self {
+            Numbering::V16 => Numbering::V18,
+            Numbering::V18 => Numbering::V16,
+        }
+    }
+}
+
+/// Which numbering a record's header counts agree with: a header fits a
+/// numbering when its numOfCard, numOfFinger and numOfFace (read at that
+/// numbering's field numbers, absent = 0) equal the number of cards,
+/// fingers and faces the record holds. Wire types are the same in both
+/// numberings (WIRE.md §1.3), so this is the only evidence a record gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberingFit {
+    /// Nothing tells them apart (e.g. a user with no credential and no
+    /// flag).
+    Both,
+    Only(Numbering),
+    Neither,
+}
+
+impl NumberingFit {
+    /// Whether a record that fits so may be edited with `numbering`.
+    pub fn allows(self, numbering: Numbering) -> bool {
+        match self {
+            NumberingFit::Both => true,
+            NumberingFit::Only(n) => n == numbering,
+            NumberingFit::Neither => false,
+        }
+    }
+}
+
+/// The single `hdr` (UserInfo field 1) of a record's fields.
+fn the_header(fields: &[RawField]) -> Result<&RawField, PeekError> {
+    let hdrs: Vec<&RawField> = fields.iter().filter(|f| f.number == USER_HDR).collect();
+    let [hdr] = hdrs.as_slice() else {
+        return Err(malformed("the record does not have exactly one header"));
+    };
+    if hdr.wire_type != 2 {
+        return Err(malformed("the header is not a message"));
+    }
+    Ok(hdr)
+}
+
+/// How a raw `UserInfo` fits the two numberings ([`NumberingFit`]).
+pub fn numbering_fit(raw: &[u8]) -> Result<NumberingFit, PeekError> {
+    let fields = raw_fields(raw)?;
+    let hdr = the_header(&fields)?;
+    let hdr_bytes = &raw[hdr.value.clone()];
+    let hdr_fields = raw_fields(hdr_bytes)?;
+    let held = [USER_CARDS, USER_FINGERS, USER_FACES].map(|n| {
+        fields
+            .iter()
+            .filter(|f| f.number == n && f.wire_type == 2)
+            .count() as u64
+    });
+    let fits = |numbering: Numbering| -> Result<bool, PeekError> {
+        for (field, held) in numbering.count_fields().into_iter().zip(held) {
+            let mut count = 0u64;
+            for f in hdr_fields.iter().filter(|f| f.number == field) {
+                if f.wire_type != 0 {
+                    return Ok(false);
+                }
+                // The last occurrence wins, as in any protobuf decoder.
+                let mut pos = f.value.start;
+                count = read_varint(hdr_bytes, &mut pos)?;
+            }
+            if count != held {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    Ok(match (fits(Numbering::V16)?, fits(Numbering::V18)?) {
+        (true, true) => NumberingFit::Both,
+        (true, false) => NumberingFit::Only(Numbering::V16),
+        (false, true) => NumberingFit::Only(Numbering::V18),
+        (false, false) => NumberingFit::Neither,
+    })
+}
+
+/// The numbering a gateway uses, judged from the version string
+/// `Admin.GetInfo` reports (`"1.8.0"`, `"v1.5.2"`). The format is not
+/// documented (WIRE.md §1.3), so anything else — and V1.7, where the break
+/// probably lies (WIRE.md §1.2) — is `None`: no opinion.
+pub fn numbering_of_version(version: &str) -> Option<Numbering> {
+    let v = version.trim();
+    let v = v.strip_prefix(['v', 'V']).unwrap_or(v);
+    let (major, rest) = v.split_once('.')?;
+    let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    match (major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?) {
+        (1, 0..=6) => Some(Numbering::V16),
+        (1, 8..) => Some(Numbering::V18),
+        _ => None,
+    }
+}
+
+/// Why a record was not edited.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EditError {
+    #[error(transparent)]
+    Peek(#[from] PeekError),
+    /// The header's counts do not fit the numbering the edit would use:
+    /// writing numOfCard at its field number would overwrite another field
+    /// (the V1.8 userFlag, say).
+    #[error("{}", wrong_numbering(*.numbering, *.fit))]
+    WrongNumbering {
+        numbering: Numbering,
+        fit: NumberingFit,
+    },
+    #[error("the user already has {MAX_CARDS} cards, the most a user may hold")]
+    CardLimit,
+}
+
+fn wrong_numbering(numbering: Numbering, fit: NumberingFit) -> String {
+    match fit {
+        NumberingFit::Only(n) => format!(
+            "the record's header is in the numbering of api = \"{}\" ({}), not of api = \"{}\" ({}): its \
+             numOfCard, numOfFinger and numOfFace match the cards, fingers and faces it holds only when read \
+             that way",
+            n.api_name(),
+            n.gateways(),
+            numbering.api_name(),
+            numbering.gateways()
+        ),
+        _ => "the record's header fits neither numbering: its numOfCard, numOfFinger and numOfFace match \
+              the cards, fingers and faces it holds neither as api = \"v1.5\" nor as api = \"v1.8\" reads \
+              them"
+            .to_owned(),
     }
 }
 
@@ -364,19 +524,24 @@ pub fn raw_cards(raw: &[u8]) -> Result<Vec<Vec<u8>>, PeekError> {
 /// card (UserInfo field 4) and `hdr.numOfCard` is set to the new number of
 /// cards. Every other byte — name, fingers, faces, PIN, photo, access
 /// groups, fields no schema of ours knows — stays as it was.
-pub fn add_card(raw: &[u8], numbering: Numbering, card: &[u8]) -> Result<Vec<u8>, PeekError> {
+///
+/// Refused ([`EditError`]) when the record's header does not fit
+/// `numbering` ([`numbering_fit`]: numOfCard would land on another field)
+/// or the user already holds [`MAX_CARDS`] cards.
+pub fn add_card(raw: &[u8], numbering: Numbering, card: &[u8]) -> Result<Vec<u8>, EditError> {
     let fields = raw_fields(raw)?;
-    let hdrs: Vec<&RawField> = fields.iter().filter(|f| f.number == USER_HDR).collect();
-    let [hdr] = hdrs.as_slice() else {
-        return Err(malformed("the record does not have exactly one header"));
-    };
-    if hdr.wire_type != 2 {
-        return Err(malformed("the header is not a message"));
+    let hdr = the_header(&fields)?;
+    let fit = numbering_fit(raw)?;
+    if !fit.allows(numbering) {
+        return Err(EditError::WrongNumbering { numbering, fit });
     }
     let cards = fields
         .iter()
         .filter(|f| f.number == USER_CARDS && f.wire_type == 2)
         .count();
+    if cards >= MAX_CARDS {
+        return Err(EditError::CardLimit);
+    }
     // The header, with only numOfCard changed.
     let mut count = Vec::new();
     let n = numbering.num_of_card_field();
@@ -607,6 +772,136 @@ mod tests {
                 .collect()
         };
         assert_eq!(strip(&renamed), strip(&raw));
+    }
+
+    /// A V1.8 user as the reviewer found it: disabled (userFlag 0x80), one
+    /// card, two fingers, a face.
+    fn disabled_v18_user() -> Vec<u8> {
+        let raw = crate::sim::users::generate("77", 1, Numbering::V18, Default::default());
+        let mut u = v18::UserInfo::decode(raw.as_slice()).unwrap();
+        u.hdr.as_mut().unwrap().user_flag = 0x80;
+        u.encode_to_vec()
+    }
+
+    fn csn(seed: u8) -> Vec<u8> {
+        crate::proto::gsdk::card::CsnCardData {
+            r#type: 1,
+            size: 32,
+            data: vec![seed; 32],
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn records_fit_the_numbering_they_were_written_in() {
+        let v18 = disabled_v18_user();
+        assert_eq!(
+            numbering_fit(&v18).unwrap(),
+            NumberingFit::Only(Numbering::V18)
+        );
+        let v16 = crate::sim::users::generate("42", 1, Numbering::V16, Default::default());
+        assert_eq!(
+            numbering_fit(&v16).unwrap(),
+            NumberingFit::Only(Numbering::V16)
+        );
+        // No credential, no flag: nothing tells them apart.
+        let bare = v18::UserInfo {
+            hdr: Some(v18::UserHdr {
+                id: "9".into(),
+                ..Default::default()
+            }),
+            pin: vec![1; 32],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(numbering_fit(&bare).unwrap(), NumberingFit::Both);
+        // Counts that match no reading.
+        let liar = v18::UserInfo {
+            hdr: Some(v18::UserHdr {
+                id: "9".into(),
+                num_of_card: 5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(numbering_fit(&liar).unwrap(), NumberingFit::Neither);
+    }
+
+    /// Finding 1: a disabled V1.8 user edited as ≤V1.6 would get its
+    /// userFlag (field 2) overwritten with the card count — re-enabled. The
+    /// edit is refused, naming the numbering the record fits; so is the
+    /// other way round.
+    #[test]
+    fn adding_a_card_refuses_a_record_of_the_other_numbering() {
+        let v18 = disabled_v18_user();
+        let e = add_card(&v18, Numbering::V16, &csn(1)).unwrap_err();
+        assert_eq!(
+            e,
+            EditError::WrongNumbering {
+                numbering: Numbering::V16,
+                fit: NumberingFit::Only(Numbering::V18)
+            }
+        );
+        assert!(e.to_string().contains("api = \"v1.8\""), "{e}");
+        let ok = add_card(&v18, Numbering::V18, &csn(1)).unwrap();
+        let hdr = v18::UserInfo::decode(ok.as_slice()).unwrap().hdr.unwrap();
+        assert_eq!(
+            (hdr.user_flag, hdr.num_of_card),
+            (0x80, 2),
+            "still disabled"
+        );
+
+        let v16 = crate::sim::users::generate("42", 1, Numbering::V16, Default::default());
+        let e = add_card(&v16, Numbering::V18, &csn(1)).unwrap_err();
+        assert_eq!(
+            e,
+            EditError::WrongNumbering {
+                numbering: Numbering::V18,
+                fit: NumberingFit::Only(Numbering::V16)
+            }
+        );
+        assert!(e.to_string().contains("api = \"v1.5\""), "{e}");
+        assert!(add_card(&v16, Numbering::V16, &csn(1)).is_ok());
+    }
+
+    /// Finding 3: the ninth card is refused by the edit itself.
+    #[test]
+    fn adding_a_ninth_card_is_refused() {
+        let mut raw = crate::sim::users::generate("42", 1, Numbering::V18, Default::default());
+        for i in 2..=MAX_CARDS as u8 {
+            raw = add_card(&raw, Numbering::V18, &csn(i)).unwrap();
+        }
+        assert_eq!(raw_cards(&raw).unwrap().len(), MAX_CARDS);
+        assert_eq!(
+            add_card(&raw, Numbering::V18, &csn(99)),
+            Err(EditError::CardLimit)
+        );
+    }
+
+    #[test]
+    fn gateway_versions_name_their_numbering() {
+        for (v, n) in [
+            ("1.8.0", Some(Numbering::V18)),
+            ("v1.8.0", Some(Numbering::V18)),
+            ("V1.9.1", Some(Numbering::V18)),
+            ("1.10", Some(Numbering::V18)),
+            ("v1.5.2", Some(Numbering::V16)),
+            ("1.6.0 (build 3)", Some(Numbering::V16)),
+            ("1.4", Some(Numbering::V16)),
+            ("1.7.1", None),
+            ("2.0.0", None),
+            ("", None),
+            ("gateway", None),
+        ] {
+            assert_eq!(numbering_of_version(v), n, "{v:?}");
+        }
+        for api in Api::ALL {
+            assert_eq!(
+                numbering_of_version(api.nominal_version()),
+                Some(api.numbering())
+            );
+        }
     }
 
     #[test]

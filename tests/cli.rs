@@ -752,6 +752,13 @@ async fn import_config_is_all_or_nothing() {
             vec![],
             vec!["devices[0].device_id: device 939504224 is also enroll_device".into()],
         ),
+        // Finding 5: a column inside a multi-byte character.
+        (
+            r#"{"enroll_device": é}"#.into(),
+            "ca.crt",
+            vec![],
+            vec!["sync_config.json:1:".into(), "enroll_device".into()],
+        ),
         (
             EXAMPLE.into(),
             "ca.crt",
@@ -973,7 +980,12 @@ async fn changes_at_a_target_warn_and_show_as_drift() {
 
     sim.enroll_on_device(t1, "stray").unwrap();
     let t = t1.to_string();
-    let (code, out, err) = run(&site.cfg, &["delete", "--device", &t, "--user", "1000"]).await;
+    // The source still holds 1000: deleting it here needs --force.
+    let (code, out, err) = run(
+        &site.cfg,
+        &["delete", "--device", &t, "--user", "1000", "--force"],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("deleted user 1000"), "{out}");
     assert!(
@@ -1185,6 +1197,26 @@ async fn errors_say_what_to_do_next() {
     let (code, _, err) = run(&site.cfg, &["enroll", "--device", &s, "--user", ""]).await;
     assert_eq!(code, 1);
     assert!(err.contains("invalid user ID"), "{err}");
+    // Finding 7: a name the device cannot store, and a limit of 0 (which
+    // GetLog reads as "the whole log", WIRE.md B3).
+    let long = "é".repeat(49);
+    let (code, _, err) = run(
+        &site.cfg,
+        &["enroll", "--device", &s, "--user", "5", "--name", &long],
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--name has 49 characters; a device stores at most 48"),
+        "{err}"
+    );
+    for since in [&["--since", "1"][..], &[]] {
+        let mut args = vec!["events", "--device", &s, "--limit", "0"];
+        args.extend_from_slice(since);
+        let (code, _, err) = run(&site.cfg, &args).await;
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains("--limit 0"), "{err}");
+    }
     assert!(
         sim.rpc_log().is_empty(),
         "nothing reached the gateway: {:?}",
@@ -1278,4 +1310,401 @@ fn one_cli_convention_documented_everywhere() {
             );
         }
     }
+}
+
+// ---- review findings ------------------------------------------------------------
+
+/// A site whose configuration says `api` while the simulator serves
+/// another generation (same `gsdk.` paths, other numbering).
+fn site_with_api(sim: &usersync::sim::Simulator, api: &str) -> Site {
+    let s = site(sim);
+    let text = std::fs::read_to_string(&s.cfg).unwrap();
+    let wrong = text.replace(
+        &format!("api = \"{}\"", sim.api()),
+        &format!("api = \"{api}\""),
+    );
+    assert_ne!(wrong, text);
+    std::fs::write(&s.cfg, wrong).unwrap();
+    s
+}
+
+/// Finding 1: `enroll --overwrite` edits numOfCard where `[gateway] api`
+/// says it is. A disabled V1.8 user (userFlag 0x80) edited with api v1.5
+/// would get the card count in its userFlag — enabled again — and every
+/// target would get the damage: refused, naming the api the record fits,
+/// before any card is asked for. The same for a ≤V1.6 record under v1.8,
+/// and for a new user when the gateway's version contradicts the api.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_is_never_added_in_the_wrong_numbering() {
+    use prost::Message;
+    use usersync::proto::usersync::schema::v18;
+    use usersync::wire::Numbering;
+
+    let sim = common::sim_registered(Api::V1_8, 2).await;
+    let src = sim.device_ids()[0];
+    let s = src.to_string();
+    let site = site_with_api(&sim, "v1.5");
+    let raw = usersync::sim::users::generate("77", 1, Numbering::V18, Default::default());
+    let mut u = v18::UserInfo::decode(raw.as_slice()).unwrap();
+    u.hdr.as_mut().unwrap().user_flag = 0x80;
+    let disabled = u.encode_to_vec();
+    sim.put_raw_on_device(src, disabled.clone()).unwrap();
+    sim.clear_rpc_log();
+    let (code, out, err) = run(
+        &site.cfg,
+        &[
+            "enroll",
+            "--device",
+            &s,
+            "--user",
+            "77",
+            "--card",
+            "--overwrite",
+        ],
+    )
+    .await;
+    eprintln!("operator sees:\n{out}{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("user 77 on device")
+            && err.contains("numbering of api = \"v1.8\"")
+            && err.contains("userFlag — a disabled user would be enabled again —")
+            && err.contains("If the gateway runs V1.8 or later, set api = \"v1.8\" in [gateway]")
+            && err.contains("nothing changed"),
+        "{err}"
+    );
+    assert_eq!(sim.user_bytes(src, "77"), Some(disabled), "unchanged");
+    assert!(
+        !sim.rpc_log()
+            .iter()
+            .any(|r| r.method == "Scan" || r.method.starts_with("Enroll")),
+        "{:?}",
+        sim.rpc_log()
+    );
+    // A new user: the gateway's version says V1.8.
+    let (code, out, err) = run(
+        &site.cfg,
+        &["enroll", "--device", &s, "--user", "78", "--card"],
+    )
+    .await;
+    eprintln!("operator sees:\n{out}{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("reports version \"v1.8.0\"") && err.contains("set api = \"v1.8\""),
+        "{err}"
+    );
+    assert!(!sim.holds(src, "78"));
+
+    // A ≤V1.6 record under api v1.8.
+    let sim = common::sim_registered(Api::V1_5, 2).await;
+    let src = sim.device_ids()[0];
+    let s = src.to_string();
+    let site = site_with_api(&sim, "v1.8");
+    let old = usersync::sim::users::generate("42", 1, Numbering::V16, Default::default());
+    sim.put_raw_on_device(src, old.clone()).unwrap();
+    let (code, out, err) = run(
+        &site.cfg,
+        &[
+            "enroll",
+            "--device",
+            &s,
+            "--user",
+            "42",
+            "--card",
+            "--overwrite",
+        ],
+    )
+    .await;
+    eprintln!("operator sees:\n{out}{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("numbering of api = \"v1.5\"") && err.contains("set api = \"v1.5\""),
+        "{err}"
+    );
+    assert_eq!(sim.user_bytes(src, "42"), Some(old), "unchanged");
+}
+
+/// Finding 3: the user gains its eighth card at the device while the CLI
+/// waits for the card to add: the record read again is refused, no ninth
+/// card is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ninth_card_is_refused_after_the_card_is_presented() {
+    use usersync::wire::{Numbering, add_card};
+    let sim = common::sim_registered(Api::V1_8, 2).await;
+    let src = sim.device_ids()[0];
+    let site = site(&sim);
+    let card =
+        |i: u64| prost::Message::encode_to_vec(&usersync::sim::users::scanned_card(1000 + i));
+    let mut raw = usersync::sim::users::generate("1000", 1, Numbering::V18, Default::default());
+    for i in 2..=7 {
+        raw = add_card(&raw, Numbering::V18, &card(i)).unwrap();
+    }
+    let eight = add_card(&raw, Numbering::V18, &card(8)).unwrap();
+    sim.put_raw_on_device(src, raw).unwrap();
+    sim.set_auto_card(false);
+    sim.clear_rpc_log();
+    let cfg = site.cfg.clone();
+    let s = src.to_string();
+    let cli = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
+            .args(["enroll", "--device", &s, "--user", "1000", "--overwrite"])
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    });
+    eventually("the CLI waits for a card", || async {
+        sim.rpc_log().iter().any(|r| r.method == "Scan")
+    })
+    .await;
+    sim.put_raw_on_device(src, eight.clone()).unwrap();
+    sim.present_card(src, usersync::sim::users::scanned_card(99));
+    let out = common::within("the CLI ends", cli).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("operator sees:\n{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("already has 8 cards, the most a user may hold; nothing changed")
+            && err.contains("changed at the device while the card was awaited"),
+        "{err}"
+    );
+    assert_eq!(sim.user_bytes(src, "1000"), Some(eight));
+}
+
+/// A record that GetList names but User.Get answers undecodable: the
+/// header decodes (bytes fields: the last occurrence wins), the record
+/// does not (a first header whose ID has the wrong wire type).
+fn listed_but_unreadable(id: &str) -> Vec<u8> {
+    let mut hdr = vec![0x0a, id.len() as u8];
+    hdr.extend_from_slice(id.as_bytes());
+    let mut raw = vec![0x0a, 0x02, 0x08, 0x01];
+    raw.push(0x0a);
+    raw.push(hdr.len() as u8);
+    raw.extend_from_slice(&hdr);
+    raw
+}
+
+/// Finding 2: with the daemon stopped, `reconcile --prune --yes` deletes
+/// only users every source answers it does not hold. A source record that
+/// cannot be read (so its header is missing from GetList) is not a
+/// deletion; a source user whose record cannot be read is not skipped in
+/// silence: the target is "not reconciled" (exit 1) and not recorded as
+/// reconciled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_source_record_is_never_pruned_nor_skipped() {
+    let sim = common::sim_registered(Api::V1_8, 2).await;
+    let ids = sim.device_ids();
+    let (src, t) = (ids[0], ids[1]);
+    let site = site(&sim);
+    drop(usersync::store::Store::open(&site.dir.path().join("state")).unwrap());
+    for d in [src, t] {
+        sim.enroll_on_device(d, "1000").unwrap();
+        sim.enroll_on_device(d, "victim").unwrap();
+    }
+    sim.enroll_on_device(t, "gone").unwrap();
+    sim.with_model(|m| m.corrupt_user(src, "victim", vec![0x0a, 0x05, 0x0a]));
+    sim.with_model(|m| m.corrupt_user(src, "ghost", listed_but_unreadable("ghost")));
+    let victim = sim.user_bytes(t, "victim").unwrap();
+
+    let (code, out, err) = run(&site.cfg, &["reconcile", "--dry-run", "--prune"]).await;
+    eprintln!("operator sees (dry run):\n{out}{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("2 extra (1 would be deleted, 1 kept)")
+            && out.contains("  delete: gone\n")
+            && out.contains(&format!(
+                "victim (its record at source {src} cannot be read"
+            )),
+        "{out}"
+    );
+
+    sim.clear_rpc_log();
+    let (code, out, err) = run(&site.cfg, &["reconcile", "--prune", "--yes"]).await;
+    eprintln!("operator sees:\n{out}{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains(&format!(
+            "group main target {t}: 0 users written, 1 deleted (1 extra user kept)"
+        )),
+        "{out}"
+    );
+    assert!(
+        err.contains(&format!("not reconciled: group main target {t}"))
+            && err.contains(&format!("ghost (its record at source {src} cannot be read"))
+            && err.contains("1 extra user kept: victim"),
+        "{err}"
+    );
+    assert_eq!(sim.user_bytes(t, "victim"), Some(victim), "kept");
+    assert!(!sim.holds(t, "gone"), "confirmed absent: deleted");
+    assert!(
+        !sim.rpc_log().iter().any(|r| {
+            r.method.starts_with("Delete") && r.user_ids.iter().any(|u| u == "victim")
+        }),
+        "no delete was ever sent for it"
+    );
+    let (_, out, _) = run(&site.cfg, &["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["targets"][0]["last_reconcile"].is_null(),
+        "not recorded as reconciled: {v}"
+    );
+}
+
+/// Finding 2: a prune the sources' lists cannot bear out is refused: a
+/// source that lists no users (unless --allow-empty-source), a source
+/// with a header that cannot be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_is_refused_when_a_source_list_cannot_bear_it_out() {
+    let sim = common::sim_registered(Api::V1_8, 2).await;
+    let ids = sim.device_ids();
+    let (src, t) = (ids[0], ids[1]);
+    let site = site(&sim);
+    sim.enroll_on_device(t, "stray").unwrap();
+
+    // Not even requested from a running daemon.
+    let daemon = Daemon::start(usersync::config::load(&site.cfg).unwrap());
+    eventually("the daemon holds its lock", || async {
+        sim.rpc_log().iter().any(|r| r.method == "SubscribeStatus")
+    })
+    .await;
+    let (code, out, err) = run(&site.cfg, &["reconcile", "--prune", "--yes"]).await;
+    eprintln!("operator sees (daemon running):\n{out}{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("source {src} lists no users"))
+            && err.contains("nothing requested from the running daemon"),
+        "{err}"
+    );
+    daemon.stop().await;
+    assert!(sim.holds(t, "stray"), "nothing deleted");
+
+    let (code, out, err) = run(&site.cfg, &["reconcile", "--prune", "--yes"]).await;
+    eprintln!("operator sees:\n{out}{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("source {src} lists no users"))
+            && err.contains("--allow-empty-source"),
+        "{err}"
+    );
+    assert!(sim.holds(t, "stray"), "nothing deleted");
+    let (code, out, _) = run(&site.cfg, &["reconcile", "--dry-run", "--prune"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("1 extra (kept: prune refused)"), "{out}");
+    let (code, out, err) = run(
+        &site.cfg,
+        &["reconcile", "--prune", "--yes", "--allow-empty-source"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("0 users written, 1 deleted"), "{out}");
+    assert!(!sim.holds(t, "stray"));
+
+    // A header GetList answers that cannot be read.
+    sim.enroll_on_device(src, "1000").unwrap();
+    sim.with_model(|m| m.corrupt_user(src, "bad", vec![0x0a, 0x02, 0x08, 0x01]));
+    sim.enroll_on_device(t, "stray").unwrap();
+    let (code, out, err) = run(
+        &site.cfg,
+        &["reconcile", "--prune", "--yes", "--allow-empty-source"],
+    )
+    .await;
+    eprintln!("operator sees:\n{out}{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains(&format!("group main target {t}: 1 user written, 0 deleted")),
+        "{out}"
+    );
+    assert!(
+        err.contains(&format!(
+            "source {src} lists 1 user header that cannot be read (those users are neither copied nor judged"
+        )) && err.contains("refusing to prune group main"),
+        "{err}"
+    );
+    assert!(sim.holds(t, "stray"), "nothing deleted");
+    assert!(sim.holds(t, "1000"), "the rest is done");
+}
+
+/// Finding 6: a card added at a target says that the sources undo it; a
+/// delete at a target whose source still holds the user is refused
+/// without --force (the person would be locked out there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_at_a_target_say_what_undoes_them() {
+    let sim = common::sim_registered(Api::V1_8, 2).await;
+    let ids = sim.device_ids();
+    let (src, t) = (ids[0], ids[1]);
+    let site = site(&sim);
+    let ts = t.to_string();
+    for d in [src, t] {
+        sim.enroll_on_device(d, "1000").unwrap();
+    }
+    sim.enroll_on_device(t, "stray").unwrap();
+
+    let (code, out, err) = run(
+        &site.cfg,
+        &["enroll", "--device", &ts, "--user", "1000", "--overwrite"],
+    )
+    .await;
+    eprintln!("operator sees:\n{out}{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("undone by the next change of the user at a source")
+            && err.contains(&format!("usersync reconcile --group main --target {t}")),
+        "{err}"
+    );
+
+    let (code, out, err) = run(&site.cfg, &["delete", "--device", &ts, "--user", "1000"]).await;
+    eprintln!("operator sees:\n{out}{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("source {src} of group main holds user 1000"))
+            && err.contains("locks the person out")
+            && err.contains(&format!("usersync delete --device {src} --user 1000"))
+            && err.contains("--force"),
+        "{err}"
+    );
+    assert!(sim.holds(t, "1000"), "nothing deleted");
+    let (code, out, err) = run(
+        &site.cfg,
+        &["delete", "--device", &ts, "--user", "1000", "--force"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted user 1000"), "{out}");
+    assert!(err.contains("locks the person out"), "{err}");
+    assert!(!sim.holds(t, "1000"));
+    // No source has it: deleted without --force.
+    let (code, _, err) = run(&site.cfg, &["delete", "--device", &ts, "--user", "stray"]).await;
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Finding 4: import-config never replaces a checkpoint the state already
+/// has (the daemon's own progress): it says so and seeds the others.
+#[tokio::test]
+async fn import_config_keeps_existing_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    usersync::sim::tls::generate(&["localhost"])
+        .unwrap()
+        .write_ca(dir.path())
+        .unwrap();
+    std::fs::write(dir.path().join("sync_config.json"), EXAMPLE).unwrap();
+    let state = dir.path().join("state");
+    let store = usersync::store::Store::open(&state).unwrap();
+    store.set_checkpoint(939_504_224, 40_000).unwrap();
+    drop(store);
+    let out = import_cmd(dir.path(), "ca.crt", &[]).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprintln!("operator sees:\n{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("seeded 1 checkpoint")
+            && stdout.contains("device 939504224 already has a checkpoint in")
+            && stdout.contains("(event 40000): kept, its last_event_id 34667 not used"),
+        "{stdout}"
+    );
+    let store = usersync::store::Store::open(&state).unwrap();
+    assert_eq!(store.checkpoint(939_504_224).unwrap(), Some(40_000));
+    assert_eq!(store.checkpoint(543_664_528).unwrap(), Some(5_984));
 }

@@ -36,6 +36,15 @@ pub struct GatewayInfo {
     pub build_date: String,
 }
 
+/// What `User.GetList` answered.
+#[derive(Debug, Clone, Default)]
+pub struct UserList {
+    pub ids: Vec<String>,
+    /// Headers that did not decode (no usable ID): users the device holds
+    /// that cannot be named.
+    pub unreadable: usize,
+}
+
 /// What `User.Get` answered.
 #[derive(Debug, Clone, Default)]
 pub struct UserAnswer {
@@ -258,8 +267,15 @@ impl GatewayClient {
     // ---- User ----------------------------------------------------------
 
     /// The IDs of the users stored on a device. A header without a usable ID
-    /// is logged and skipped.
+    /// is logged and skipped: use [`Self::user_ids_checked`] where a
+    /// skipped header must not pass for a user the device does not have.
     pub async fn user_ids(&self, device_id: u32) -> Result<Vec<String>, GatewayError> {
+        Ok(self.user_ids_checked(device_id).await?.ids)
+    }
+
+    /// Like [`Self::user_ids`], and says how many headers could not be
+    /// read.
+    pub async fn user_ids_checked(&self, device_id: u32) -> Result<UserList, GatewayError> {
         let mut c = self.user.clone();
         let req = GetListRequest { device_id };
         let resp = self
@@ -267,16 +283,20 @@ impl GatewayClient {
                 c.get_list(r).await
             })
             .await?;
-        let mut ids = Vec::with_capacity(resp.hdrs.len());
+        let mut list = UserList {
+            ids: Vec::with_capacity(resp.hdrs.len()),
+            unreadable: 0,
+        };
         for (i, hdr) in resp.hdrs.iter().enumerate() {
             match peek_hdr_id(hdr) {
-                Ok(id) => ids.push(id),
+                Ok(id) => list.ids.push(id),
                 Err(e) => {
+                    list.unreadable += 1;
                     tracing::warn!(device_id, index = i, error = %e, "GetList: user header skipped")
                 }
             }
         }
-        Ok(ids)
+        Ok(list)
     }
 
     /// Reads users as raw records. Unknown IDs are simply missing from the
