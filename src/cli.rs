@@ -1508,7 +1508,7 @@ async fn sources_holding(
             let answer = sync::fetch_users(gw, *s, vec![user.to_owned()]).await;
             let unsure = match answer.as_ref().map(|m| m.get(user)) {
                 Ok(Some(sync::Fetched::Absent)) => continue,
-                Ok(Some(sync::Fetched::Present(_))) => None,
+                Ok(Some(sync::Fetched::Present(_) | sync::Fetched::HeldElsewhere(_))) => None,
                 Ok(Some(sync::Fetched::Failed(why))) => {
                     Some(format!("its record there cannot be read: {why}"))
                 }
@@ -1856,7 +1856,7 @@ async fn confirm_absent(
                         still.push(u.clone());
                         continue;
                     }
-                    Some(sync::Fetched::Present(_)) => {
+                    Some(sync::Fetched::Present(_) | sync::Fetched::HeldElsewhere(_)) => {
                         format!("source {s} holds it (its list did not show it)")
                     }
                     Some(sync::Fetched::Failed(why)) => {
@@ -2391,6 +2391,7 @@ async fn write_target(
                         continue;
                     }
                     Some(sync::Fetched::Absent) => format!("source {s} no longer holds it"),
+                    Some(sync::Fetched::HeldElsewhere(o)) => format!("source {o} holds it"),
                     Some(sync::Fetched::Failed(why)) => {
                         format!("its record at source {s} cannot be read ({why})")
                     }

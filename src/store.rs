@@ -961,6 +961,20 @@ pub fn reconcile_results(conn: &Connection) -> Result<Vec<ReconcileResult>, Stor
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Drops a group's pending rows whose source is not one of `sources`.
+pub fn drop_pending_of_other_sources(
+    conn: &Connection,
+    group: &str,
+    sources: &[u32],
+) -> Result<(), StoreError> {
+    let sources = serde_json::to_string(sources).unwrap_or_else(|_| "[]".into());
+    conn.execute(
+        "DELETE FROM pending WHERE grp = ?1 AND source NOT IN (SELECT value FROM json_each(?2))",
+        params![group, sources],
+    )?;
+    Ok(())
+}
+
 /// Forgets a target that left a group.
 pub fn drop_target(conn: &Connection, group: &str, target: u32) -> Result<(), StoreError> {
     for table in [

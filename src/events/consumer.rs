@@ -32,6 +32,9 @@ use crate::proto::gsdk::event::EventLog;
 use crate::service::Health;
 use crate::store::{self, Store, StoreError};
 
+/// How long after drops were last seen follow-up tail checks go on.
+const DROPS_RECENT: Duration = Duration::from_secs(600);
+
 /// Inputs drained before one commit, at most.
 const BURST: usize = 4096;
 /// How often tail checks and idle checks are looked for.
@@ -73,6 +76,13 @@ struct Pass {
     again: bool,
     /// A catch-up asked for it: a settling tail check follows its end.
     settle: bool,
+    /// A timer started it (a tail check no realtime event asked for).
+    timer: bool,
+    /// When its first read started.
+    started: Option<Instant>,
+    /// It read the log from its oldest record after a reset: history, not
+    /// news (a delete-all in it is not replayed).
+    replay: bool,
     /// New events the pass found in the log.
     found: u64,
 }
@@ -91,11 +101,12 @@ struct Track {
     idle_at: Instant,
     /// Failed passes in a row (for the retry delay).
     failures: u32,
-    /// Realtime events of the device that arrived but were left to a read
-    /// (one was under way, or the device was not live yet), since its last
-    /// pass ended: a read that finds more new events than these found
-    /// events realtime never delivered.
-    unstaged: u64,
+    /// When the device's last realtime event arrived.
+    last_heard: Option<Instant>,
+    /// When its previous pass started reading.
+    last_pass_start: Option<Instant>,
+    /// When it was last set up again for events realtime never delivered.
+    last_relink: Option<Instant>,
     /// Where the device is on the follow-up ladder of tail checks (see
     /// [`follow_up`]).
     ladder: usize,
@@ -177,6 +188,9 @@ pub struct Consumer {
     /// Asks a device's task to set the device up again (monitoring).
     relink: Relink,
     tracks: BTreeMap<u32, Track>,
+    /// When drops were last seen anywhere (a realtime gap, or a check that
+    /// found events): follow-up checks run only while this is recent.
+    last_drop: Option<Instant>,
     reads: JoinSet<Fetched>,
     queue: VecDeque<u32>,
     staged: Staged,
@@ -195,6 +209,7 @@ impl Consumer {
             relink: ctx.relink,
             retry: Backoff::device(),
             tracks: BTreeMap::new(),
+            last_drop: None,
             reads: JoinSet::new(),
             queue: VecDeque::new(),
             staged: Staged::default(),
@@ -234,7 +249,9 @@ impl Consumer {
                 tail_at: None,
                 idle_at: Instant::now() + spread,
                 failures: 0,
-                unstaged: 0,
+                last_heard: None,
+                last_pass_start: None,
+                last_relink: None,
                 ladder: 0,
             },
         );
@@ -320,9 +337,7 @@ impl Consumer {
         };
         t.idle_at = idle_at;
         t.ladder = 0;
-        if t.reading != Reading::Idle || !live {
-            t.unstaged += 1;
-        }
+        t.last_heard = Some(now);
         if t.reading != Reading::Idle {
             // A read is under way or queued: it reads this event from the
             // log, or the pass reads once more.
@@ -373,6 +388,7 @@ impl Consumer {
             return;
         }
         // A gap: events were dropped on the way. Read them from the log.
+        self.last_drop = Some(now);
         tracing::info!(
             device_id = device,
             checkpoint = cp,
@@ -427,6 +443,9 @@ impl Consumer {
             .collect();
         for d in due {
             self.request_read(d, None, false);
+            if let Some(p) = self.tracks.get_mut(&d).and_then(|t| t.pass.as_mut()) {
+                p.timer = true;
+            }
         }
     }
 
@@ -445,6 +464,8 @@ impl Consumer {
             t.reading = Reading::InFlight;
             if let Some(p) = t.pass.as_mut() {
                 p.again = false;
+                p.started.get_or_insert_with(Instant::now);
+                p.replay |= t.checkpoint == Checkpoint::Reset;
             }
             let from = t.checkpoint.clone();
             let client = self.client.clone();
@@ -499,20 +520,33 @@ impl Consumer {
             Ok(false) => {
                 t.failures = 0;
                 let pass = t.pass.take().unwrap_or_default();
-                let unseen = pass.found.saturating_sub(std::mem::take(&mut t.unstaged));
-                if pass.waiters.is_empty() && unseen > 0 {
-                    // A check found events realtime never delivered: its
-                    // queue dropped them, or the device's monitoring is gone
-                    // without a status change we saw (or the subscription
-                    // took effect late). Set the device up again: harmless
-                    // for the first, the cure for the others.
+                // A timer's check found events although no realtime event of
+                // the device arrived since its previous pass began: realtime
+                // delivered nothing, so its monitoring may be gone without a
+                // status change we saw. Set the device up again (at most
+                // once per idle interval).
+                let now = Instant::now();
+                let silent = match (t.last_heard, t.last_pass_start) {
+                    (None, _) => true,
+                    (Some(heard), Some(prev)) => heard < prev,
+                    (Some(_), None) => false,
+                };
+                let recent = t
+                    .last_relink
+                    .is_some_and(|r| now.duration_since(r) < self.config.sync.idle_check_interval);
+                if pass.timer && pass.found > 0 && silent && !recent {
                     tracing::info!(
                         device_id = device,
-                        events = unseen,
+                        events = pass.found,
                         "a tail check found events realtime never delivered; enabling monitoring again"
                     );
+                    t.last_relink = Some(now);
                     (self.relink)(device);
                 }
+                if pass.found > 0 && pass.timer {
+                    self.last_drop = Some(now);
+                }
+                t.last_pass_start = pass.started;
                 let next = if pass.settle || pass.again {
                     // Events logged between this read and the moment the
                     // realtime subscription took effect (its headers may
@@ -524,10 +558,16 @@ impl Consumer {
                     // Trailing events all dropped (a full gateway queue)
                     // show only to a later check: checks follow at growing
                     // intervals after activity, until the idle check.
+                    // Only while drops were seen lately (a realtime gap, or
+                    // a check that found events): a site whose realtime
+                    // delivers everything costs one check per burst.
                     t.ladder = if pass.found > 0 { 0 } else { t.ladder + 1 };
-                    follow_up(&self.config.sync, t.ladder)
+                    let dropping = self
+                        .last_drop
+                        .is_some_and(|d| now.duration_since(d) < DROPS_RECENT);
+                    follow_up(&self.config.sync, t.ladder).filter(|_| dropping)
                 };
-                t.tail_at = next.map(|d| Instant::now() + d);
+                t.tail_at = next.map(|d| now + d);
                 for w in pass.waiters {
                     self.staged.replies.push((w, Ok(())));
                 }
@@ -663,10 +703,9 @@ impl Consumer {
     /// `extra`, and moves the checkpoint past them.
     fn stage(&mut self, device: u32, events: Vec<EventLog>, extra: Effects) {
         let mut fx = effects(&self.config, device, &events);
-        let replay = self
-            .tracks
-            .get(&device)
-            .is_some_and(|t| t.checkpoint == Checkpoint::Reset);
+        let replay = self.tracks.get(&device).is_some_and(|t| {
+            t.checkpoint == Checkpoint::Reset || t.pass.as_ref().is_some_and(|p| p.replay)
+        });
         if replay {
             // A log read from its oldest record after a reset: a delete-all
             // in it may be history (a reset taken for one wrongly), and the

@@ -100,27 +100,11 @@ impl Checkpoint {
 pub struct Anchor(pub String);
 
 impl Anchor {
-    /// Whether `ev` is the event this anchor was taken from. The time alone
-    /// may differ (WIRE.md §5.10 leaves open whether it is UTC or device
-    /// time; a time-zone change might show it differently): the same code,
-    /// sub-code and user under the same ID still count, with a warning.
+    /// Whether `ev` is the event this anchor was taken from: the same
+    /// time, code, sub-code and user. Strict on purpose: a false "reset"
+    /// costs a reconcile, a missed one loses changes.
     pub fn matches(&self, ev: &EventLog) -> bool {
-        let other = Anchor::of(ev);
-        if *self == other {
-            return true;
-        }
-        let rest = |a: &str| a.split_once('/').map(|(_, r)| r.to_owned());
-        let same = rest(&self.0).is_some() && rest(&self.0) == rest(&other.0);
-        if same {
-            tracing::warn!(
-                device_id = ev.device_id,
-                event_id = ev.id,
-                stored = %self.0,
-                now = %other.0,
-                "the checkpoint event's time changed; taking it as the same event"
-            );
-        }
-        same
+        *self == Anchor::of(ev)
     }
 
     pub fn of(ev: &EventLog) -> Self {

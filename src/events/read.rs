@@ -309,11 +309,12 @@ mod tests {
     }
 
     #[test]
-    fn only_the_time_of_the_checkpoint_event_changed() {
-        let mut moved = ev(10, 0x1000);
-        moved.timestamp += 3600;
-        let r = classify(1, 10, Some(&at(10)), vec![moved, ev(11, 0x1000)], 8).unwrap();
-        assert!(matches!(r, Read::Next { .. }), "{r:?}");
+    fn the_same_code_and_user_at_another_time_is_a_reset() {
+        // A reset log refilled past the checkpoint with a similar event.
+        let mut other = ev(10, 0x1000);
+        other.timestamp += 3600;
+        let r = classify(1, 10, Some(&at(10)), vec![other, ev(11, 0x1000)], 8).unwrap();
+        assert!(matches!(r, Read::Reset { .. }), "{r:?}");
     }
 
     #[test]

@@ -87,7 +87,11 @@ pub struct Applier {
     /// after successes (a slow device may not take a full batch in time).
     batch_limit: usize,
     /// A reconcile that failed transiently: (failures, retry at).
-    reconcile_retry: Option<(u32, Instant)>,
+    reconcile_retry: HashMap<u32, (u32, Instant)>,
+    /// The target of the reconcile step under way.
+    reconcile_current: Option<u32>,
+    /// Targets whose pending rows could not go: (tries, retry at).
+    pending_retry: HashMap<u32, (u32, Instant)>,
     reconcile: Option<ReconcileRun>,
     targets_initialized: bool,
     /// Where the cohort served last moved to: cohorts take turns, so a
@@ -110,6 +114,9 @@ pub enum Fetched {
     Failed(String),
     /// A source could not be asked now: try again later.
     Unknown,
+    /// Absent at the row's source, held at this other source of the group:
+    /// the targets keep what they hold (the group is marked diverged).
+    HeldElsewhere(u32),
 }
 
 /// One writer per group at any time: an applier holds its group's lock for
@@ -149,7 +156,9 @@ impl Applier {
             source_poison: HashMap::new(),
             source_retry: HashMap::new(),
             batch_limit: batch_users,
-            reconcile_retry: None,
+            reconcile_retry: HashMap::new(),
+            reconcile_current: None,
+            pending_retry: HashMap::new(),
             reconcile: None,
             targets_initialized: false,
             last_cohort: None,
@@ -197,7 +206,8 @@ impl Applier {
                 .retry
                 .values()
                 .chain(self.source_retry.values())
-                .chain(self.reconcile_retry.iter())
+                .chain(self.reconcile_retry.values())
+                .chain(self.pending_retry.values())
                 .map(|(_, at)| *at)
                 .filter(|at| *at > now)
                 .min();
@@ -205,7 +215,13 @@ impl Applier {
                 biased;
                 _ = cancel.cancelled() => return,
                 _ = self.wake.notified() => {}
-                r = board.changed() => if r.is_err() { return },
+                r = board.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // A device came or went: parked rows may go now.
+                    self.pending_retry.clear();
+                }
                 _ = sleep_until(next_retry), if next_retry.is_some() => {}
                 // Requests written by `usersync reconcile` arrive this way.
                 _ = tokio::time::sleep(self.sync.poll_interval) => {}
@@ -227,16 +243,22 @@ impl Applier {
             let moved = match (self.turn + i) % 3 {
                 0 => match self.reconcile_step().await {
                     Ok(moved) => {
-                        self.reconcile_retry = None;
+                        if let Some(t) = self.reconcile_current.take() {
+                            self.reconcile_retry.remove(&t);
+                        }
                         moved
                     }
-                    // A device of the reconcile did not answer: the
-                    // reconcile waits, journal changes go on.
+                    // A device of the reconcile did not answer: that
+                    // target's reconcile waits; the other targets' and the
+                    // journal changes go on.
                     Err(SyncError::Gateway(e)) => {
-                        let n = self.reconcile_retry.map_or(0, |(n, _)| n);
+                        let t = self.reconcile_current.take().unwrap_or_default();
+                        let n = self.reconcile_retry.get(&t).map_or(0, |(n, _)| *n);
                         let delay = self.backoff.delay(n);
-                        tracing::warn!(group = %self.group.name, error = %e, retry_in = ?delay, "reconcile could not read a device; retrying later");
-                        self.reconcile_retry = Some((n.saturating_add(1), Instant::now() + delay));
+                        tracing::warn!(group = %self.group.name, target = t, error = %e, retry_in = ?delay, "reconcile could not read a device; retrying later");
+                        self.reconcile_retry
+                            .insert(t, (n.saturating_add(1), Instant::now() + delay));
+                        self.reconcile = None;
                         false
                     }
                     Err(e) => return Err(e),
@@ -313,6 +335,9 @@ impl Applier {
                         store::request_reconcile(&tx, &group.name, *t, &reason, group.prune)?;
                     }
                 }
+                // Rows parked for a source that left the group can never
+                // be applied (their source is never asked again).
+                store::drop_pending_of_other_sources(&tx, &group.name, &group.sources)?;
                 store::set_group_members(&tx, &group.name, &group.sources, &group.targets)?;
                 tx.commit()?;
                 Ok((created, added_sources))
@@ -330,12 +355,6 @@ impl Applier {
     // ---- reconcile --------------------------------------------------------
 
     async fn reconcile_step(&mut self) -> Result<bool, SyncError> {
-        if self
-            .reconcile_retry
-            .is_some_and(|(_, at)| at > Instant::now())
-        {
-            return Ok(false);
-        }
         let name = self.group.name.clone();
         let (requests, stale): (Vec<store::ReconcileRequest>, Vec<store::ReconcileRequest>) = self
             .store
@@ -354,10 +373,18 @@ impl Applier {
         if !self.sources_live() {
             return Ok(false);
         }
-        let Some(req) = requests.into_iter().find(|r| self.eligible(r.target)) else {
+        let now = Instant::now();
+        let Some(req) = requests.into_iter().find(|r| {
+            self.eligible(r.target)
+                && self
+                    .reconcile_retry
+                    .get(&r.target)
+                    .is_none_or(|(_, at)| *at <= now)
+        }) else {
             return Ok(false);
         };
         let target = req.target;
+        self.reconcile_current = Some(target);
         let fresh =
             self.reconcile.as_ref().is_none_or(|r| r.target != target) || req.after_user.is_none();
         if fresh {
@@ -524,10 +551,12 @@ impl Applier {
             .filter(|(g, _)| *g == name)
             .map(|(_, t)| t)
             .collect::<BTreeSet<u32>>();
+        let now = Instant::now();
         let targets: Vec<u32> = self
             .eligible_targets()
             .into_iter()
             .filter(|t| waiting.contains(t))
+            .filter(|t| self.pending_retry.get(t).is_none_or(|(_, at)| *at <= now))
             .collect();
         let live_sources: Vec<u32> = self
             .group
@@ -538,9 +567,11 @@ impl Applier {
             .collect();
         let now = Instant::now();
         for t in targets {
+            // Read past rows whose users back off, so they never hide the
+            // rows behind them.
             let (n, limit, sources) = (
                 self.group.name.clone(),
-                self.batch_limit,
+                self.batch_limit * 8,
                 live_sources.clone(),
             );
             let rows: Vec<JournalRow> = self
@@ -553,10 +584,24 @@ impl Applier {
                         .get(&r.user_id)
                         .is_none_or(|(_, at)| *at <= now)
                 })
+                .take(self.batch_limit)
                 .collect();
-            if !rows.is_empty() && self.apply_users(&[t], Lane::Pending, rows).await? {
+            if rows.is_empty() {
+                // Every row backs off on its own (per user), or its source
+                // is away: nothing to try now.
+                continue;
+            }
+            if self.apply_users(&[t], Lane::Pending, rows).await? {
+                self.pending_retry.remove(&t);
                 return Ok(true);
             }
+            // Nothing of it could go (its sources cannot answer yet): look
+            // again later, not at every wake.
+            let n = self.pending_retry.get(&t).map_or(0, |(n, _)| *n);
+            self.pending_retry.insert(
+                t,
+                (n.saturating_add(1), Instant::now() + self.backoff.delay(n)),
+            );
         }
         Ok(false)
     }
@@ -589,7 +634,7 @@ impl Applier {
         } else {
             tracing::warn!(group = %name, source = row.source, "delete-all of a source no longer in the group: dropped");
         }
-        self.complete(cohort, Lane::Journal, std::slice::from_ref(&row))
+        self.complete(cohort, Lane::Journal, std::slice::from_ref(&row), &[])
             .await?;
         Ok(true)
     }
@@ -638,6 +683,19 @@ impl Applier {
                 // A source could not answer (now, or for absence at every
                 // source): the row waits aside.
                 Some(Fetched::Unknown) => unsure.push(r),
+                Some(Fetched::HeldElsewhere(other)) => {
+                    let why = format!(
+                        "user {} deleted at source {} but still held at source {other}: the doors keep their copy; \
+                         change or delete it at source {other} to settle it",
+                        r.user_id, r.source
+                    );
+                    tracing::warn!(group = %name, user_id = %r.user_id, source = r.source, other, "{why}");
+                    let (n, w) = (name.clone(), why.clone());
+                    self.store
+                        .run(move |c| store::set_diverged(c, &n, Some(&w)))
+                        .await?;
+                    settled.push(r);
+                }
                 Some(Fetched::Present(u)) => {
                     records.insert(r.user_id.clone(), u.clone());
                     applied.push(r);
@@ -735,7 +793,7 @@ impl Applier {
         let done: Vec<u32> = ok_targets(&outcomes);
         let mut progressed = !done.is_empty();
         // Every target that took the batch moves in one transaction.
-        self.complete(&done, lane, &passed).await?;
+        self.complete(&done, lane, &passed, &applied).await?;
         for (t, o) in outcomes {
             match o {
                 Outcome::Ok => {}
@@ -879,13 +937,19 @@ impl Applier {
     /// the user is [`Fetched::Unknown`].
     async fn fetch(&mut self, rows: &[JournalRow]) -> Result<HashMap<String, Fetched>, SyncError> {
         let mut by_source: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        let mut out: HashMap<String, Fetched> = HashMap::new();
         for r in rows {
+            if r.kind == ChangeKind::Prune {
+                // A reconcile found it at no source: only the sources'
+                // lists (below) can tell whether one holds it by now.
+                out.insert(r.user_id.clone(), Fetched::Absent);
+                continue;
+            }
             by_source
                 .entry(r.source)
                 .or_default()
                 .push(r.user_id.clone());
         }
-        let mut out: HashMap<String, Fetched> = HashMap::new();
         for (s, ids) in by_source {
             match fetch_users(&self.client, s, ids.clone()).await {
                 Ok(m) => {
@@ -936,26 +1000,11 @@ impl Applier {
             if held.is_empty() {
                 continue;
             }
-            // Held here after all: this source's record is the state.
-            match fetch_users(&self.client, s, held.clone()).await {
-                Ok(m) => {
-                    for u in held {
-                        let f = match m.get(&u) {
-                            Some(Fetched::Present(r)) => Fetched::Present(r.clone()),
-                            Some(Fetched::Failed(why)) => Fetched::Failed(why.clone()),
-                            _ => Fetched::Failed(format!(
-                                "source {s} lists the user but does not return it"
-                            )),
-                        };
-                        out.insert(u, f);
-                    }
-                }
-                Err(e) => {
-                    self.source_backoff(s, &e);
-                    for u in held {
-                        out.insert(u, Fetched::Unknown);
-                    }
-                }
+            // Held at another source of the group: no delete. Nor is that
+            // source's copy written (it may be older than what the doors
+            // hold); its own changes come through its own rows.
+            for u in held {
+                out.insert(u, Fetched::HeldElsewhere(s));
             }
         }
         Ok(out)
@@ -981,9 +1030,10 @@ impl Applier {
                 let listed: BTreeSet<String> = listed.into_iter().collect();
                 match not_found.iter().find(|u| listed.contains(*u)) {
                     None => Outcome::Ok,
-                    Some(u) => Outcome::Transient(format!(
-                        "delete of user {u} answered NOT_FOUND, yet the device lists it"
-                    )),
+                    Some(u) => Outcome::Permanent(
+                        Code::NotFound,
+                        format!("delete of user {u} answered NOT_FOUND, yet the device lists it"),
+                    ),
                 }
             }
             Err(e) => outcome_of(&e),
@@ -1017,8 +1067,13 @@ impl Applier {
             };
             match outcome {
                 Outcome::Ok => {
-                    self.complete(&[target], lane, std::slice::from_ref(row))
-                        .await?;
+                    self.complete(
+                        &[target],
+                        lane,
+                        std::slice::from_ref(row),
+                        std::slice::from_ref(row),
+                    )
+                    .await?;
                     progressed = true;
                 }
                 Outcome::Permanent(code, msg) => {
@@ -1086,11 +1141,16 @@ impl Applier {
         targets: &[u32],
         lane: Lane,
         rows: &[JournalRow],
+        written: &[JournalRow],
     ) -> Result<(), SyncError> {
         if targets.is_empty() {
             return Ok(());
         }
-        let users: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
+        // Quarantine entries and parked rows go only for the users whose
+        // state was written; the rest of `rows` were parked, dropped or
+        // quarantined and keep their entries.
+        let users: Vec<String> = written.iter().map(|r| r.user_id.clone()).collect();
+        let passed: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
         for t in targets {
             // A target that took a batch starts its retry delays over.
             self.retry.remove(t);
@@ -1100,7 +1160,7 @@ impl Applier {
             self.metrics
                 .applied
                 .get_or_create(&Metrics::target(&self.group.name, *t))
-                .inc_by(rows.len() as u64);
+                .inc_by(written.len() as u64);
         }
         let name = self.group.name.clone();
         let seq = rows.iter().map(|r| r.seq).max().unwrap_or(0);
@@ -1111,8 +1171,13 @@ impl Applier {
                 for t in &targets {
                     store::clear_quarantine(&tx, &name, *t, &users)?;
                     match lane {
-                        Lane::Journal => store::advance_cursor(&tx, &name, *t, seq)?,
-                        Lane::Pending => store::remove_pending(&tx, &name, *t, &users)?,
+                        Lane::Journal => {
+                            store::advance_cursor(&tx, &name, *t, seq)?;
+                            // A row parked earlier for these users is older
+                            // than what was just applied.
+                            store::remove_pending(&tx, &name, *t, &users)?;
+                        }
+                        Lane::Pending => store::remove_pending(&tx, &name, *t, &passed)?,
                     }
                 }
                 tx.commit()?;
