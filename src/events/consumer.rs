@@ -103,6 +103,10 @@ struct Track {
     failures: u32,
     /// When the device's last realtime event arrived.
     last_heard: Option<Instant>,
+    /// Realtime events delivered but left to a read (one was under way, or
+    /// the device was not live yet) that no read has found yet: a check
+    /// that finds more new events than this found drops.
+    delivered_unread: u64,
     /// When its previous pass started reading.
     last_pass_start: Option<Instant>,
     /// When it was last set up again for events realtime never delivered.
@@ -250,6 +254,7 @@ impl Consumer {
                 idle_at: Instant::now() + spread,
                 failures: 0,
                 last_heard: None,
+                delivered_unread: 0,
                 last_pass_start: None,
                 last_relink: None,
                 ladder: 0,
@@ -338,6 +343,9 @@ impl Consumer {
         t.idle_at = idle_at;
         t.ladder = 0;
         t.last_heard = Some(now);
+        if t.reading != Reading::Idle || !live {
+            t.delivered_unread += 1;
+        }
         if t.reading != Reading::Idle {
             // A read is under way or queued: it reads this event from the
             // log, or the pass reads once more.
@@ -526,6 +534,13 @@ impl Consumer {
                 // status change we saw. Set the device up again (at most
                 // once per idle interval).
                 let now = Instant::now();
+                // Events found beyond those delivered and left to reads
+                // were dropped on the way (or never sent).
+                let dropped = pass.found.saturating_sub(t.delivered_unread);
+                t.delivered_unread = t.delivered_unread.saturating_sub(pass.found);
+                if dropped > 0 {
+                    self.last_drop = Some(now);
+                }
                 let silent = match (t.last_heard, t.last_pass_start) {
                     (None, _) => true,
                     (Some(heard), Some(prev)) => heard < prev,
@@ -534,7 +549,7 @@ impl Consumer {
                 let recent = t
                     .last_relink
                     .is_some_and(|r| now.duration_since(r) < self.config.sync.idle_check_interval);
-                if pass.timer && pass.found > 0 && silent && !recent {
+                if pass.timer && dropped > 0 && silent && !recent {
                     tracing::info!(
                         device_id = device,
                         events = pass.found,
@@ -542,9 +557,6 @@ impl Consumer {
                     );
                     t.last_relink = Some(now);
                     (self.relink)(device);
-                }
-                if pass.found > 0 && pass.timer {
-                    self.last_drop = Some(now);
                 }
                 t.last_pass_start = pass.started;
                 let next = if pass.settle || pass.again {
