@@ -192,6 +192,12 @@ async fn schedule(seed: u64, steps: u32) -> Result<Report, String> {
             }
         };
         *report.faults.entry(fault).or_default() += 1;
+        if std::env::var("USERSYNC_FAULT_TRACE").is_ok() {
+            eprintln!(
+                "fault step: {fault} {user} at {:?}",
+                std::time::SystemTime::now()
+            );
+        }
         if daemon.task.is_finished() {
             return Err(format!("seed {seed}: the daemon exited during the run"));
         }

@@ -372,8 +372,11 @@ impl Consumer {
             return;
         };
         if ev.id <= cp {
-            // A duplicate, unless it says the log was reset, whose IDs may
-            // restart without a reboot (WIRE.md §5.5): verify the log.
+            // A duplicate (realtime late behind a read), or the first sign
+            // of a log whose IDs restarted without a reboot (WIRE.md §5.5),
+            // its reset event perhaps dropped: verify the log at once. Until
+            // the read ends, the device's events are left to it, so the
+            // restarted IDs can never pass for the next events.
             if codes::meaning(ev.event_code, ev.sub_code) == codes::Meaning::Reset {
                 tracing::info!(
                     device_id = device,
@@ -381,12 +384,15 @@ impl Consumer {
                     event = ev.id,
                     "reset event at or below the checkpoint; verifying the log"
                 );
-                self.request_read(device, None, false);
             } else {
-                // Low IDs may also come from a reset that logged no reset
-                // event: the tail check verifies the log.
-                t.tail_at = Some(now + delay);
+                tracing::debug!(
+                    device_id = device,
+                    checkpoint = cp,
+                    event = ev.id,
+                    "event at or below the checkpoint; verifying the log"
+                );
             }
+            self.request_read(device, None, false);
             return;
         }
         t.newest = t.newest.max(ev.id);
