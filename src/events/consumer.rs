@@ -343,9 +343,9 @@ impl Consumer {
         t.idle_at = idle_at;
         t.ladder = 0;
         t.last_heard = Some(now);
-        if t.reading != Reading::Idle || !live {
-            t.delivered_unread += 1;
-        }
+        // Counted until staged below: an event a read will find was
+        // delivered, not dropped.
+        t.delivered_unread += 1;
         if t.reading != Reading::Idle {
             // A read is under way or queued: it reads this event from the
             // log, or the pass reads once more.
@@ -397,6 +397,7 @@ impl Consumer {
         }
         t.newest = t.newest.max(ev.id);
         if ev.id == cp.wrapping_add(1) {
+            t.delivered_unread = t.delivered_unread.saturating_sub(1);
             t.tail_at = Some(now + delay);
             self.stage(device, vec![ev], Effects::default());
             return;
