@@ -122,7 +122,14 @@ async fn notify_reload_watchdog_and_metrics() {
     .await;
     assert!(sim.users(t2).is_empty(), "t2 is not configured yet");
 
-    // Metrics are served and count what happened.
+    // Metrics are served and count what happened (the count follows the
+    // write to the device a moment later: wait for it).
+    let applied = format!("usersync_changes_applied_total{{group=\"main\",target=\"{t1}\"}}");
+    eventually("the applied count is exported", || {
+        let applied = applied.clone();
+        async move { scrape(port).await.contains(&applied) }
+    })
+    .await;
     let m = scrape(port).await;
     assert!(m.contains("200 OK"), "{m}");
     assert!(
