@@ -87,6 +87,8 @@ pub struct ReconcileRequest {
     pub prune: bool,
     /// Resume point: users up to this ID (in sorted order) are done.
     pub after_user: Option<String>,
+    /// Which request this is (a new one for the same target bumps it).
+    pub generation: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,6 +241,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (grp, device_id)
     );
     ALTER TABLE pending ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;
+    -- Bumped by every request, so a reconcile that was running when a new
+    -- request came neither records its progress over it nor deletes it.
+    ALTER TABLE reconcile ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE reconcile_result (
         grp         TEXT    NOT NULL,
         device_id   INTEGER NOT NULL,
@@ -1104,7 +1109,8 @@ pub fn request_reconcile(
         "INSERT INTO reconcile (grp, device_id, reason, prune, after_user, requested_at)
          VALUES (?1, ?2, ?3, ?4, NULL, ?5)
          ON CONFLICT (grp, device_id) DO UPDATE
-         SET reason = ?3, prune = MAX(prune, ?4), after_user = NULL, requested_at = ?5",
+         SET reason = ?3, prune = MAX(prune, ?4), after_user = NULL, requested_at = ?5,
+             generation = generation + 1",
         params![group, i64::from(target), reason, i64::from(prune), now()],
     )?;
     Ok(())
@@ -1112,7 +1118,8 @@ pub fn request_reconcile(
 
 pub fn reconcile_requests(conn: &Connection) -> Result<Vec<ReconcileRequest>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT grp, device_id, reason, prune, after_user FROM reconcile ORDER BY requested_at, grp, device_id",
+        "SELECT grp, device_id, reason, prune, after_user, generation FROM reconcile
+         ORDER BY requested_at, grp, device_id",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok(ReconcileRequest {
@@ -1121,28 +1128,38 @@ pub fn reconcile_requests(conn: &Connection) -> Result<Vec<ReconcileRequest>, St
             reason: r.get(2)?,
             prune: r.get::<_, i64>(3)? != 0,
             after_user: r.get(4)?,
+            generation: r.get(5)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Records how far request `generation` got (nothing if a newer request
+/// replaced it meanwhile).
 pub fn reconcile_progress(
     conn: &Connection,
     group: &str,
     target: u32,
+    generation: i64,
     after_user: &str,
 ) -> Result<(), StoreError> {
     conn.execute(
-        "UPDATE reconcile SET after_user = ?3 WHERE grp = ?1 AND device_id = ?2",
-        params![group, i64::from(target), after_user],
+        "UPDATE reconcile SET after_user = ?4 WHERE grp = ?1 AND device_id = ?2 AND generation = ?3",
+        params![group, i64::from(target), generation, after_user],
     )?;
     Ok(())
 }
 
-pub fn reconcile_done(conn: &Connection, group: &str, target: u32) -> Result<(), StoreError> {
+/// Ends request `generation` (a newer request for the target stays).
+pub fn reconcile_done(
+    conn: &Connection,
+    group: &str,
+    target: u32,
+    generation: i64,
+) -> Result<(), StoreError> {
     conn.execute(
-        "DELETE FROM reconcile WHERE grp = ?1 AND device_id = ?2",
-        params![group, i64::from(target)],
+        "DELETE FROM reconcile WHERE grp = ?1 AND device_id = ?2 AND generation = ?3",
+        params![group, i64::from(target), generation],
     )?;
     Ok(())
 }
@@ -1311,16 +1328,23 @@ mod tests {
         store
             .request_reconcile("g", 5, "first start", false)
             .unwrap();
-        reconcile_progress(&store.lock(), "g", 5, "u100").unwrap();
+        let first = store.reconcile_requests().unwrap()[0].generation;
+        reconcile_progress(&store.lock(), "g", 5, first, "u100").unwrap();
         drop(store);
         let store = Store::open(tmp.path()).unwrap();
         let req = &store.reconcile_requests().unwrap()[0];
         assert_eq!(req.after_user.as_deref(), Some("u100"));
-        // A new request restarts it.
+        // A new request restarts it; the old run can neither record its
+        // progress over it nor end it.
         store.request_reconcile("g", 5, "again", true).unwrap();
-        let req = &store.reconcile_requests().unwrap()[0];
+        let req = store.reconcile_requests().unwrap()[0].clone();
         assert_eq!((req.after_user.as_deref(), req.prune), (None, true));
-        reconcile_done(&store.lock(), "g", 5).unwrap();
+        assert_ne!(req.generation, first);
+        reconcile_progress(&store.lock(), "g", 5, first, "u200").unwrap();
+        reconcile_done(&store.lock(), "g", 5, first).unwrap();
+        let still = &store.reconcile_requests().unwrap()[0];
+        assert_eq!(still.after_user, None);
+        reconcile_done(&store.lock(), "g", 5, req.generation).unwrap();
         assert!(store.reconcile_requests().unwrap().is_empty());
     }
 

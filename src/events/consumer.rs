@@ -40,12 +40,6 @@ const BURST: usize = 4096;
 /// How often tail checks and idle checks are looked for.
 const TICK: Duration = Duration::from_millis(100);
 
-#[derive(Debug, thiserror::Error)]
-pub enum EventsError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 /// Tells a device's task to set the device up again.
 pub type Relink = Arc<dyn Fn(u32) + Send + Sync>;
 

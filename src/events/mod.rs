@@ -36,7 +36,7 @@ use crate::proto::gsdk::event::EventLog;
 use crate::store::{self, Change, ChangeKind, StoreError};
 use codes::Meaning;
 
-pub use consumer::{Consumer, Context, EventsError, Inbox, Relink, Wakers, run};
+pub use consumer::{Consumer, Context, Inbox, Relink, Wakers, run};
 pub use read::PAGE;
 
 /// Where a device's log is read from next.

@@ -140,7 +140,12 @@ pub async fn read_after(
     max: u32,
 ) -> Result<Read, ReadError> {
     let (cp, anchor) = match checkpoint {
-        Checkpoint::Unseen => unreachable_unseen(device)?,
+        Checkpoint::Unseen => {
+            return Err(ReadError::Search {
+                device,
+                reason: "a device never seen is searched, not read".into(),
+            });
+        }
         Checkpoint::Reset => {
             // The log is read from its oldest record (start 0 never fails,
             // WIRE.md B2); every record is new.
@@ -172,13 +177,6 @@ pub async fn read_after(
         }
         Err(e) => Err(e.into()),
     }
-}
-
-fn unreachable_unseen(device: u32) -> Result<(u32, Option<&'static Anchor>), ReadError> {
-    Err(ReadError::Search {
-        device,
-        reason: "a device never seen is searched, not read".into(),
-    })
 }
 
 /// Progress of a search for the newest event: the newest event known

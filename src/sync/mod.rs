@@ -59,6 +59,8 @@ enum Outcome {
 /// A reconcile in progress: the lists read at its start.
 struct ReconcileRun {
     target: u32,
+    /// The request it serves: a newer request for the target starts over.
+    generation: i64,
     sources: BTreeMap<String, u32>,
     target_users: BTreeSet<String>,
     missing: usize,
@@ -367,7 +369,7 @@ impl Applier {
         for r in stale {
             let n = name.clone();
             self.store
-                .run(move |c| store::reconcile_done(c, &n, r.target))
+                .run(move |c| store::reconcile_done(c, &n, r.target, r.generation))
                 .await?;
         }
         if !self.sources_live() {
@@ -384,9 +386,13 @@ impl Applier {
             return Ok(false);
         };
         let target = req.target;
+        let generation = req.generation;
         self.reconcile_current = Some(target);
-        let fresh =
-            self.reconcile.as_ref().is_none_or(|r| r.target != target) || req.after_user.is_none();
+        let fresh = self
+            .reconcile
+            .as_ref()
+            .is_none_or(|r| r.target != target || r.generation != generation)
+            || req.after_user.is_none();
         if fresh {
             let sources = source_users(&self.client, &self.group.sources).await?;
             let target_users: BTreeSet<String> =
@@ -398,6 +404,7 @@ impl Applier {
             );
             self.reconcile = Some(ReconcileRun {
                 target,
+                generation,
                 sources,
                 target_users,
                 missing: 0,
@@ -432,7 +439,7 @@ impl Applier {
                     for (u, s) in &changes {
                         store::add_pending(&tx, &n, target, u, *s)?;
                     }
-                    store::reconcile_progress(&tx, &n, target, &last)?;
+                    store::reconcile_progress(&tx, &n, target, generation, &last)?;
                     tx.commit()?;
                     Ok(())
                 })
@@ -472,7 +479,7 @@ impl Applier {
                     // then; logged as a prune.
                     store::add_pending_kind(&tx, &n, target, &u, first_source, ChangeKind::Prune)?;
                 }
-                store::reconcile_done(&tx, &n, target)?;
+                store::reconcile_done(&tx, &n, target, generation)?;
                 store::record_reconcile_result(&tx, &result)?;
                 if prune {
                     store::set_diverged(&tx, &n, None)?;
@@ -722,7 +729,7 @@ impl Applier {
             if all.is_empty() {
                 return Ok(false);
             }
-            self.complete_only_many(cohort, lane, &all).await?;
+            self.complete(cohort, lane, &all, &[]).await?;
             return Ok(true);
         }
 
@@ -1185,19 +1192,6 @@ impl Applier {
             })
             .await
             .map_err(SyncError::from)
-    }
-
-    /// Moves `targets` past `rows` without touching quarantine.
-    async fn complete_only_many(
-        &mut self,
-        targets: &[u32],
-        lane: Lane,
-        rows: &[JournalRow],
-    ) -> Result<(), SyncError> {
-        for t in targets {
-            self.complete_only(*t, lane, rows).await?;
-        }
-        Ok(())
     }
 
     /// Moves `target` past `rows` (cursor, or pending rows removed).
