@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::{self, Config};
+use crate::config::{self, Change, Config};
 use crate::device::{Board, CatchUpRequest, DeviceTask, Input};
 use crate::events::{self, Consumer, Wakers};
 use crate::gateway::{GatewayClient, GatewayError};
@@ -183,7 +183,9 @@ impl Tasks {
 /// Everything a task needs to be (re)spawned.
 struct Parts {
     config: RwLock<Arc<Config>>,
-    /// Tells the gateway session that the configuration changed.
+    /// Device changes of reloads the gateway session has yet to make
+    /// (register, forget); `config_changed` wakes it.
+    gateway_changes: Mutex<Vec<Change>>,
     config_changed: Notify,
     /// Tells the event consumer.
     config_tx: watch::Sender<Arc<Config>>,
@@ -283,11 +285,27 @@ impl Parts {
     /// applies its part when woken). Returns a summary.
     fn reconfigure(&self, tasks: &mut Tasks, new: Config) -> String {
         let old = self.config();
-        let d = config::diff(&old, &new);
-        if d.is_empty() {
+        let changes = config::diff(&old, &new);
+        if changes.is_empty() {
             return "configuration unchanged".to_owned();
         }
-        for name in &d.added_groups {
+        let (mut added_devices, mut removed_devices) = (Vec::new(), Vec::new());
+        let (mut added_groups, mut changed_groups, mut removed_groups) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let mut needs_restart = Vec::new();
+        for change in &changes {
+            match change {
+                Change::AddDevice(id) => added_devices.push(*id),
+                Change::RemoveDevice(id) => removed_devices.push(*id),
+                // The device task keeps running; the session re-registers it.
+                Change::ChangeDevice(_) => {}
+                Change::AddGroup(g) => added_groups.push(g.clone()),
+                Change::ChangeGroup(g) => changed_groups.push(g.clone()),
+                Change::RemoveGroup(g) => removed_groups.push(g.clone()),
+                Change::NeedsRestart(s) => needs_restart.push(*s),
+            }
+        }
+        for name in &added_groups {
             self.wake
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -296,7 +314,7 @@ impl Parts {
         let new = Arc::new(new);
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&new);
         self.config_tx.send_replace(new);
-        for id in &d.removed_devices {
+        for id in &removed_devices {
             tasks.stop(&TaskKind::Device(*id));
             self.inboxes
                 .lock()
@@ -305,14 +323,14 @@ impl Parts {
             self.board.remove(*id);
             self.metrics.forget_device(*id);
         }
-        for id in &d.added_devices {
+        for id in &added_devices {
             self.board.set(*id, crate::device::Phase::Disconnected);
             self.spawn(tasks, TaskKind::Device(*id));
         }
-        for name in d.removed_groups.iter().chain(&d.changed_groups) {
+        for name in removed_groups.iter().chain(&changed_groups) {
             tasks.stop(&TaskKind::Group(name.clone()));
         }
-        for name in &d.removed_groups {
+        for name in &removed_groups {
             // Once its applier's last step is over, the group's state goes:
             // a group added later under that name starts afresh.
             let (store, writer, name) = (self.store.clone(), self.writer(name), name.clone());
@@ -327,14 +345,18 @@ impl Parts {
                 }
             });
         }
-        for name in d.added_groups.iter().chain(&d.changed_groups) {
+        for name in added_groups.iter().chain(&changed_groups) {
             self.spawn(tasks, TaskKind::Group(name.clone()));
         }
+        self.gateway_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(changes.iter().filter(|c| c.concerns_gateway()).cloned());
         self.config_changed.notify_one();
-        if !d.needs_restart.is_empty() {
-            tracing::warn!(settings = ?d.needs_restart, "these settings take effect at the next start");
+        if !needs_restart.is_empty() {
+            tracing::warn!(settings = %needs_restart.join(", "), "these settings take effect at the next start");
         }
-        d.to_string()
+        config::summary(&changes)
     }
 }
 
@@ -384,6 +406,7 @@ pub async fn run_with(
     let (config_tx, config_rx) = watch::channel(Arc::clone(&config));
     let parts = Parts {
         config: RwLock::new(Arc::clone(&config)),
+        gateway_changes: Mutex::new(Vec::new()),
         config_changed: Notify::new(),
         config_tx,
         realtime: realtime_tx,
@@ -682,6 +705,15 @@ fn apply_list(
 /// the devices, then route status changes until something breaks.
 async fn session(parts: &Parts, delay: Duration) -> Result<(), SessionError> {
     tokio::time::sleep(delay).await;
+    // Every device of the configuration read next is registered below:
+    // reload changes queued before it are done by that. (Cleared first, so
+    // a reload in between is made twice rather than never; registering is
+    // idempotent.)
+    parts
+        .gateway_changes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
     let mut config = parts.config();
     let client = &parts.client;
     let mut streams: JoinSet<SessionError> = JoinSet::new();
@@ -731,25 +763,44 @@ async fn session(parts: &Parts, delay: Duration) -> Result<(), SessionError> {
                 });
             }
             _ = parts.config_changed.notified() => {
+                // The changes the supervisor computed (config::diff, once),
+                // taken together with the configuration they lead to.
+                let changes = std::mem::take(&mut *parts.gateway_changes.lock().unwrap_or_else(|e| e.into_inner()));
                 let new = parts.config();
-                let d = config::diff(&config, &new);
-                let gone: Vec<u32> = d.removed_devices.iter().chain(&d.changed_devices).copied().collect();
+                // Two reloads may have queued changes of one device (added,
+                // then removed): what is done is decided per device by what
+                // this session registered and what the configuration holds now.
+                let mut ids: Vec<u32> = changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        Change::AddDevice(id) | Change::RemoveDevice(id) | Change::ChangeDevice(id) => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let (mut gone, mut added) = (Vec::new(), Vec::new());
+                for id in ids {
+                    match (config.devices.get(&id), new.devices.get(&id)) {
+                        (Some(_), None) => gone.push(id),
+                        (None, Some(_)) => added.push(id),
+                        (Some(was), Some(now)) if was != now => {
+                            gone.push(id);
+                            added.push(id);
+                        }
+                        _ => {}
+                    }
+                }
                 if !gone.is_empty() {
                     client.delete_async_connection(gone).await?;
                 }
-                let added: Vec<AsyncConnectInfo> = d
-                    .added_devices
-                    .iter()
-                    .chain(&d.changed_devices)
-                    .filter_map(|id| new.devices.get(id))
-                    .map(connect_info)
-                    .collect();
-                if !added.is_empty() {
-                    register(client, added).await?;
+                let infos: Vec<AsyncConnectInfo> =
+                    added.iter().filter_map(|id| new.devices.get(id)).map(connect_info).collect();
+                if !infos.is_empty() {
+                    register(client, infos).await?;
                     // Their status may already be "connected"; ask.
                     let list = client.get_device_list().await?;
-                    let ids: Vec<u32> = d.added_devices.iter().chain(&d.changed_devices).copied().collect();
-                    apply_list(parts, &ids, &list, false);
+                    apply_list(parts, &added, &list, false);
                 }
                 config = new;
             }
