@@ -62,7 +62,7 @@ impl std::fmt::Debug for Metrics {
 
 const PHASES: [Phase; 4] = [
     Phase::Disconnected,
-    Phase::SettingUp,
+    Phase::CatchingUp,
     Phase::Live,
     Phase::Backoff,
 ];
@@ -73,7 +73,7 @@ pub fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::Disconnected => "disconnected",
         // Monitoring being enabled, then the log replayed.
-        Phase::SettingUp => "catching-up",
+        Phase::CatchingUp => "catching-up",
         Phase::Live => "live",
         Phase::Backoff => "backoff",
     }
@@ -84,7 +84,7 @@ pub fn phase_name(phase: Phase) -> &'static str {
 /// vocabulary. Unknown names pass through.
 pub fn phase_of_state(state: &str) -> &str {
     match state {
-        "connected" | "catching-up" => phase_name(Phase::SettingUp),
+        "connected" | "catching-up" => phase_name(Phase::CatchingUp),
         other => other,
     }
 }
@@ -327,7 +327,7 @@ mod tests {
             text.contains("usersync_gateway_reconnects_total 1"),
             "{text}"
         );
-        m.set_phase(8, Phase::SettingUp);
+        m.set_phase(8, Phase::CatchingUp);
         assert!(
             m.encode()
                 .contains("usersync_device_phase{device=\"8\",phase=\"catching-up\"} 1"),

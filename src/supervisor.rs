@@ -234,7 +234,7 @@ impl Parts {
                     .insert(*id, tx);
                 let task = DeviceTask {
                     id: *id,
-                    client: self.client.clone(),
+                    monitoring: self.client.clone(),
                     catch_up: self.catch_up.clone(),
                     board: self.board.clone(),
                     store: self.store.clone(),

@@ -7,10 +7,6 @@
 //! Backoff, which retries from Connected. Monitoring is assumed not to
 //! survive a reconnect (WIRE.md B12), so every link-up starts over.
 
-use std::time::Duration;
-
-use crate::backoff::Backoff;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceState {
     /// No link to the device through the gateway.
@@ -22,7 +18,7 @@ pub enum DeviceState {
     CatchingUp { attempt: u32 },
     /// Caught up; realtime events flow; targets may be written.
     Live,
-    /// Set-up failed; retried after a delay.
+    /// Set-up failed `attempt` times; retried after a delay.
     Backoff { attempt: u32 },
 }
 
@@ -42,16 +38,45 @@ pub enum Input {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    /// Ask the gateway to enable monitoring; answers `MonitoringEnabled`
+    /// or `MonitoringFailed`.
     EnableMonitoring,
+    /// Ask the event consumer to catch the device up; answers `CaughtUp`
+    /// or `CatchUpFailed`.
     CatchUp,
-    RetryAfter(Duration),
+    /// Stop waiting for the answer of the operation under way (its late
+    /// answer would be ignored anyway).
+    Abandon,
+    /// Answer `RetryElapsed` after the backoff's delay for `attempt`; the
+    /// task draws the delay (the policy and its jitter live in
+    /// [`crate::backoff`], not here).
+    RetryAfter { attempt: u32 },
+    /// Forget a pending `RetryAfter`.
+    CancelRetry,
+}
+
+impl Input {
+    /// The name logs and the device status use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Input::LinkUp => "link-up",
+            Input::LinkDown => "link-down",
+            Input::MonitoringEnabled => "monitoring-enabled",
+            Input::MonitoringFailed => "monitoring-failed",
+            Input::CaughtUp => "caught-up",
+            Input::CatchUpFailed => "catch-up-failed",
+            Input::RetryElapsed => "retry-elapsed",
+        }
+    }
 }
 
 /// What other parts of the daemon see of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Disconnected,
-    SettingUp,
+    /// Connected, being set up (monitoring, replay): shown as
+    /// `catching-up`.
+    CatchingUp,
     Live,
     Backoff,
 }
@@ -60,7 +85,7 @@ impl DeviceState {
     pub fn phase(self) -> Phase {
         match self {
             DeviceState::Disconnected => Phase::Disconnected,
-            DeviceState::Connected { .. } | DeviceState::CatchingUp { .. } => Phase::SettingUp,
+            DeviceState::Connected { .. } | DeviceState::CatchingUp { .. } => Phase::CatchingUp,
             DeviceState::Live => Phase::Live,
             DeviceState::Backoff { .. } => Phase::Backoff,
         }
@@ -77,19 +102,26 @@ impl DeviceState {
     }
 }
 
-/// The transition function. Inputs that make no sense in a state (a late
+/// The transition function: every (state, input) pair is listed, so a new
+/// input or state does not compile until each combination is decided.
+/// Answers that arrive in a state that no longer waits for them (a late
 /// answer after the link dropped) leave it unchanged.
-pub fn transition(
-    state: DeviceState,
-    input: Input,
-    backoff: &Backoff,
-) -> (DeviceState, Vec<Action>) {
+pub fn transition(state: DeviceState, input: Input) -> (DeviceState, Vec<Action>) {
     use Action::*;
     use DeviceState::*;
     match (state, input) {
-        (_, Input::LinkDown) => (Disconnected, vec![]),
-        // A (re)connect always starts over: monitoring may be gone.
+        // The link went down: whatever was under way is moot.
+        (Disconnected | Live, Input::LinkDown) => (Disconnected, vec![]),
+        (Connected { .. } | CatchingUp { .. }, Input::LinkDown) => (Disconnected, vec![Abandon]),
+        (Backoff { .. }, Input::LinkDown) => (Disconnected, vec![CancelRetry]),
+
+        // A (re)connect always starts over: monitoring may be gone
+        // (WIRE.md B12), also on a reconnect we did not see go down.
         (Disconnected | Live, Input::LinkUp) => (Connected { attempt: 0 }, vec![EnableMonitoring]),
+        // Link-up while setting up or backing off: the set-up under way (or
+        // the retry) covers it.
+        (Connected { .. } | CatchingUp { .. } | Backoff { .. }, Input::LinkUp) => (state, vec![]),
+
         (Connected { attempt }, Input::MonitoringEnabled) => {
             (CatchingUp { attempt }, vec![CatchUp])
         }
@@ -98,15 +130,25 @@ pub fn transition(
             Backoff {
                 attempt: attempt.saturating_add(1),
             },
-            vec![RetryAfter(backoff.delay(attempt))],
+            vec![RetryAfter { attempt }],
         ),
         (CatchingUp { .. }, Input::CaughtUp) => (Live, vec![]),
         (Backoff { attempt }, Input::RetryElapsed) => {
             (Connected { attempt }, vec![EnableMonitoring])
         }
-        // Link-up while setting up or backing off: the set-up under way
-        // covers it.
-        (s, _) => (s, vec![]),
+
+        // Answers and timers nobody waits for any more.
+        (
+            Disconnected | Live | CatchingUp { .. } | Backoff { .. },
+            Input::MonitoringEnabled | Input::MonitoringFailed,
+        )
+        | (
+            Disconnected | Live | Connected { .. } | Backoff { .. },
+            Input::CaughtUp | Input::CatchUpFailed,
+        )
+        | (Disconnected | Live | Connected { .. } | CatchingUp { .. }, Input::RetryElapsed) => {
+            (state, vec![])
+        }
     }
 }
 
@@ -115,13 +157,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn b() -> Backoff {
-        Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).unwrap()
-    }
-
     #[test]
     fn happy_path() {
-        let (s, a) = transition(DeviceState::Disconnected, Input::LinkUp, &b());
+        let (s, a) = transition(DeviceState::Disconnected, Input::LinkUp);
         assert_eq!(
             (s, a),
             (
@@ -129,7 +167,7 @@ mod tests {
                 vec![Action::EnableMonitoring]
             )
         );
-        let (s, a) = transition(s, Input::MonitoringEnabled, &b());
+        let (s, a) = transition(s, Input::MonitoringEnabled);
         assert_eq!(
             (s, a),
             (
@@ -137,11 +175,11 @@ mod tests {
                 vec![Action::CatchUp]
             )
         );
-        let (s, a) = transition(s, Input::CaughtUp, &b());
+        let (s, a) = transition(s, Input::CaughtUp);
         assert_eq!((s, a), (DeviceState::Live, vec![]));
         assert_eq!(s.phase(), Phase::Live);
         // A reconnect we did not see go down re-enables monitoring.
-        let (s, a) = transition(s, Input::LinkUp, &b());
+        let (s, a) = transition(s, Input::LinkUp);
         assert_eq!(
             (s, a),
             (
@@ -152,28 +190,43 @@ mod tests {
     }
 
     #[test]
-    fn failures_back_off_with_growing_delays() {
+    fn failures_back_off_with_growing_attempts() {
         let mut s = DeviceState::Connected { attempt: 0 };
-        let mut last = Duration::ZERO;
         for i in 0..6 {
-            let (next, a) = transition(s, Input::MonitoringFailed, &b());
+            let (next, a) = transition(s, Input::MonitoringFailed);
             assert_eq!(next, DeviceState::Backoff { attempt: i + 1 });
-            let [Action::RetryAfter(d)] = a[..] else {
-                panic!("{a:?}")
-            };
-            assert!(d <= b().ceiling(i) && d >= b().ceiling(i) / 2);
-            assert!(b().ceiling(i) >= last);
-            last = b().ceiling(i);
-            let (next, a) = transition(next, Input::RetryElapsed, &b());
+            assert_eq!(a, vec![Action::RetryAfter { attempt: i }]);
+            let (next, a) = transition(next, Input::RetryElapsed);
+            assert_eq!(next, DeviceState::Connected { attempt: i + 1 });
             assert_eq!(a, vec![Action::EnableMonitoring]);
             s = next;
         }
-        let (s, _) = transition(
-            DeviceState::CatchingUp { attempt: 2 },
-            Input::CatchUpFailed,
-            &b(),
-        );
+        let (s, a) = transition(DeviceState::CatchingUp { attempt: 2 }, Input::CatchUpFailed);
         assert_eq!(s, DeviceState::Backoff { attempt: 3 });
+        assert_eq!(a, vec![Action::RetryAfter { attempt: 2 }]);
+        // Live again: the next failure starts from the first delay.
+        let (s, _) = transition(DeviceState::Live, Input::LinkUp);
+        assert_eq!(
+            transition(s, Input::MonitoringFailed).1,
+            vec![Action::RetryAfter { attempt: 0 }]
+        );
+    }
+
+    #[test]
+    fn a_link_down_abandons_what_is_under_way() {
+        for s in [
+            DeviceState::Connected { attempt: 1 },
+            DeviceState::CatchingUp { attempt: 0 },
+        ] {
+            assert_eq!(
+                transition(s, Input::LinkDown),
+                (DeviceState::Disconnected, vec![Action::Abandon])
+            );
+        }
+        assert_eq!(
+            transition(DeviceState::Backoff { attempt: 2 }, Input::LinkDown),
+            (DeviceState::Disconnected, vec![Action::CancelRetry])
+        );
     }
 
     #[test]
@@ -188,7 +241,7 @@ mod tests {
                 Input::CaughtUp,
                 Input::CatchUpFailed,
             ] {
-                assert_eq!(transition(s, i, &b()), (s, vec![]), "{s:?} {i:?}");
+                assert_eq!(transition(s, i), (s, vec![]), "{s:?} {i:?}");
             }
         }
     }
@@ -215,7 +268,7 @@ mod tests {
         fn invariants_hold(inputs in proptest::collection::vec(input(), 0..60)) {
             let mut s = DeviceState::Disconnected;
             for i in inputs {
-                let (next, actions) = transition(s, i, &b());
+                let (next, actions) = transition(s, i);
                 if i == Input::LinkDown {
                     prop_assert_eq!(next, DeviceState::Disconnected);
                 }
@@ -226,10 +279,11 @@ mod tests {
                     match a {
                         Action::EnableMonitoring => prop_assert!(matches!(next, DeviceState::Connected { .. }), "EnableMonitoring in {:?}", next),
                         Action::CatchUp => prop_assert!(matches!(next, DeviceState::CatchingUp { .. }), "CatchUp in {:?}", next),
-                        Action::RetryAfter(d) => {
-                            prop_assert!(matches!(next, DeviceState::Backoff { .. }), "retry in {:?}", next);
-                            prop_assert!(*d <= Duration::from_secs(2));
+                        Action::RetryAfter { attempt } => {
+                            prop_assert_eq!(next, DeviceState::Backoff { attempt: attempt + 1 });
                         }
+                        Action::Abandon => prop_assert!(matches!(s, DeviceState::Connected { .. } | DeviceState::CatchingUp { .. }), "abandon from {:?}", s),
+                        Action::CancelRetry => prop_assert!(matches!(s, DeviceState::Backoff { .. }), "cancel retry from {:?}", s),
                     }
                 }
                 prop_assert!(actions.len() <= 1);
