@@ -31,11 +31,14 @@ use crate::device::{Board, CatchUpRequest, DeviceTask, Input};
 use crate::events::{self, Consumer, Wakers};
 use crate::gateway::{GatewayClient, GatewayError};
 use crate::metrics::Metrics;
-use crate::proto::gsdk::connect::{AsyncConnectInfo, Status as DevStatus};
 use crate::proto::gsdk::event::EventLog;
 use crate::service::{self, GatewayHealth, Health};
 use crate::store::{self, Store, StoreError};
+
+mod session;
+
 use crate::sync::{Applier, WriterLock};
+use session::session;
 
 /// How long an orderly shutdown waits for tasks before abandoning them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -101,19 +104,6 @@ pub fn try_lock(dir: &std::path::Path) -> Result<Option<std::fs::File>, DaemonEr
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(source)) => Err(DaemonError::Lock { path, source }),
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    #[error(transparent)]
-    Gateway(#[from] GatewayError),
-    #[error("{0} stream ended")]
-    StreamEnded(&'static str),
-    #[error("{stream} stream failed: {status}")]
-    Stream {
-        stream: &'static str,
-        status: GatewayError,
-    },
 }
 
 /// Signals for the daemon: `shutdown` asks for an orderly stop; `abandon`
@@ -551,24 +541,7 @@ pub async fn run_with(
     tracing::info!("shutting down");
     service::stopping();
     tasks.cancel.cancel();
-    let deadline = tokio::time::sleep(SHUTDOWN_GRACE);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            biased;
-            joined = tasks.set.join_next() => if joined.is_none() { break },
-            _ = signals.abandon.cancelled() => {
-                tracing::warn!("second signal: abandoning in-flight work");
-                tasks.set.abort_all();
-                break;
-            }
-            _ = &mut deadline => {
-                tracing::warn!(grace = ?SHUTDOWN_GRACE, "tasks still busy; abandoning in-flight work");
-                tasks.set.abort_all();
-                break;
-            }
-        }
-    }
+    wind_down(&mut tasks.set, SHUTDOWN_GRACE, &signals.abandon).await;
     while tasks.set.join_next().await.is_some() {}
     if let Some(e) = fatal {
         tracing::error!(error = %e, "usersync stopped");
@@ -576,6 +549,45 @@ pub async fn run_with(
     }
     tracing::info!("usersync stopped");
     Ok(())
+}
+
+/// How a shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WindDown {
+    /// Every task finished its step.
+    Finished,
+    /// A second signal: in-flight work aborted.
+    Abandoned,
+    /// The grace period ran out: in-flight work aborted.
+    GraceExpired,
+}
+
+/// Waits for the (cancelled) tasks to end: at most `grace`, or until
+/// `abandon` (a second signal); then aborts what is left.
+async fn wind_down(
+    set: &mut JoinSet<()>,
+    grace: Duration,
+    abandon: &CancellationToken,
+) -> WindDown {
+    let deadline = tokio::time::sleep(grace);
+    tokio::pin!(deadline);
+    let how = loop {
+        tokio::select! {
+            biased;
+            joined = set.join_next() => if joined.is_none() { break WindDown::Finished },
+            _ = abandon.cancelled() => {
+                tracing::warn!("second signal: abandoning in-flight work");
+                break WindDown::Abandoned;
+            }
+            _ = &mut deadline => {
+                tracing::warn!(grace = ?grace, "tasks still busy; abandoning in-flight work");
+                break WindDown::GraceExpired;
+            }
+        }
+    };
+    set.abort_all();
+    while set.join_next().await.is_some() {}
+    how
 }
 
 async fn recv(rx: &mut Option<mpsc::Receiver<Reload>>) -> Option<Reload> {
@@ -615,247 +627,64 @@ fn restart_if_needed(
     Ok(())
 }
 
-/// Opens the status stream and forwards its changes; returns when it ends.
-/// Opening may take until the first change (lazy headers, WIRE.md §6).
-async fn status_stream(
-    client: GatewayClient,
-    tx: mpsc::Sender<crate::proto::gsdk::connect::StatusChange>,
-) -> SessionError {
-    let mut stream = match client.subscribe_status(STATUS_QUEUE).await {
-        Ok(s) => s,
-        Err(e) => return SessionError::Gateway(e),
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(change)) => {
-                if tx.send(change).await.is_err() {
-                    return SessionError::StreamEnded("status");
-                }
-            }
-            Ok(None) => return SessionError::StreamEnded("status"),
-            Err(s) => {
-                return SessionError::Stream {
-                    stream: "status",
-                    status: GatewayError::from_status("SubscribeStatus", s),
-                };
-            }
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    //! The shutdown's timing in tokio's paused time.
 
-/// Opens the realtime stream (all devices, all codes: WIRE.md B9, so a
-/// reload that adds devices needs no new subscription) and forwards its
-/// events to the consumer.
-async fn realtime_stream(
-    client: GatewayClient,
-    queue: i32,
-    tx: mpsc::Sender<EventLog>,
-) -> SessionError {
-    let mut stream = match client
-        .subscribe_realtime_log(queue, Vec::new(), Vec::new())
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => return SessionError::Gateway(e),
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(ev)) => {
-                if tx.send(ev).await.is_err() {
-                    return SessionError::StreamEnded("realtime");
-                }
-            }
-            Ok(None) => return SessionError::StreamEnded("realtime"),
-            Err(s) => {
-                return SessionError::Stream {
-                    stream: "realtime",
-                    status: GatewayError::from_status("SubscribeRealtimeLog", s),
-                };
-            }
-        }
-    }
-}
+    use super::*;
 
-/// Tells each device task what the gateway's device list says of it.
-/// `only_changed`: only devices whose view differs (a missed status change).
-fn apply_list(
-    parts: &Parts,
-    ids: &[u32],
-    list: &[crate::proto::gsdk::connect::DeviceInfo],
-    only_changed: bool,
-) {
-    for id in ids {
-        let up = list
-            .iter()
-            .any(|d| d.device_id == *id && is_connected(d.status));
-        let phase = parts.board.phase(*id);
-        let known_down = phase == crate::device::Phase::Disconnected;
-        if only_changed && up != known_down {
-            continue;
-        }
-        send_one(
-            &parts.inboxes,
-            *id,
-            if up { Input::LinkUp } else { Input::LinkDown },
-        );
-    }
-}
-
-/// One gateway session: open both streams (in tasks of their own), register
-/// the devices, then route status changes until something breaks.
-async fn session(parts: &Parts, delay: Duration) -> Result<(), SessionError> {
-    tokio::time::sleep(delay).await;
-    // Every device of the configuration read next is registered below:
-    // reload changes queued before it are done by that. (Cleared first, so
-    // a reload in between is made twice rather than never; registering is
-    // idempotent.)
-    parts
-        .gateway_changes
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clear();
-    let mut config = parts.config();
-    let client = &parts.client;
-    let mut streams: JoinSet<SessionError> = JoinSet::new();
-    let (status_tx, mut status_rx) = mpsc::channel(STATUS_QUEUE as usize);
-    streams.spawn(status_stream(client.clone(), status_tx));
-    streams.spawn(realtime_stream(
-        client.clone(),
-        config.sync.realtime_queue,
-        parts.realtime.clone(),
-    ));
-    // Let the stream tasks hand their requests to the channel before any
-    // device is registered (see the module doc).
-    tokio::task::yield_now().await;
-    register(client, config.devices.values().map(connect_info).collect()).await?;
-    let list = client.get_device_list().await?;
-    tracing::info!(devices = list.len(), "gateway session up");
-    {
-        let client = client.clone();
-        streams.spawn(async move {
-            // Informational; a gateway that never answers is not an error.
-            if let Ok(info) = client.admin_get_info().await {
-                tracing::info!(gateway_version = %info.version, "gateway version");
+    /// A task that ends `after` its cancellation (or never).
+    fn busy(set: &mut JoinSet<()>, cancel: &CancellationToken, after: Option<Duration>) {
+        let cancel = cancel.clone();
+        set.spawn(async move {
+            cancel.cancelled().await;
+            match after {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
             }
-            std::future::pending().await
         });
     }
-    parts.health.set_gateway(GatewayHealth::Up);
-    parts.metrics.gateway_up.set(1);
-    let ids: Vec<u32> = config.devices.keys().copied().collect();
-    apply_list(parts, &ids, &list, false);
 
-    // The device list is read every poll interval while the session is up:
-    // a status change the stream did not deliver (lost in its queue, or
-    // sent before it was registered) is noticed this way, and a device
-    // input dropped from a full inbox is repaired. Gateway-local: no device
-    // is called for it.
-    let mut refresh = tokio::time::interval(config.sync.poll_interval);
-    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    refresh.tick().await;
-    loop {
-        tokio::select! {
-            biased;
-            Some(ended) = streams.join_next() => {
-                return Err(match ended {
-                    Ok(e) => e,
-                    Err(e) => SessionError::StreamEnded(if e.is_panic() { "panicked" } else { "cancelled" }),
-                });
-            }
-            _ = parts.config_changed.notified() => {
-                // The changes the supervisor computed (config::diff, once),
-                // taken together with the configuration they lead to.
-                let changes = std::mem::take(&mut *parts.gateway_changes.lock().unwrap_or_else(|e| e.into_inner()));
-                let new = parts.config();
-                // Two reloads may have queued changes of one device (added,
-                // then removed): what is done is decided per device by what
-                // this session registered and what the configuration holds now.
-                let mut ids: Vec<u32> = changes
-                    .iter()
-                    .filter_map(|c| match c {
-                        Change::AddDevice(id) | Change::RemoveDevice(id) | Change::ChangeDevice(id) => Some(*id),
-                        _ => None,
-                    })
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                let (mut gone, mut added) = (Vec::new(), Vec::new());
-                for id in ids {
-                    match (config.devices.get(&id), new.devices.get(&id)) {
-                        (Some(_), None) => gone.push(id),
-                        (None, Some(_)) => added.push(id),
-                        (Some(was), Some(now)) if was != now => {
-                            gone.push(id);
-                            added.push(id);
-                        }
-                        _ => {}
-                    }
-                }
-                if !gone.is_empty() {
-                    client.delete_async_connection(gone).await?;
-                }
-                let infos: Vec<AsyncConnectInfo> =
-                    added.iter().filter_map(|id| new.devices.get(id)).map(connect_info).collect();
-                if !infos.is_empty() {
-                    register(client, infos).await?;
-                    // Their status may already be "connected"; ask.
-                    let list = client.get_device_list().await?;
-                    apply_list(parts, &added, &list, false);
-                }
-                config = new;
-            }
-            Some(change) = status_rx.recv() => {
-                if config.devices.contains_key(&change.device_id) {
-                    let input = if is_connected(change.status) { Input::LinkUp } else { Input::LinkDown };
-                    send_one(&parts.inboxes, change.device_id, input);
-                }
-            }
-            _ = refresh.tick() => {
-                let list = client.get_device_list().await?;
-                let ids: Vec<u32> = config.devices.keys().copied().collect();
-                apply_list(parts, &ids, &list, true);
-            }
-        }
+    #[tokio::test(start_paused = true)]
+    async fn tasks_that_finish_within_the_grace_period_are_waited_for() {
+        let (mut set, cancel) = (JoinSet::new(), CancellationToken::new());
+        busy(&mut set, &cancel, Some(Duration::from_secs(3)));
+        busy(&mut set, &cancel, Some(Duration::from_secs(1)));
+        cancel.cancel();
+        let start = Instant::now();
+        let how = wind_down(&mut set, Duration::from_secs(10), &CancellationToken::new()).await;
+        assert_eq!(how, WindDown::Finished);
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
     }
-}
 
-/// Registers devices with the gateway in one call. A refusal that is not
-/// transient (a device already registered, one entry the gateway does not
-/// accept: WIRE.md says nothing of either) falls back to one call per
-/// device, so one bad entry never keeps the others (or the session) down.
-async fn register(
-    client: &GatewayClient,
-    infos: Vec<AsyncConnectInfo>,
-) -> Result<(), GatewayError> {
-    let e = match client.add_async_connection(infos.clone()).await {
-        Ok(()) => return Ok(()),
-        Err(e) if e.disposition() == crate::gateway::Disposition::Transient => return Err(e),
-        Err(e) => e,
-    };
-    tracing::warn!(error = %e, "the gateway refused to register the devices at once; registering them one by one");
-    for info in infos {
-        let id = info.device_id;
-        match client.add_async_connection(vec![info]).await {
-            Ok(()) => {}
-            Err(e) if e.code() == Some(tonic::Code::AlreadyExists) => {}
-            Err(e) if e.disposition() == crate::gateway::Disposition::Transient => return Err(e),
-            Err(e) => {
-                tracing::error!(device_id = id, error = %e, "the gateway refused to register the device; check its address and port in the configuration");
-            }
-        }
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_task_is_aborted_when_the_grace_period_ends() {
+        let (mut set, cancel) = (JoinSet::new(), CancellationToken::new());
+        busy(&mut set, &cancel, None);
+        busy(&mut set, &cancel, Some(Duration::from_secs(1)));
+        cancel.cancel();
+        let start = Instant::now();
+        let how = wind_down(&mut set, Duration::from_secs(10), &CancellationToken::new()).await;
+        assert_eq!(how, WindDown::GraceExpired);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert!(set.is_empty());
     }
-    Ok(())
-}
 
-fn connect_info(d: &crate::config::DeviceConfig) -> AsyncConnectInfo {
-    AsyncConnectInfo {
-        device_id: d.id,
-        ip_addr: d.address.clone(),
-        port: i32::from(d.port),
-        use_ssl: d.tls,
+    #[tokio::test(start_paused = true)]
+    async fn a_second_signal_abandons_at_once() {
+        let (mut set, cancel) = (JoinSet::new(), CancellationToken::new());
+        busy(&mut set, &cancel, None);
+        cancel.cancel();
+        let abandon = CancellationToken::new();
+        let second = abandon.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            second.cancel();
+        });
+        let start = Instant::now();
+        let how = wind_down(&mut set, Duration::from_secs(10), &abandon).await;
+        assert_eq!(how, WindDown::Abandoned);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert!(set.is_empty());
     }
-}
-
-fn is_connected(status: i32) -> bool {
-    status == DevStatus::TcpConnected as i32 || status == DevStatus::TlsConnected as i32
 }
