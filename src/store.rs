@@ -125,20 +125,15 @@ fn kind_code(k: ChangeKind) -> i64 {
     }
 }
 
-fn kind_of(code: i64) -> ChangeKind {
+/// A stored kind code; one this version does not know is an error (a
+/// row written by a newer version), never taken for a user change.
+fn kind_of(code: i64) -> rusqlite::Result<ChangeKind> {
     match code {
-        1 => ChangeKind::DeleteAll,
-        2 => ChangeKind::Prune,
-        _ => ChangeKind::User,
+        0 => Ok(ChangeKind::User),
+        1 => Ok(ChangeKind::DeleteAll),
+        2 => Ok(ChangeKind::Prune),
+        other => Err(rusqlite::Error::IntegralValueOutOfRange(0, other)),
     }
-}
-
-fn u32_of(v: i64) -> u32 {
-    u32::try_from(v).unwrap_or(0)
-}
-
-fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -535,7 +530,7 @@ fn migrate(conn: &mut Connection, path: &Path, schema: Schema) -> Result<(), Sto
 
 pub fn checkpoints(conn: &Connection) -> Result<BTreeMap<u32, u32>, StoreError> {
     let mut stmt = conn.prepare("SELECT device_id, event_id FROM checkpoint")?;
-    let rows = stmt.query_map([], |r| Ok((u32_of(r.get(0)?), u32_of(r.get(1)?))))?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -544,10 +539,9 @@ pub fn checkpoint(conn: &Connection, device: u32) -> Result<Option<u32>, StoreEr
         .query_row(
             "SELECT event_id FROM checkpoint WHERE device_id = ?1",
             [i64::from(device)],
-            |r| r.get::<_, i64>(0),
+            |r| r.get::<_, u32>(0),
         )
-        .optional()?
-        .map(u32_of))
+        .optional()?)
 }
 
 pub fn set_checkpoint(conn: &Connection, device: u32, event_id: u32) -> Result<(), StoreError> {
@@ -575,10 +569,9 @@ pub fn log_search(conn: &Connection, device: u32) -> Result<Option<(u32, u64)>, 
         .query_row(
             "SELECT low, high FROM log_search WHERE device_id = ?1",
             [i64::from(device)],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u64>(1)?)),
         )
-        .optional()?
-        .map(|(low, high)| (u32_of(low), u64_of(high))))
+        .optional()?)
 }
 
 pub fn set_log_search(
@@ -625,11 +618,11 @@ pub fn checkpoint_rows(conn: &Connection) -> Result<BTreeMap<u32, CheckpointRow>
         conn.prepare("SELECT device_id, event_id, newest, updated_at FROM checkpoint")?;
     let rows = stmt.query_map([], |r| {
         Ok((
-            u32_of(r.get(0)?),
+            r.get::<_, u32>(0)?,
             (
-                u32_of(r.get(1)?),
-                r.get::<_, Option<i64>>(2)?.map(u32_of),
-                u64_of(r.get(3)?),
+                r.get::<_, u32>(1)?,
+                r.get::<_, Option<u32>>(2)?,
+                r.get::<_, u64>(3)?,
             ),
         ))
     })?;
@@ -642,18 +635,17 @@ pub fn anchored_checkpoints(
 ) -> Result<BTreeMap<u32, (u32, Option<String>)>, StoreError> {
     let mut stmt = conn.prepare("SELECT device_id, event_id, anchor FROM checkpoint")?;
     let rows = stmt.query_map([], |r| {
-        Ok((u32_of(r.get(0)?), (u32_of(r.get(1)?), r.get(2)?)))
+        Ok((r.get::<_, u32>(0)?, (r.get::<_, u32>(1)?, r.get(2)?)))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub fn head(conn: &Connection, group: &str) -> Result<u64, StoreError> {
-    let v: i64 = conn.query_row(
+    Ok(conn.query_row(
         "SELECT COALESCE(MAX(seq), 0) FROM journal WHERE grp = ?1",
         [group],
-        |r| r.get(0),
-    )?;
-    Ok(u64_of(v))
+        |r| r.get::<_, u64>(0),
+    )?)
 }
 
 /// Records a change, replacing the user's earlier row (compaction) with a
@@ -695,10 +687,10 @@ pub fn journal_after(
         ],
         |r| {
             Ok(JournalRow {
-                seq: u64_of(r.get(0)?),
+                seq: r.get::<_, u64>(0)?,
                 user_id: r.get(1)?,
-                source: u32_of(r.get(2)?),
-                kind: kind_of(r.get(3)?),
+                source: r.get::<_, u32>(2)?,
+                kind: kind_of(r.get(3)?)?,
             })
         },
     )?;
@@ -713,7 +705,7 @@ pub fn backlog(conn: &Connection) -> Result<BTreeMap<(String, u32), u64>, StoreE
          FROM cursor c",
     )?;
     let rows = stmt.query_map([], |r| {
-        Ok(((r.get(0)?, u32_of(r.get(1)?)), u64_of(r.get(2)?)))
+        Ok(((r.get(0)?, r.get::<_, u32>(1)?), r.get::<_, u64>(2)?))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -779,8 +771,8 @@ pub fn pending(
             Ok(JournalRow {
                 seq: 0,
                 user_id: r.get(0)?,
-                source: u32_of(r.get(1)?),
-                kind: kind_of(r.get(2)?),
+                source: r.get::<_, u32>(1)?,
+                kind: kind_of(r.get(2)?)?,
             })
         },
     )?;
@@ -894,10 +886,10 @@ pub fn target_drift(conn: &Connection) -> Result<Vec<TargetDrift>, StoreError> {
     let rows = stmt.query_map([], |r| {
         Ok(TargetDrift {
             group: r.get(0)?,
-            target: u32_of(r.get(1)?),
-            changes: u64_of(r.get(2)?),
+            target: r.get::<_, u32>(1)?,
+            changes: r.get::<_, u64>(2)?,
             last_user: r.get(3)?,
-            last_at: u64_of(r.get(4)?),
+            last_at: r.get::<_, u64>(4)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -954,13 +946,13 @@ pub fn reconcile_results(conn: &Connection) -> Result<Vec<ReconcileResult>, Stor
     let rows = stmt.query_map([], |r| {
         Ok(ReconcileResult {
             group: r.get(0)?,
-            target: u32_of(r.get(1)?),
+            target: r.get::<_, u32>(1)?,
             reason: r.get(2)?,
-            finished_at: u64_of(r.get(3)?),
-            missing: u64_of(r.get(4)?),
-            different: u64_of(r.get(5)?),
-            extra: u64_of(r.get(6)?),
-            pruned: u64_of(r.get(7)?),
+            finished_at: r.get::<_, u64>(3)?,
+            missing: r.get::<_, u64>(4)?,
+            different: r.get::<_, u64>(5)?,
+            extra: r.get::<_, u64>(6)?,
+            pruned: r.get::<_, u64>(7)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -1017,14 +1009,14 @@ pub fn pending_counts(conn: &Connection) -> Result<BTreeMap<(String, u32), u64>,
     let mut stmt =
         conn.prepare("SELECT grp, device_id, COUNT(*) FROM pending GROUP BY grp, device_id")?;
     let rows = stmt.query_map([], |r| {
-        Ok(((r.get(0)?, u32_of(r.get(1)?)), u64_of(r.get(2)?)))
+        Ok(((r.get(0)?, r.get::<_, u32>(1)?), r.get::<_, u64>(2)?))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub fn cursors(conn: &Connection, group: &str) -> Result<BTreeMap<u32, u64>, StoreError> {
     let mut stmt = conn.prepare("SELECT device_id, seq FROM cursor WHERE grp = ?1")?;
-    let rows = stmt.query_map([group], |r| Ok((u32_of(r.get(0)?), u64_of(r.get(1)?))))?;
+    let rows = stmt.query_map([group], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u64>(1)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -1087,12 +1079,12 @@ pub fn quarantine(conn: &Connection) -> Result<Vec<QuarantineEntry>, StoreError>
     let rows = stmt.query_map([], |r| {
         Ok(QuarantineEntry {
             group: r.get(0)?,
-            device: u32_of(r.get(1)?),
+            device: r.get::<_, u32>(1)?,
             user_id: r.get(2)?,
-            seq: u64_of(r.get(3)?),
+            seq: r.get::<_, u64>(3)?,
             code: r.get(4)?,
             message: r.get(5)?,
-            since: u64_of(r.get(6)?),
+            since: r.get::<_, u64>(6)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -1124,7 +1116,7 @@ pub fn reconcile_requests(conn: &Connection) -> Result<Vec<ReconcileRequest>, St
     let rows = stmt.query_map([], |r| {
         Ok(ReconcileRequest {
             group: r.get(0)?,
-            target: u32_of(r.get(1)?),
+            target: r.get::<_, u32>(1)?,
             reason: r.get(2)?,
             prune: r.get::<_, i64>(3)? != 0,
             after_user: r.get(4)?,
@@ -1184,10 +1176,10 @@ pub fn device_statuses(conn: &Connection) -> Result<Vec<DeviceStatusRow>, StoreE
     )?;
     let rows = stmt.query_map([], |r| {
         Ok(DeviceStatusRow {
-            device: u32_of(r.get(0)?),
+            device: r.get::<_, u32>(0)?,
             state: r.get(1)?,
             detail: r.get(2)?,
-            updated_at: u64_of(r.get(3)?),
+            updated_at: r.get::<_, u64>(3)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

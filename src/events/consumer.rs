@@ -735,14 +735,15 @@ impl Consumer {
         }
         fx.extend(extra);
         for d in &fx.diverged {
-            tracing::warn!(group = %d.0, "group diverged: {}", d.1);
+            tracing::warn!(group = %d.group, "group diverged: {}", d.why);
         }
-        for (group, target, user, event) in &fx.drift {
-            tracing::warn!(group = %group, device_id = target, user_id = %user, event_id = event,
+        for d in &fx.drift {
+            let (group, target) = (&d.group, d.target);
+            tracing::warn!(group = %group, device_id = target, user_id = %d.user_id, event_id = d.event,
                 "user changed at a target itself, not at a source: the target now differs from its sources; `usersync reconcile --group {group} --target {target}` repairs it");
             self.metrics
                 .target_changes
-                .get_or_create(&Metrics::target(group, *target))
+                .get_or_create(&Metrics::target(group, target))
                 .inc();
         }
         self.staged.fx.extend(fx);
@@ -809,7 +810,7 @@ impl Consumer {
             .changes
             .iter()
             .map(|c| &c.group)
-            .chain(fx.reconciles.iter().map(|r| &r.0));
+            .chain(fx.reconciles.iter().map(|r| &r.group));
         let wake = self.wake.read().unwrap_or_else(|e| e.into_inner());
         for g in groups {
             if let Some(n) = wake.get(g) {

@@ -119,12 +119,35 @@ impl Anchor {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Effects {
     pub changes: Vec<Change>,
-    /// (group, target, reason, prune)
-    pub reconciles: Vec<(String, u32, String, bool)>,
-    /// (group, why)
-    pub diverged: Vec<(String, String)>,
-    /// Users changed at a target itself: (group, target, user, event).
-    pub drift: Vec<(String, u32, String, u32)>,
+    pub reconciles: Vec<ReconcileRequest>,
+    pub diverged: Vec<Divergence>,
+    pub drift: Vec<Drift>,
+}
+
+/// A target to compare with its sources (a reset, a delete-all at it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcileRequest {
+    pub group: String,
+    pub target: u32,
+    pub reason: String,
+    /// Whether extras may be deleted (the group's `prune`).
+    pub prune: bool,
+}
+
+/// A group whose targets knowingly differ from its sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    pub group: String,
+    pub why: String,
+}
+
+/// A user changed at a target itself, not through a source (WIRE.md B13).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    pub group: String,
+    pub target: u32,
+    pub user_id: String,
+    pub event: u32,
 }
 
 impl Effects {
@@ -132,15 +155,20 @@ impl Effects {
     /// targets where it is a source; itself where it is a target).
     fn reconcile_device(&mut self, config: &Config, device: u32, reason: &str) {
         for g in &config.groups {
-            if g.sources.contains(&device) {
-                for t in &g.targets {
-                    self.reconciles
-                        .push((g.name.clone(), *t, reason.to_owned(), g.prune));
-                }
+            let targets: &[u32] = if g.sources.contains(&device) {
+                &g.targets
             } else if g.targets.contains(&device) {
-                self.reconciles
-                    .push((g.name.clone(), device, reason.to_owned(), g.prune));
-            }
+                std::slice::from_ref(&device)
+            } else {
+                &[]
+            };
+            self.reconciles
+                .extend(targets.iter().map(|t| ReconcileRequest {
+                    group: g.name.clone(),
+                    target: *t,
+                    reason: reason.to_owned(),
+                    prune: g.prune,
+                }));
         }
     }
 }
@@ -165,8 +193,12 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
                 // from its sources until a reconcile.
                 if ev.changed_on_device {
                     for g in config.groups.iter().filter(|g| g.targets.contains(&device)) {
-                        fx.drift
-                            .push((g.name.clone(), device, ev.user_id.clone(), ev.id));
+                        fx.drift.push(Drift {
+                            group: g.name.clone(),
+                            target: device,
+                            user_id: ev.user_id.clone(),
+                            event: ev.id,
+                        });
                     }
                 }
             }
@@ -180,23 +212,23 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
                             kind: ChangeKind::DeleteAll,
                         });
                     } else {
-                        fx.diverged.push((
-                            g.name.clone(),
-                            format!(
+                        fx.diverged.push(Divergence {
+                            group: g.name.clone(),
+                            why: format!(
                                 "source {device} deleted all its users (event {}); not propagated \
                                  because propagate_delete_all = false",
                                 ev.id
                             ),
-                        ));
+                        });
                     }
                 }
                 for g in config.groups.iter().filter(|g| g.targets.contains(&device)) {
-                    fx.reconciles.push((
-                        g.name.clone(),
-                        device,
-                        format!("all users deleted at target (event {})", ev.id),
-                        g.prune,
-                    ));
+                    fx.reconciles.push(ReconcileRequest {
+                        group: g.name.clone(),
+                        target: device,
+                        reason: format!("all users deleted at target (event {})", ev.id),
+                        prune: g.prune,
+                    });
                 }
             }
             Meaning::Reset => {
@@ -213,14 +245,14 @@ fn apply_effects(tx: &rusqlite::Transaction<'_>, fx: &Effects) -> Result<(), Sto
     for c in &fx.changes {
         store::record_change(tx, c)?;
     }
-    for (group, target, reason, prune) in &fx.reconciles {
-        store::request_reconcile(tx, group, *target, reason, *prune)?;
+    for r in &fx.reconciles {
+        store::request_reconcile(tx, &r.group, r.target, &r.reason, r.prune)?;
     }
-    for (group, why) in &fx.diverged {
-        store::set_diverged(tx, group, Some(why))?;
+    for d in &fx.diverged {
+        store::set_diverged(tx, &d.group, Some(&d.why))?;
     }
-    for (group, target, user, _) in &fx.drift {
-        store::record_target_change(tx, group, *target, user)?;
+    for d in &fx.drift {
+        store::record_target_change(tx, &d.group, d.target, &d.user_id)?;
     }
     Ok(())
 }
@@ -323,7 +355,7 @@ targets = [2, 3]
         // At a target: that target is reconciled.
         let fx = effects(&c, 3, &[ev(5, 0x2600, "")]);
         assert_eq!(fx.reconciles.len(), 1);
-        assert_eq!(fx.reconciles[0].1, 3);
+        assert_eq!(fx.reconciles[0].target, 3);
     }
 
     #[test]
@@ -338,12 +370,12 @@ targets = [2, 3]
         split.sub_code = 2;
         let fx = effects(&c, 1, &[split]);
         assert_eq!(
-            fx.reconciles.iter().map(|r| r.1).collect::<Vec<_>>(),
+            fx.reconciles.iter().map(|r| r.target).collect::<Vec<_>>(),
             vec![2, 3]
         );
         let fx = effects(&c, 2, &[ev(9, 0x4200, "")]);
         assert_eq!(
-            fx.reconciles.iter().map(|r| r.1).collect::<Vec<_>>(),
+            fx.reconciles.iter().map(|r| r.target).collect::<Vec<_>>(),
             vec![2]
         );
     }
