@@ -36,7 +36,8 @@ pub enum GatewayHealth {
 /// consumer, read by the notifier.
 #[derive(Debug)]
 pub struct Health {
-    epoch: Instant,
+    /// tokio's clock, so tests can run the watchdog decision in paused time.
+    epoch: tokio::time::Instant,
     gateway: Mutex<GatewayHealth>,
     main_beat: AtomicU64,
     consumer_beat: AtomicU64,
@@ -46,7 +47,7 @@ pub struct Health {
 impl Default for Health {
     fn default() -> Self {
         Health {
-            epoch: Instant::now(),
+            epoch: tokio::time::Instant::now(),
             gateway: Mutex::new(GatewayHealth::Starting),
             main_beat: AtomicU64::new(0),
             consumer_beat: AtomicU64::new(0),
@@ -392,6 +393,33 @@ mod tests {
         use rustix::process::{DumpableBehavior, dumpable_behavior};
         forbid_core_dumps().unwrap();
         assert_eq!(dumpable_behavior().unwrap(), DumpableBehavior::NotDumpable);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_is_withheld_when_a_loop_stops_beating() {
+        let limit = Duration::from_secs(2);
+        let h = Health::default();
+        h.beat_main();
+        // While no gateway session is up, only the main loop must beat.
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(h.alive(limit));
+        h.set_consumer_active(true);
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        assert!(!h.alive(limit), "main loop silent for 2.5 s");
+        h.beat_main();
+        assert!(h.alive(limit));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        h.beat_main();
+        assert!(
+            !h.alive(limit),
+            "consumer silent for 2.5 s while a session is up"
+        );
+        h.beat_consumer();
+        assert!(h.alive(limit));
+        h.set_consumer_active(false);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        h.beat_main();
+        assert!(h.alive(limit), "an inactive consumer is not waited for");
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl Applier {
             .eligible_targets()
             .into_iter()
             .filter(|t| waiting.contains(t))
-            .filter(|t| self.pending_retry.get(t).is_none_or(|(_, at)| *at <= now))
+            .filter(|t| self.timers.pending.get(t).is_none_or(|(_, at)| *at <= now))
             .collect();
         let live_sources: Vec<u32> = self
             .group
@@ -96,13 +96,13 @@ impl Applier {
                 continue;
             }
             if self.apply_users(&[t], Lane::Pending, rows).await? {
-                self.pending_retry.remove(&t);
+                self.timers.pending.remove(&t);
                 return Ok(true);
             }
             // Nothing of it could go (its sources cannot answer yet): look
             // again later, not at every wake.
-            let n = self.pending_retry.get(&t).map_or(0, |(n, _)| *n);
-            self.pending_retry.insert(
+            let n = self.timers.pending.get(&t).map_or(0, |(n, _)| *n);
+            self.timers.pending.insert(
                 t,
                 (n.saturating_add(1), Instant::now() + self.backoff.delay(n)),
             );
@@ -410,7 +410,7 @@ impl Applier {
         let passed: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
         for t in targets {
             // A target that took a batch starts its retry delays over.
-            self.retry.remove(t);
+            self.timers.target.remove(t);
             for u in &users {
                 self.poison.remove(&(*t, u.clone()));
             }

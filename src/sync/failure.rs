@@ -104,10 +104,11 @@ impl Applier {
             .failed
             .get_or_create(&Metrics::target(&self.group.name, target))
             .inc();
-        let attempt = self.retry.get(&target).map_or(0, |(a, _)| *a);
+        let attempt = self.timers.target.get(&target).map_or(0, |(a, _)| *a);
         let delay = self.backoff.delay(attempt);
         tracing::warn!(group = %self.group.name, target, error = %msg, retry_in = ?delay, "target failed; retrying later");
-        self.retry
+        self.timers
+            .target
             .insert(target, (attempt.saturating_add(1), Instant::now() + delay));
     }
 }

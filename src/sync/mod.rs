@@ -76,23 +76,18 @@ pub struct Applier {
     pub wake: Arc<Notify>,
     pub backoff: Backoff,
     metrics: Arc<Metrics>,
-    retry: HashMap<u32, (u32, Instant)>,
+    /// When failed targets, sources, reconciles and parked rows are tried
+    /// again.
+    timers: Timers,
     poison: HashMap<(u32, String), u32>,
     /// Users whose source record could not be read: failures so far and
     /// when to try again.
     source_poison: HashMap<String, (u32, Instant)>,
-    /// Sources whose calls failed transiently: (failures, retry at). Their
-    /// rows wait aside meanwhile; the others go on.
-    source_retry: HashMap<u32, (u32, Instant)>,
     /// Users per Multi call now: halved when a call times out, grown back
     /// after successes (a slow device may not take a full batch in time).
     batch_limit: usize,
-    /// A reconcile that failed transiently: (failures, retry at).
-    reconcile_retry: HashMap<u32, (u32, Instant)>,
     /// The target of the reconcile step under way.
     reconcile_current: Option<u32>,
-    /// Targets whose pending rows could not go: (tries, retry at).
-    pending_retry: HashMap<u32, (u32, Instant)>,
     reconcile: Option<ReconcileRun>,
     targets_initialized: bool,
     /// Where the cohort served last moved to: cohorts take turns, so a
@@ -118,6 +113,68 @@ pub enum Fetched {
     /// Absent at the row's source, held at this other source of the group:
     /// the targets keep what they hold (the group is marked diverged).
     HeldElsewhere(u32),
+}
+
+/// Retry times of what failed: (failures so far, retry at).
+#[derive(Debug, Default)]
+struct Timers {
+    /// Targets that failed a call.
+    target: HashMap<u32, (u32, Instant)>,
+    /// Sources whose calls failed transiently. Their rows wait aside
+    /// meanwhile; the others go on.
+    source: HashMap<u32, (u32, Instant)>,
+    /// Targets whose reconcile failed transiently.
+    reconcile: HashMap<u32, (u32, Instant)>,
+    /// Targets whose pending rows could not go.
+    pending: HashMap<u32, (u32, Instant)>,
+}
+
+impl Timers {
+    /// The earliest retry still to come.
+    fn next(&self, now: Instant) -> Option<Instant> {
+        self.target
+            .values()
+            .chain(self.source.values())
+            .chain(self.reconcile.values())
+            .chain(self.pending.values())
+            .map(|(_, at)| *at)
+            .filter(|at| *at > now)
+            .min()
+    }
+}
+
+/// Why an idle applier looks again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woke {
+    Cancelled,
+    /// The journal grew or a reconcile was asked for.
+    Notified,
+    /// A device's phase changed.
+    Board,
+    /// A retry is due.
+    Retry,
+    /// The poll interval passed: requests written by `usersync reconcile`
+    /// into the state database arrive this way.
+    Poll,
+}
+
+/// Waits until something may give an idle applier work.
+async fn idle(
+    timers: &Timers,
+    wake: &Notify,
+    board: &mut tokio::sync::watch::Receiver<BTreeMap<u32, crate::device::Phase>>,
+    poll: std::time::Duration,
+    cancel: &CancellationToken,
+) -> Woke {
+    let next_retry = timers.next(Instant::now());
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Woke::Cancelled,
+        _ = wake.notified() => Woke::Notified,
+        r = board.changed() => if r.is_err() { Woke::Cancelled } else { Woke::Board },
+        _ = sleep_until(next_retry), if next_retry.is_some() => Woke::Retry,
+        _ = tokio::time::sleep(poll) => Woke::Poll,
+    }
 }
 
 /// One writer per group at any time: an applier holds its group's lock for
@@ -152,14 +209,11 @@ impl Applier {
             sync,
             wake,
             backoff: Backoff::device(),
-            retry: HashMap::new(),
+            timers: Timers::default(),
             poison: HashMap::new(),
             source_poison: HashMap::new(),
-            source_retry: HashMap::new(),
             batch_limit: batch_users,
-            reconcile_retry: HashMap::new(),
             reconcile_current: None,
-            pending_retry: HashMap::new(),
             reconcile: None,
             targets_initialized: false,
             last_cohort: None,
@@ -202,30 +256,19 @@ impl Applier {
             if progressed {
                 continue;
             }
-            let now = Instant::now();
-            let next_retry = self
-                .retry
-                .values()
-                .chain(self.source_retry.values())
-                .chain(self.reconcile_retry.values())
-                .chain(self.pending_retry.values())
-                .map(|(_, at)| *at)
-                .filter(|at| *at > now)
-                .min();
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                _ = self.wake.notified() => {}
-                r = board.changed() => {
-                    if r.is_err() {
-                        return;
-                    }
-                    // A device came or went: parked rows may go now.
-                    self.pending_retry.clear();
-                }
-                _ = sleep_until(next_retry), if next_retry.is_some() => {}
-                // Requests written by `usersync reconcile` arrive this way.
-                _ = tokio::time::sleep(self.sync.poll_interval) => {}
+            match idle(
+                &self.timers,
+                &self.wake,
+                &mut board,
+                self.sync.poll_interval,
+                &cancel,
+            )
+            .await
+            {
+                Woke::Cancelled => return,
+                // A device came or went: parked rows may go now.
+                Woke::Board => self.timers.pending.clear(),
+                Woke::Notified | Woke::Retry | Woke::Poll => {}
             }
         }
     }
@@ -245,7 +288,7 @@ impl Applier {
                 0 => match self.reconcile_step().await {
                     Ok(moved) => {
                         if let Some(t) = self.reconcile_current.take() {
-                            self.reconcile_retry.remove(&t);
+                            self.timers.reconcile.remove(&t);
                         }
                         moved
                     }
@@ -254,10 +297,11 @@ impl Applier {
                     // journal changes go on.
                     Err(SyncError::Gateway(e)) => {
                         let t = self.reconcile_current.take().unwrap_or_default();
-                        let n = self.reconcile_retry.get(&t).map_or(0, |(n, _)| *n);
+                        let n = self.timers.reconcile.get(&t).map_or(0, |(n, _)| *n);
                         let delay = self.backoff.delay(n);
                         tracing::warn!(group = %self.group.name, target = t, error = %e, retry_in = ?delay, "reconcile could not read a device; retrying later");
-                        self.reconcile_retry
+                        self.timers
+                            .reconcile
                             .insert(t, (n.saturating_add(1), Instant::now() + delay));
                         self.reconcile = None;
                         false
@@ -277,7 +321,8 @@ impl Applier {
     fn eligible(&self, device: u32) -> bool {
         self.board.is_live(device)
             && self
-                .retry
+                .timers
+                .target
                 .get(&device)
                 .is_none_or(|(_, at)| *at <= Instant::now())
     }
@@ -301,5 +346,85 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The applier's idle wait in tokio's paused time.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::device::Phase;
+
+    async fn wait(timers: &Timers, wake: &Notify, board: &Board) -> (Woke, Duration) {
+        let mut rx = board.subscribe();
+        let start = Instant::now();
+        let woke = idle(
+            timers,
+            wake,
+            &mut rx,
+            Duration::from_secs(5),
+            &CancellationToken::new(),
+        )
+        .await;
+        (woke, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_applier_polls_at_the_interval() {
+        let (timers, wake, board) = (Timers::default(), Notify::new(), Board::new([1]));
+        assert_eq!(
+            wait(&timers, &wake, &board).await,
+            (Woke::Poll, Duration::from_secs(5))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_due_before_the_poll_wakes_it_then() {
+        let (mut timers, wake, board) = (Timers::default(), Notify::new(), Board::new([1]));
+        let now = Instant::now();
+        timers.target.insert(2, (1, now + Duration::from_secs(3)));
+        timers.pending.insert(3, (1, now + Duration::from_secs(2)));
+        // Past retries are not waited for again.
+        timers.source.insert(4, (1, now));
+        assert_eq!(
+            wait(&timers, &wake, &board).await,
+            (Woke::Retry, Duration::from_secs(2))
+        );
+        timers.pending.clear();
+        timers
+            .reconcile
+            .insert(5, (1, Instant::now() + Duration::from_secs(30)));
+        // 3 s from the start, 1 s from now.
+        assert_eq!(
+            wait(&timers, &wake, &board).await,
+            (Woke::Retry, Duration::from_secs(1))
+        );
+        timers.target.clear();
+        assert_eq!(
+            wait(&timers, &wake, &board).await,
+            (Woke::Poll, Duration::from_secs(5))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_or_a_device_change_ends_the_wait_at_once() {
+        let (timers, wake, board) = (Timers::default(), Notify::new(), Board::new([1]));
+        wake.notify_one();
+        assert_eq!(
+            wait(&timers, &wake, &board).await,
+            (Woke::Notified, Duration::ZERO)
+        );
+        let b = board.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            b.set(1, Phase::Live);
+        });
+        assert_eq!(
+            wait(&timers, &wake, &board).await,
+            (Woke::Board, Duration::from_secs(1))
+        );
     }
 }

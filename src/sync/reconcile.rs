@@ -88,7 +88,8 @@ impl Applier {
         let Some(req) = requests.into_iter().find(|r| {
             self.eligible(r.target)
                 && self
-                    .reconcile_retry
+                    .timers
+                    .reconcile
                     .get(&r.target)
                     .is_none_or(|(_, at)| *at <= now)
         }) else {

@@ -63,7 +63,8 @@ impl Applier {
     pub(super) fn source_ready(&self, source: u32) -> bool {
         self.board.is_live(source)
             && self
-                .source_retry
+                .timers
+                .source
                 .get(&source)
                 .is_none_or(|(_, at)| *at <= Instant::now())
     }
@@ -71,10 +72,11 @@ impl Applier {
     /// A source whose call failed transiently (unavailable, or too slow):
     /// its rows wait aside until it answers again; the others go on.
     pub(super) fn source_backoff(&mut self, source: u32, e: &GatewayError) {
-        let failures = self.source_retry.get(&source).map_or(0, |(n, _)| *n);
+        let failures = self.timers.source.get(&source).map_or(0, |(n, _)| *n);
         let delay = self.backoff.delay(failures);
         tracing::warn!(group = %self.group.name, source, error = %e, retry_in = ?delay, "source did not answer; its changes wait, the others go on");
-        self.source_retry
+        self.timers
+            .source
             .insert(source, (failures.saturating_add(1), Instant::now() + delay));
     }
 
@@ -104,7 +106,7 @@ impl Applier {
         for (s, ids) in by_source {
             match fetch_users(&self.client, s, ids.clone()).await {
                 Ok(m) => {
-                    self.source_retry.remove(&s);
+                    self.timers.source.remove(&s);
                     out.extend(m);
                 }
                 Err(e) => {
