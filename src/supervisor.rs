@@ -153,6 +153,17 @@ enum TaskKind {
     Events,
 }
 
+impl std::fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskKind::Device(id) => write!(f, "device {id}"),
+            TaskKind::Group(name) => write!(f, "group {name}"),
+            TaskKind::Service => f.write_str("notifier"),
+            TaskKind::Events => f.write_str("event consumer"),
+        }
+    }
+}
+
 struct Tasks {
     set: JoinSet<()>,
     kinds: HashMap<tokio::task::Id, (TaskKind, CancellationToken)>,
@@ -619,9 +630,9 @@ fn restart_if_needed(
         return Err(DaemonError::EventsStopped);
     }
     if panicked {
-        tracing::error!(task = ?kind, "task panicked; restarting it");
+        tracing::error!(task = %kind, "task panicked; restarting it");
     } else {
-        tracing::warn!(task = ?kind, "task ended unexpectedly; restarting it");
+        tracing::warn!(task = %kind, "task ended unexpectedly; restarting it");
     }
     parts.spawn(tasks, kind);
     Ok(())
