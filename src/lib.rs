@@ -10,7 +10,8 @@
 //! * [`wire`] — API generations, method-path mapping, peeking `hdr.ID` out
 //!   of raw user records.
 //! * [`gateway`] — the client: channel (TLS, keepalive), typed wrappers per
-//!   RPC, Multi-error decoding, transient/permanent classification.
+//!   RPC, Multi-error decoding (from tonic-types' `google.rpc.Status`),
+//!   transient/permanent classification.
 //! * [`config`] — the TOML configuration, validated into typed settings.
 //! * [`store`] — SQLite state: checkpoints, journal, cursors, quarantine.
 //! * [`supervisor`] — owns the gateway session, device tasks and appliers.
