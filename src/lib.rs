@@ -8,12 +8,13 @@
 //! * [`proto`] — messages and service stubs generated from `proto/`
 //!   (written from WIRE.md); users are `bytes` on the sync path.
 //! * [`wire`] — API generations, method-path mapping, peeking `hdr.ID` out
-//!   of raw user records.
+//!   of raw user records, valid user IDs.
 //! * [`gateway`] — the client: channel (TLS, keepalive), typed wrappers per
 //!   RPC, Multi-error decoding (from tonic-types' `google.rpc.Status`),
 //!   transient/permanent classification.
 //! * [`config`] — the TOML configuration, validated into typed settings.
-//! * [`store`] — SQLite state: checkpoints, journal, cursors, quarantine.
+//! * [`store`] — SQLite state: checkpoints, journal, cursors, quarantine;
+//!   `store/lock.rs` — the daemon lock of the state directory.
 //! * [`supervisor`] — owns the gateway session, device tasks and appliers.
 //! * [`device`] — per-device state machine (pure) and its task.
 //! * [`events`] — the one event consumer: dedupe, gap backfill, replay,
@@ -23,8 +24,13 @@
 //! * [`backoff`] — the retry policy.
 //! * [`service`] — systemd notifications, STATUS line, watchdog.
 //! * [`metrics`] — Prometheus metrics and their endpoint.
-//! * [`cli`] — operator commands (status, events, users, enroll, delete,
-//!   reconcile, import-config); [`demo`] — the scripted demo.
+//! * [`cli`] — operator commands, one file each under `cli/` (status,
+//!   events, users, enroll, delete, reconcile/, import_config/,
+//!   check_config), with `render` (text and JSON output), `time`,
+//!   `next_step` (errors in the operator's words) and `drift`; it works
+//!   through config, store and gateway, never the supervisor or the
+//!   simulator.
+//!   [`demo`] — the scripted demo.
 //! * [`logging`] — journald / stderr / JSON logging.
 //! * [`sim`] — the gateway simulator used by the tests and the demo.
 

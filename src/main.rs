@@ -220,26 +220,10 @@ fn main() -> ExitCode {
             let path = path
                 .or(config)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-            let c = match runnable_config(&path) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            for w in usersync::config::warnings(&c) {
-                eprintln!("warning: {w}");
+            match runnable_config(&path) {
+                Ok(c) => report(Ok(cli::check_config(&c)), None),
+                Err(code) => code,
             }
-            for w in usersync::config::unreadable_by_service(&c) {
-                eprintln!("warning: {w}");
-            }
-            if let Some(note) = usersync::config::sandbox_note(&c) {
-                eprintln!("note: {note}");
-            }
-            println!(
-                "{}: valid ({}, {})",
-                path.display(),
-                cli::plural(c.devices.len() as u64, "device"),
-                cli::plural(c.groups.len() as u64, "group")
-            );
-            ExitCode::SUCCESS
         }
         Command::Run {
             config,
@@ -255,7 +239,7 @@ fn main() -> ExitCode {
                 && let Err(e) = usersync::metrics::check_listen(addr)
             {
                 // Another daemon on this state holds the port: say that.
-                if let Ok(None) = usersync::supervisor::try_lock(&config.state_dir) {
+                if let Ok(None) = usersync::store::try_lock(&config.state_dir) {
                     eprintln!(
                         "usersync: {}",
                         usersync::DaemonError::AlreadyRunning(config.state_dir.clone())

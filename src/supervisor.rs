@@ -59,11 +59,6 @@ pub enum DaemonError {
     EventsStopped,
     #[error("another usersync daemon is running on {0} (it holds daemon.lock)")]
     AlreadyRunning(std::path::PathBuf),
-    #[error("cannot lock {path}: {source}")]
-    Lock {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// A new configuration to apply; `done` receives a summary of the change.
@@ -75,33 +70,6 @@ pub struct Reload {
 
 /// Looks at the lock, 250 ms apart, before the daemon gives up (5 s).
 const LOCK_TRIES: u32 = 20;
-
-/// The lock a running daemon holds in its state directory; operator
-/// commands take it to know whether a daemon runs.
-pub const LOCK_FILE: &str = "daemon.lock";
-
-/// Takes the daemon lock of `dir` without waiting. `Ok(None)`: held by
-/// someone else.
-pub fn try_lock(dir: &std::path::Path) -> Result<Option<std::fs::File>, DaemonError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|source| DaemonError::Lock {
-            path: path.clone(),
-            source,
-        })?;
-    crate::store::adopt(&path, dir)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(source)) => Err(DaemonError::Lock { path, source }),
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -358,7 +326,7 @@ pub async fn run_with(
     // daemon.
     let mut tries = 0;
     let _lock = loop {
-        if let Some(lock) = try_lock(&config.state_dir)? {
+        if let Some(lock) = store::try_lock(&config.state_dir)? {
             break lock;
         }
         tries += 1;
