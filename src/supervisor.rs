@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +33,7 @@ use crate::gateway::{GatewayClient, GatewayError};
 use crate::metrics::Metrics;
 use crate::proto::gsdk::connect::{AsyncConnectInfo, Status as DevStatus};
 use crate::proto::gsdk::event::EventLog;
-use crate::service::{self, GatewayHealth, Health};
+use crate::service::{self, GatewayHealth, Health, Reload, Shutdown};
 use crate::store::{self, Store, StoreError};
 use crate::sync::{Applier, WriterLock};
 
@@ -59,13 +59,15 @@ pub enum DaemonError {
     EventsStopped,
     #[error("another usersync daemon is running on {0} (it holds daemon.lock)")]
     AlreadyRunning(std::path::PathBuf),
-}
-
-/// A new configuration to apply; `done` receives a summary of the change.
-#[derive(Debug)]
-pub struct Reload {
-    pub config: Config,
-    pub done: oneshot::Sender<String>,
+    /// `[metrics] listen` cannot be listened on (checked before the start).
+    #[error("{}: {reason}", .config.display())]
+    MetricsListen {
+        config: std::path::PathBuf,
+        reason: String,
+    },
+    /// The signal handlers cannot be installed.
+    #[error(transparent)]
+    Signals(std::io::Error),
 }
 
 /// Looks at the lock, 250 ms apart, before the daemon gives up (5 s).
@@ -82,14 +84,6 @@ enum SessionError {
         stream: &'static str,
         status: GatewayError,
     },
-}
-
-/// Signals for the daemon: `shutdown` asks for an orderly stop; `abandon`
-/// (a second signal) stops waiting for in-flight work.
-#[derive(Clone, Debug, Default)]
-pub struct Shutdown {
-    pub shutdown: CancellationToken,
-    pub abandon: CancellationToken,
 }
 
 type Inboxes = Arc<Mutex<HashMap<u32, mpsc::Sender<Input>>>>;
