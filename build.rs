@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
-    "google/rpc/status.proto",
     "gsdk/admin.proto",
     "gsdk/card.proto",
     "gsdk/connect.proto",

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::service::Shutdown;
 use crate::sim::{SimOptions, Simulator};
-use crate::supervisor::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {

@@ -8,11 +8,13 @@
 //! * [`proto`] — messages and service stubs generated from `proto/`
 //!   (written from WIRE.md); users are `bytes` on the sync path.
 //! * [`wire`] — API generations, method-path mapping, peeking `hdr.ID` out
-//!   of raw user records.
+//!   of raw user records, valid user IDs.
 //! * [`gateway`] — the client: channel (TLS, keepalive), typed wrappers per
-//!   RPC, Multi-error decoding, transient/permanent classification.
+//!   RPC, Multi-error decoding (from tonic-types' `google.rpc.Status`),
+//!   transient/permanent classification.
 //! * [`config`] — the TOML configuration, validated into typed settings.
-//! * [`store`] — SQLite state: checkpoints, journal, cursors, quarantine.
+//! * [`store`] — SQLite state: checkpoints, journal, cursors, quarantine;
+//!   `store/lock.rs` — the daemon lock of the state directory.
 //! * [`supervisor`] — owns the gateway session, device tasks and appliers.
 //! * [`device`] — per-device state machine (pure) and its task.
 //! * [`events`] — the one event consumer: dedupe, gap backfill, replay,
@@ -20,12 +22,23 @@
 //! * [`sync`] — the appliers: batches, Multi calls, partial failures,
 //!   quarantine, reconcile.
 //! * [`backoff`] — the retry policy.
-//! * [`service`] — systemd notifications, STATUS line, watchdog.
+//! * [`service`] — systemd notifications, STATUS line, watchdog;
+//!   `service::signals` — SIGTERM/SIGINT (stop, a second abandons), SIGHUP
+//!   (the reload protocol).
 //! * [`metrics`] — Prometheus metrics and their endpoint.
-//! * [`cli`] — operator commands (status, events, users, enroll, delete,
-//!   reconcile, import-config); [`demo`] — the scripted demo.
+//! * [`cli`] — operator commands, one file each under `cli/` (status,
+//!   events, users, enroll, delete, reconcile/, import_config/,
+//!   check_config), with `render` (text and JSON output), `time`,
+//!   `next_step` (errors in the operator's words) and `drift`; it works
+//!   through config, store and gateway, never the supervisor or the
+//!   simulator.
+//!   [`demo`] — the scripted demo.
 //! * [`logging`] — journald / stderr / JSON logging.
 //! * [`sim`] — the gateway simulator used by the tests and the demo.
+//!
+//! This file: [`run`] (the daemon with a shutdown signal as a parameter,
+//! for tests and the demo), [`check_start`] and [`serve`] (what `usersync
+//! run` does). `main.rs` only parses, sets up logging and maps exit codes.
 
 #![forbid(unsafe_code)]
 
@@ -45,11 +58,46 @@ pub mod supervisor;
 pub mod sync;
 pub mod wire;
 
-pub use supervisor::{DaemonError, Reload, Shutdown};
+pub use service::{Reload, Shutdown};
+pub use supervisor::DaemonError;
 
 /// Runs the daemon with `config` until `signals.shutdown` is cancelled.
 pub async fn run(config: config::Config, signals: Shutdown) -> Result<(), DaemonError> {
     supervisor::run(config, signals).await
+}
+
+/// What `usersync run` checks before it starts logging, beyond what
+/// `check-config` checks: that `[metrics] listen` can be listened on. A
+/// port that a daemon on the same state directory holds is said as that
+/// daemon.
+pub fn check_start(config: &config::Config) -> Result<(), DaemonError> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(());
+    };
+    metrics::check_listen(addr).map_err(|reason| {
+        if let Ok(None) = store::try_lock(&config.state_dir) {
+            DaemonError::AlreadyRunning(config.state_dir.clone())
+        } else {
+            DaemonError::MetricsListen {
+                config: config.path.clone(),
+                reason,
+            }
+        }
+    })
+}
+
+/// Runs the daemon as `usersync run` does, under systemd or in the
+/// foreground: warns about what the configuration exposes, answers the
+/// signals ([`service::signals`]: stop, abandon, reload from
+/// `config.path`) and keeps the service manager informed, until stopped.
+pub async fn serve(config: config::Config) -> Result<(), DaemonError> {
+    for w in config::warnings(&config) {
+        tracing::warn!("{w}");
+    }
+    let (signals, reloads) =
+        service::signals::listen(config.path.clone()).map_err(DaemonError::Signals)?;
+    let health = std::sync::Arc::new(service::Health::default());
+    supervisor::run_with(config, signals, Some(reloads), health).await
 }
 
 /// Generated from `proto/` by `build.rs`.

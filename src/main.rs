@@ -1,5 +1,6 @@
-//! The `usersync` binary: CLI parsing, logging setup, signals and exit
-//! codes only.
+//! The `usersync` binary: CLI parsing, logging setup and exit codes only
+//! (the commands are [`usersync::cli`]'s, the daemon's signals
+//! [`usersync::service::signals`]').
 //!
 //! Exit codes: 0 success / clean stop; 78 (EX_CONFIG) invalid
 //! configuration; 2 a usage error (clap's); 1 any other failure.
@@ -220,49 +221,22 @@ fn main() -> ExitCode {
             let path = path
                 .or(config)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-            let c = match runnable_config(&path) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            for w in usersync::config::warnings(&c) {
-                eprintln!("warning: {w}");
+            match runnable_config(&path) {
+                Ok(c) => report(Ok(cli::check_config(&c)), None),
+                Err(code) => code,
             }
-            for w in usersync::config::unreadable_by_service(&c) {
-                eprintln!("warning: {w}");
-            }
-            if let Some(note) = usersync::config::sandbox_note(&c) {
-                eprintln!("note: {note}");
-            }
-            println!(
-                "{}: valid ({}, {})",
-                path.display(),
-                cli::plural(c.devices.len() as u64, "device"),
-                cli::plural(c.groups.len() as u64, "group")
-            );
-            ExitCode::SUCCESS
         }
         Command::Run {
             config,
             log_target,
             log_format,
         } => {
-            let path = config.config;
-            let config = match runnable_config(&path) {
+            let config = match runnable_config(&config.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if let Some(addr) = config.metrics_listen
-                && let Err(e) = usersync::metrics::check_listen(addr)
-            {
-                // Another daemon on this state holds the port: say that.
-                if let Ok(None) = usersync::supervisor::try_lock(&config.state_dir) {
-                    eprintln!(
-                        "usersync: {}",
-                        usersync::DaemonError::AlreadyRunning(config.state_dir.clone())
-                    );
-                } else {
-                    eprintln!("usersync: {}: {e}", path.display());
-                }
+            if let Err(e) = usersync::check_start(&config) {
+                eprintln!("usersync: {e}");
                 return ExitCode::from(1);
             }
             let note = usersync::logging::init(log_target, log_format);
@@ -270,15 +244,7 @@ fn main() -> ExitCode {
                 if let Some(note) = note {
                     tracing::warn!("{note}");
                 }
-                for w in usersync::config::warnings(&config) {
-                    tracing::warn!("{w}");
-                }
-                let signals = usersync::Shutdown::default();
-                let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-                spawn_signal_handler(signals.clone(), reload_tx, path)?;
-                let health = std::sync::Arc::new(usersync::service::Health::default());
-                usersync::supervisor::run_with(config, signals, Some(reload_rx), health).await?;
-                Ok(())
+                Ok(usersync::serve(config).await?)
             })
         }
         Command::Sim(args) => {
@@ -487,50 +453,4 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
             ExitCode::from(1)
         }
     }
-}
-
-/// SIGTERM/SIGINT: orderly shutdown, a second one abandons in-flight work.
-/// SIGHUP: reload the configuration (`RELOADING=1` … `READY=1`); an invalid
-/// file is logged and the running configuration stays.
-fn spawn_signal_handler(
-    signals: usersync::Shutdown,
-    reload: tokio::sync::mpsc::Sender<usersync::Reload>,
-    path: PathBuf,
-) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    tokio::spawn(async move {
-        let mut stops = 0;
-        loop {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-                _ = hup.recv() => {
-                    usersync::service::reloading();
-                    match usersync::config::load(&path) {
-                        Ok(config) => {
-                            let (done, answer) = tokio::sync::oneshot::channel();
-                            if reload.send(usersync::Reload { config, done }).await.is_ok() {
-                                let _ = answer.await;
-                            }
-                        }
-                        Err(e) => tracing::error!("reload rejected, keeping the running configuration: {e}"),
-                    }
-                    usersync::service::ready();
-                    continue;
-                }
-            }
-            stops += 1;
-            if stops == 1 {
-                tracing::info!("signal received: shutting down");
-                signals.shutdown.cancel();
-            } else {
-                signals.abandon.cancel();
-                return;
-            }
-        }
-    });
-    Ok(())
 }

@@ -10,6 +10,9 @@
 //! memory; the notifier also writes it to `health.json` in the state
 //! directory, so `usersync status`, another process, can tell it — and,
 //! after the daemon stopped, tell it as last known.
+//!
+//! [`signals`] answers the daemon's signals: stop, abandon, reload (the
+//! reload protocol around `RELOADING=1`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::device::{Board, Phase};
 use crate::store::{self, Store};
+
+pub mod signals;
+
+pub use signals::{Reload, Shutdown};
 
 /// The gateway session as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,6 +6,10 @@
 //! Every step that advances a checkpoint or a cursor commits in the same
 //! transaction as what it covers. The store holds user IDs, never user
 //! records: no template, PIN or photo is ever written here.
+//!
+//! The state directory also holds the daemon lock ([`try_lock`]): one daemon
+//! per state directory, and operator commands that write state act only
+//! while they hold it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,6 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+mod lock;
+pub use lock::{LOCK_FILE, try_lock};
 
 pub const DB_FILE: &str = "state.db";
 /// Schema version written in `PRAGMA user_version`.
@@ -36,6 +43,12 @@ pub enum StoreError {
     },
     #[error("state directory {path}: {source}")]
     Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The daemon lock cannot be opened or taken (not: another holds it).
+    #[error("cannot lock {path}: {source}")]
+    Lock {
         path: PathBuf,
         source: std::io::Error,
     },

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,7 @@ use crate::events::{self, Consumer, Wakers};
 use crate::gateway::{GatewayClient, GatewayError};
 use crate::metrics::Metrics;
 use crate::proto::gsdk::event::EventLog;
-use crate::service::{self, GatewayHealth, Health};
+use crate::service::{self, GatewayHealth, Health, Reload, Shutdown};
 use crate::store::{self, Store, StoreError};
 
 mod session;
@@ -62,57 +62,19 @@ pub enum DaemonError {
     EventsStopped,
     #[error("another usersync daemon is running on {0} (it holds daemon.lock)")]
     AlreadyRunning(std::path::PathBuf),
-    #[error("cannot lock {path}: {source}")]
-    Lock {
-        path: std::path::PathBuf,
-        source: std::io::Error,
+    /// `[metrics] listen` cannot be listened on (checked before the start).
+    #[error("{}: {reason}", .config.display())]
+    MetricsListen {
+        config: std::path::PathBuf,
+        reason: String,
     },
-}
-
-/// A new configuration to apply; `done` receives a summary of the change.
-#[derive(Debug)]
-pub struct Reload {
-    pub config: Config,
-    pub done: oneshot::Sender<String>,
+    /// The signal handlers cannot be installed.
+    #[error(transparent)]
+    Signals(std::io::Error),
 }
 
 /// Looks at the lock, 250 ms apart, before the daemon gives up (5 s).
 const LOCK_TRIES: u32 = 20;
-
-/// The lock a running daemon holds in its state directory; operator
-/// commands take it to know whether a daemon runs.
-pub const LOCK_FILE: &str = "daemon.lock";
-
-/// Takes the daemon lock of `dir` without waiting. `Ok(None)`: held by
-/// someone else.
-pub fn try_lock(dir: &std::path::Path) -> Result<Option<std::fs::File>, DaemonError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|source| DaemonError::Lock {
-            path: path.clone(),
-            source,
-        })?;
-    crate::store::adopt(&path, dir)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(source)) => Err(DaemonError::Lock { path, source }),
-    }
-}
-
-/// Signals for the daemon: `shutdown` asks for an orderly stop; `abandon`
-/// (a second signal) stops waiting for in-flight work.
-#[derive(Clone, Debug, Default)]
-pub struct Shutdown {
-    pub shutdown: CancellationToken,
-    pub abandon: CancellationToken,
-}
 
 type Inboxes = Arc<Mutex<HashMap<u32, mpsc::Sender<Input>>>>;
 
@@ -381,7 +343,7 @@ pub async fn run_with(
     // daemon.
     let mut tries = 0;
     let _lock = loop {
-        if let Some(lock) = try_lock(&config.state_dir)? {
+        if let Some(lock) = store::try_lock(&config.state_dir)? {
             break lock;
         }
         tries += 1;

@@ -149,6 +149,18 @@ impl UserRecord {
     }
 }
 
+/// User IDs: ≤ 32 bytes, not "0", printable (WIRE.md §2.3 UserHdr notes).
+/// What a user built from scratch (the operator's enroll, the simulator)
+/// must have; records read from devices are forwarded whatever their ID.
+pub fn validate_user_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id == "0" || id.len() > 32 || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "invalid user ID {id:?}: 1–32 printable ASCII characters, not \"0\""
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PeekError {
     #[error("malformed record: {0}")]
@@ -586,6 +598,15 @@ pub fn set_name(raw: &[u8], name: &str) -> Result<Vec<u8>, PeekError> {
 mod tests {
     use super::*;
     use crate::proto::usersync::schema::{v16, v18};
+
+    #[test]
+    fn user_ids_are_validated() {
+        assert!(validate_user_id("1000").is_ok());
+        assert!(validate_user_id("0").is_err());
+        assert!(validate_user_id("").is_err());
+        assert!(validate_user_id(&"9".repeat(33)).is_err());
+        assert!(validate_user_id("a b").is_err());
+    }
 
     #[test]
     fn paths_follow_the_generation() {

@@ -413,7 +413,7 @@ async fn a_command_that_cannot_tell_whether_the_daemon_runs_refuses_to_act() {
 
     // Other ways of not knowing are refused too: a lock that cannot be
     // opened (here a directory in its place).
-    std::fs::create_dir(state.join(usersync::supervisor::LOCK_FILE)).unwrap();
+    std::fs::create_dir(state.join(usersync::store::LOCK_FILE)).unwrap();
     let (code, _, err) = run(&cfg, &["reconcile"]).await;
     assert_eq!(code, 1, "{err}");
     assert!(
@@ -466,7 +466,7 @@ async fn the_daemon_takes_the_lock_before_it_opens_the_state() {
     let site = site(&sim);
     let config = usersync::config::load(&site.cfg).unwrap();
     std::fs::create_dir(&config.state_dir).unwrap();
-    let held = usersync::supervisor::try_lock(&config.state_dir)
+    let held = usersync::store::try_lock(&config.state_dir)
         .unwrap()
         .expect("the lock is free");
     let err = common::within(
@@ -501,7 +501,7 @@ async fn import_config_refuses_while_a_daemon_runs() {
         .unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
-    let held = usersync::supervisor::try_lock(&state)
+    let held = usersync::store::try_lock(&state)
         .unwrap()
         .expect("the lock is free");
     let out_path = dir.path().join("usersync.toml");

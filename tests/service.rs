@@ -4,7 +4,8 @@
 //! without dropping the others; an invalid reload is rejected and the
 //! running config stays; metrics are served. The daemon is not dumpable
 //! and warns at start about what its settings expose; a metrics port in
-//! use stops it at start.
+//! use stops it at start. A second SIGTERM abandons the shutdown's grace
+//! period.
 
 mod common;
 
@@ -410,4 +411,71 @@ async fn a_metrics_port_in_use_is_an_error_at_start() {
         "{stderr}"
     );
     drop(taken);
+}
+
+/// SIGTERM stops in order: in-flight work gets the grace period
+/// (`SHUTDOWN_GRACE`) to finish. A second SIGTERM abandons it at once,
+/// here with a write to a target that answers nothing still in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_abandons_the_grace_period() {
+    let sim = sim(Api::V1_8, 2).await;
+    let ids = sim.device_ids();
+    let (src, target) = (ids[0], ids[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("usersync.toml");
+    // A call deadline beyond the grace period: the held write outlasts it.
+    let text = config_text(&sim, dir.path(), &common::main_group(&sim));
+    let longer = text.replace("call_timeout_secs = 5", "call_timeout_secs = 60");
+    assert_ne!(text, longer, "the test sets the call deadline");
+    std::fs::write(&cfg_path, longer).unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let mut notes = Notifications {
+        socket: UnixDatagram::bind(&notify_path).unwrap(),
+        seen: Vec::new(),
+    };
+    let stderr_path = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .args(["run", "--log-target", "stderr", "--config"])
+        .arg(&cfg_path)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&stderr_path).unwrap()))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    notes.expect("2/2 devices live").await;
+
+    // The target answers nothing from now on: the write of a new user to
+    // it stays in flight.
+    sim.hold_device(target, true);
+    sim.enroll_on_device(src, "u1").unwrap();
+    eventually("the write to the target is in flight", || async {
+        sim.held_calls(target) > 0
+            && sim
+                .rpc_log()
+                .iter()
+                .any(|r| r.method == "EnrollMulti" && r.device_ids.contains(&target))
+    })
+    .await;
+
+    hup(pid, "-TERM");
+    let first = std::time::Instant::now();
+    notes.expect("STOPPING=1").await;
+    hup(pid, "-TERM");
+    let status = within("the daemon stops", child.wait()).await.unwrap();
+    let took = first.elapsed();
+    assert!(status.success(), "{status}");
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        stderr.contains("second signal: abandoning in-flight work"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("tasks still busy"), "{stderr}");
+    assert!(
+        took < usersync::supervisor::SHUTDOWN_GRACE,
+        "stopped after {took:?}, not at once"
+    );
+    sim.hold_device(target, false);
 }

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use prost::Message;
 use tonic::Code;
+// The standard `google.rpc.Status` of `grpc-status-details-bin`; its
+// details stay `Any`s, matched here by type name (WIRE.md §1.4).
+use tonic_types::Status as RpcStatus;
 
-use crate::proto::google::rpc::Status as RpcStatus;
 use crate::proto::gsdk::err::MultiErrorResponse;
 use crate::wire::{GSDK_MULTI_ERROR, LEGACY_MULTI_ERROR, PeekError};
 

@@ -1076,7 +1076,7 @@ impl Model {
     /// An administrator enrolls (or re-enrolls) a generated user at the
     /// device itself (`changedOnDevice`, WIRE.md B13). Returns the event ID.
     pub fn device_enroll(&mut self, id: u32, user_id: &str) -> Result<u32, String> {
-        validate_user_id(user_id)?;
+        wire::validate_user_id(user_id)?;
         let numbering = self.api.numbering();
         let profile = self.profile;
         let dev = self.device_mut(id)?;
@@ -1474,16 +1474,6 @@ fn clamp_queue(queue_size: i32) -> usize {
     usize::try_from(queue_size).unwrap_or(1).clamp(1, MAX_QUEUE)
 }
 
-/// User IDs: ≤ 32 bytes, not "0", printable (WIRE.md §2.3 UserHdr notes).
-pub fn validate_user_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id == "0" || id.len() > 32 || !id.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(format!(
-            "invalid user ID {id:?}: 1–32 printable ASCII characters, not \"0\""
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1798,14 +1788,5 @@ mod tests {
         m.fail_next_multi(2, 1);
         assert!(m.delete_all_multi(&[1, 2]).is_err());
         m.delete_all_multi(&[1, 2]).unwrap();
-    }
-
-    #[test]
-    fn user_ids_are_validated() {
-        assert!(validate_user_id("1000").is_ok());
-        assert!(validate_user_id("0").is_err());
-        assert!(validate_user_id("").is_err());
-        assert!(validate_user_id(&"9".repeat(33)).is_err());
-        assert!(validate_user_id("a b").is_err());
     }
 }
