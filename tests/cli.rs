@@ -1708,3 +1708,56 @@ async fn import_config_keeps_existing_checkpoints() {
     assert_eq!(store.checkpoint(939_504_224).unwrap(), Some(40_000));
     assert_eq!(store.checkpoint(543_664_528).unwrap(), Some(5_984));
 }
+
+/// The offline reconcile batches as the daemon does: by users and by
+/// bytes (`[sync] batch_bytes`), so big records (face images, photos) never
+/// go in one call larger than the configured bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_reconcile_keeps_to_batch_bytes() {
+    let sim = common::sim_registered(Api::V1_8, 2).await;
+    let ids = sim.device_ids();
+    let (src, t1) = (ids[0], ids[1]);
+    let site = site(&sim);
+    let text = std::fs::read_to_string(&site.cfg).unwrap();
+    let limited = text.replace("[sync]\n", "[sync]\nbatch_bytes = 65536\n");
+    assert_ne!(limited, text);
+    std::fs::write(&site.cfg, limited).unwrap();
+    let users: Vec<String> = (0..12).map(|i| format!("{}", 3000 + i)).collect();
+    for u in &users {
+        sim.enroll_on_device(src, u).unwrap();
+    }
+    let total: usize = users
+        .iter()
+        .map(|u| sim.user_bytes(src, u).unwrap().len())
+        .sum();
+    assert!(
+        total > 2 * 65536,
+        "records of {total} bytes need several calls"
+    );
+    sim.clear_rpc_log();
+
+    let (code, out, err) = run(&site.cfg, &["reconcile"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("12 users written"), "{out}");
+    let calls: Vec<_> = sim
+        .rpc_log()
+        .into_iter()
+        .filter(|r| r.method == "EnrollMulti")
+        .collect();
+    assert!(calls.len() >= 3, "{} EnrollMulti calls", calls.len());
+    for c in &calls {
+        let bytes: usize = c
+            .user_ids
+            .iter()
+            .map(|u| sim.user_bytes(src, u).unwrap().len())
+            .sum();
+        assert!(
+            c.user_ids.len() == 1 || bytes <= 65536,
+            "a call of {} users and {bytes} bytes",
+            c.user_ids.len()
+        );
+    }
+    for u in &users {
+        assert!(sim.holds_exactly(t1, u, &sim.user_bytes(src, u).unwrap()));
+    }
+}

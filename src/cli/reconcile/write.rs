@@ -211,9 +211,18 @@ async fn write_target(
                     reason,
                 });
             }
-            if !raws.is_empty() {
-                out.written += raws.len() as u64;
-                gw.user_enroll_multi(vec![p.target], raws, true).await?;
+            // Batched as the daemon batches: by users and by bytes, so a
+            // chunk of big (face, fingerprint) records stays under the
+            // message size the gateway and the device take.
+            for batch in sync::plan::chunks(
+                raws,
+                |r| r.len(),
+                config.sync.batch_users,
+                config.sync.batch_bytes,
+            ) {
+                let n = batch.len() as u64;
+                gw.user_enroll_multi(vec![p.target], batch, true).await?;
+                out.written += n;
             }
         }
     }
