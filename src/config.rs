@@ -1,5 +1,5 @@
 //! The daemon's configuration: raw serde types (unknown keys rejected) →
-//! [`validate`] → a typed [`Config`] with no leftover options.
+//! `validate` → a typed [`Config`] with no leftover options.
 //!
 //! Every error names the file, the line and the reason; `main` maps them to
 //! exit 78 (EX_CONFIG).

@@ -8,19 +8,30 @@
 //! * [`proto`] — messages and service stubs generated from `proto/`
 //!   (written from WIRE.md); users are `bytes` on the sync path.
 //! * [`wire`] — API generations, method-path mapping, peeking `hdr.ID` out
-//!   of raw user records, valid user IDs.
+//!   of raw user records, valid user IDs; `wire/edit.rs` — editing a raw
+//!   record in place (a card, a name), every other byte kept.
 //! * [`gateway`] — the client: channel (TLS, keepalive), typed wrappers per
 //!   RPC, Multi-error decoding (from tonic-types' `google.rpc.Status`),
 //!   transient/permanent classification.
-//! * [`config`] — the TOML configuration, validated into typed settings.
+//! * [`config`] — the typed configuration and loading; `config/raw.rs` (the
+//!   file's serde shape, errors in words), `validate.rs` (raw → typed, file
+//!   and line in every error), `checks.rs` (can the daemon run with it,
+//!   warnings), `diff.rs` (a reload as a list of `Change`s, computed once).
 //! * [`store`] — SQLite state: checkpoints, journal, cursors, quarantine;
 //!   `store/lock.rs` — the daemon lock of the state directory.
-//! * [`supervisor`] — owns the gateway session, device tasks and appliers.
-//! * [`device`] — per-device state machine (pure) and its task.
+//! * [`supervisor`] — owns the task tree (device tasks, appliers, the
+//!   event consumer's task), restarts, reloads and shutdown;
+//!   `supervisor/session.rs` — one gateway session (streams, registration,
+//!   status routing).
+//! * [`device`] — per-device state machine (pure and total: every state ×
+//!   input decided in `transition`) and the task that performs its actions.
 //! * [`events`] — the one event consumer: dedupe, gap backfill, replay,
 //!   log shipping, change recording.
-//! * [`sync`] — the appliers: batches, Multi calls, partial failures,
-//!   quarantine, reconcile.
+//! * [`sync`] — one applier per group: `mod.rs` (its loop, lanes taking
+//!   turns, the idle wait), `apply.rs` (journal and pending lanes, Multi
+//!   calls, moving cursors), `source.rs` (reading users at the sources,
+//!   absence confirmed), `reconcile.rs`, `failure.rs` (transient/permanent,
+//!   narrowing down and quarantine), `plan.rs` (cohorts, batches; pure).
 //! * [`backoff`] — the retry policy.
 //! * [`service`] — systemd notifications, STATUS line, watchdog;
 //!   `service::signals` — SIGTERM/SIGINT (stop, a second abandons), SIGHUP

@@ -221,7 +221,7 @@ async fn check_numbering(
 /// `name` renames it. Nothing else ever replaces a user's record. A record
 /// whose header does not fit `[gateway] api` (or a gateway whose version
 /// says another numbering) is refused, before the card and again after it
-/// ([`uneditable`], [`check_numbering`]), as is a ninth card.
+/// (`uneditable`, `check_numbering`), as is a ninth card.
 pub async fn enroll_card(
     config: &Config,
     device: u32,

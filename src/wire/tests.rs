@@ -1,4 +1,3 @@
-
 use super::edit::{USER_CARDS, USER_HDR, USER_NAME, len_field, raw_fields};
 use super::*;
 use crate::proto::usersync::schema::{v16, v18};

@@ -120,7 +120,7 @@ async fn confirm_prune(plan: &Plan, yes: bool) -> Result<(), CliError> {
 /// its poll interval), or — with the daemon stopped — does it here,
 /// holding the daemon lock so that none starts meanwhile. Each reachable
 /// target is reconciled; unreachable ones are reported (exit 1). A prune
-/// that deletes users is confirmed first ([`confirm_prune`]); a prune the
+/// that deletes users is confirmed first (`confirm_prune`); a prune the
 /// sources' lists cannot bear out (a header that cannot be read, a source
 /// with no user unless `allow_empty_source`) is refused, here and as a
 /// request to the daemon.
