@@ -22,7 +22,8 @@
 //! * [`supervisor`] — owns the task tree (device tasks, appliers, the
 //!   event consumer's task), restarts, reloads and shutdown;
 //!   `supervisor/session.rs` — one gateway session (streams, registration,
-//!   status routing).
+//!   status routing); `supervisor/tasks.rs` — task kinds, (re)spawning,
+//!   routing a reload's changes.
 //! * [`device`] — per-device state machine (pure and total: every state ×
 //!   input decided in `transition`) and the task that performs its actions.
 //! * [`events`] — the one event consumer: dedupe, gap backfill, replay,
