@@ -81,7 +81,7 @@ struct RawDevice {
     id: Spanned<u32>,
     address: Spanned<String>,
     #[serde(default = "default_port")]
-    port: u16,
+    port: Spanned<u16>,
     #[serde(default)]
     tls: bool,
 }
@@ -127,8 +127,9 @@ fn yes() -> bool {
     true
 }
 
-fn default_port() -> u16 {
-    51211
+fn default_port() -> Spanned<u16> {
+    // The span of a default is never shown: only port 0 is an error.
+    Spanned::new(0..0, 51211)
 }
 
 // ---- typed configuration -----------------------------------------------------
@@ -424,7 +425,6 @@ impl Validator<'_> {
 
         let mut devices = BTreeMap::new();
         for d in raw.device {
-            let span = d.span();
             let d = d.into_inner();
             let id = *d.id.get_ref();
             if id == 0 {
@@ -442,13 +442,13 @@ impl Validator<'_> {
                     format!("device {id}: address {:?} {reason}", d.address.get_ref()),
                 );
             }
-            if d.port == 0 {
-                return self.err(span, format!("device {id}: port must not be 0"));
+            if *d.port.get_ref() == 0 {
+                return self.err(d.port.span(), format!("device {id}: port must not be 0"));
             }
             let cfg = DeviceConfig {
                 id,
                 address: d.address.into_inner(),
-                port: d.port,
+                port: d.port.into_inner(),
                 tls: d.tls,
             };
             if devices.insert(id, cfg).is_some() {
