@@ -32,6 +32,23 @@ pub enum StoreError {
          move it aside (the next start rebuilds state with a full reconcile) or restore a backup"
     )]
     Unusable { path: PathBuf, reason: String },
+    /// The disk or filesystem failed, not the file: it may pass.
+    #[error(
+        "state database {path} cannot be opened: {reason}. The disk or the filesystem failed (full? \
+         read-only? an I/O error?), not the file, which is kept as it is: free space or repair the \
+         filesystem; systemd starts the daemon again"
+    )]
+    Unavailable { path: PathBuf, reason: String },
+    #[error(
+        "state database {path} was written by a newer usersync (schema version {version}; this one \
+         knows {known}) and cannot be used: run that version again, or move the file aside (the next \
+         start rebuilds state with a full reconcile). The daemon never downgrades it by itself"
+    )]
+    Newer {
+        path: PathBuf,
+        version: i64,
+        known: i64,
+    },
     #[error(
         "state database {path} has schema version {version}, this usersync needs {known}: the daemon \
          upgrades it when it starts (`systemctl restart usersync`); operator commands never do"
@@ -352,20 +369,26 @@ impl Store {
         prepare_dir(dir)?;
         let path = dir.join(DB_FILE);
         prepare_file(&path)?;
-        let unusable = |e: rusqlite::Error| StoreError::Unusable {
-            path: path.clone(),
-            reason: e.to_string(),
-        };
+        let unusable = |e: rusqlite::Error| open_error(&path, &e);
         let mut conn = Connection::open(&path).map_err(unusable)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(unusable)?;
-        let check: String = conn
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        // One row per problem, each maybe several lines: the first few,
+        // on one line, so the error's first line says what is wrong.
+        let problems: Vec<String> = conn
+            .prepare("PRAGMA quick_check(3)")
+            .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
             .map_err(unusable)?;
-        if check != "ok" {
+        if problems != ["ok"] {
+            let said = problems
+                .join(" ")
+                .replace("*** in database main ***", "")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             return Err(StoreError::Unusable {
                 path,
-                reason: format!("integrity check failed: {check}"),
+                reason: format!("integrity check failed: {said}"),
             });
         }
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -498,6 +521,30 @@ impl Store {
     }
 }
 
+/// Why a database could not be opened: the file's fault (damaged, not a
+/// database: [`StoreError::Unusable`]) or the disk's (full, read-only, an
+/// I/O error, locked: [`StoreError::Unavailable`], which may pass). A full
+/// disk answers "disk I/O error" when SQLite sizes its -shm file: that is
+/// no reason to move a good file aside.
+fn open_error(path: &Path, e: &rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    let (path, reason) = (path.to_owned(), e.to_string());
+    match e.sqlite_error_code() {
+        Some(
+            SystemIoFailure
+            | DiskFull
+            | CannotOpen
+            | ReadOnly
+            | PermissionDenied
+            | DatabaseBusy
+            | DatabaseLocked
+            | OutOfMemory
+            | FileLockingProtocolFailed,
+        ) => StoreError::Unavailable { path, reason },
+        _ => StoreError::Unusable { path, reason },
+    }
+}
+
 /// Whether opening may upgrade the schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Schema {
@@ -511,12 +558,10 @@ fn migrate(conn: &mut Connection, path: &Path, schema: Schema) -> Result<(), Sto
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     if version > known {
-        return Err(StoreError::Unusable {
+        return Err(StoreError::Newer {
             path: path.to_owned(),
-            reason: format!(
-                "schema version {version} is newer than this usersync understands ({known}); \
-                 downgrading is not supported"
-            ),
+            version,
+            known,
         });
     }
     if version < known && schema == Schema::Require {
@@ -1285,6 +1330,37 @@ mod tests {
         );
     }
 
+    /// Started on a full disk, the daemon said the state database "cannot
+    /// be used … move it aside", for a good file: the disk's errors now
+    /// say the disk failed and the file is kept.
+    #[test]
+    fn a_failing_disk_is_not_a_damaged_file() {
+        use rusqlite::ffi;
+        let failure = |code: i32| {
+            let e = rusqlite::Error::SqliteFailure(ffi::Error::new(code), None);
+            open_error(Path::new("/s/state.db"), &e).to_string()
+        };
+        for code in [
+            ffi::SQLITE_IOERR_SHMSIZE,
+            ffi::SQLITE_FULL,
+            ffi::SQLITE_READONLY,
+        ] {
+            let text = failure(code);
+            assert!(
+                text.contains("cannot be opened") && text.contains("not the file"),
+                "{text}"
+            );
+            assert!(!text.contains("aside"), "{text}");
+        }
+        for code in [ffi::SQLITE_CORRUPT, ffi::SQLITE_NOTADB] {
+            let text = failure(code);
+            assert!(
+                text.contains("cannot be used") && text.contains("move it aside"),
+                "{text}"
+            );
+        }
+    }
+
     #[test]
     fn newer_schema_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1294,8 +1370,40 @@ mod tests {
             .pragma_update(None, "user_version", 99)
             .unwrap();
         drop(store);
+        let before = std::fs::read(tmp.path().join(DB_FILE)).unwrap();
         let err = Store::open(tmp.path()).unwrap_err();
-        assert!(err.to_string().contains("schema version 99"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("schema version 99"), "{text}");
+        assert!(text.contains("newer usersync"), "{text}");
+        assert!(text.contains("move the file aside"), "{text}");
+        assert_eq!(std::fs::read(tmp.path().join(DB_FILE)).unwrap(), before);
+    }
+
+    /// SQLite's integrity report has a line of its own before each
+    /// problem; the error said only that line ("*** in database main
+    /// ***") and put the advice lines below. Now it is one line that says
+    /// what is wrong and what to do.
+    #[test]
+    fn damage_is_said_on_one_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        for d in 1..2000 {
+            store.set_checkpoint(d, d * 7).unwrap();
+        }
+        drop(store);
+        let path = tmp.path().join(DB_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096;
+        let at = bytes.len() / 2 / page * page;
+        use rand::{RngCore, SeedableRng};
+        rand::rngs::StdRng::seed_from_u64(0x5EED).fill_bytes(&mut bytes[at..at + page]);
+        std::fs::write(&path, &bytes).unwrap();
+        let text = Store::open(tmp.path()).unwrap_err().to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(text.contains("cannot be used: "), "{text}");
+        assert!(!text.contains("***"), "{text}");
+        assert!(text.contains("move it aside"), "{text}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 
     #[test]

@@ -1026,7 +1026,12 @@ async fn changes_at_a_target_warn_and_show_as_drift() {
     assert!(is_rfc3339(
         &v["targets"][0]["last_reconcile"]["finished_at"]
     ));
-    assert!(sim.users(t1).contains_key("1000"));
+    // The result is recorded when the comparison ends; the missing user
+    // is written by the pending lane right after.
+    eventually("the reconcile puts 1000 back", || async {
+        sim.holds(t1, "1000")
+    })
+    .await;
     assert!(sim.users(t1).contains_key("stray"), "kept: prune is off");
     daemon.stop().await;
 }

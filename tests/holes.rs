@@ -460,6 +460,16 @@ async fn changes_at_a_target_are_counted_until_a_reconcile() {
     ));
     sim.enroll_on_device(src, "1").unwrap();
     eventually("synced", || async { sim.holds(dst, "1") }).await;
+    // The target's first-start reconcile (with prune) may still be under
+    // way: it would prune the change below and clear its count.
+    eventually("the first-start reconcile is done", || async {
+        open_store(dir.path())
+            .with(|c| usersync::store::reconcile_results(c))
+            .unwrap()
+            .iter()
+            .any(|r| r.target == dst)
+    })
+    .await;
     // Our own writes to the target are not drift.
     assert!(
         open_store(dir.path())

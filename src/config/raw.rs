@@ -50,7 +50,7 @@ pub(super) struct RawDevice {
     pub(super) id: Spanned<u32>,
     pub(super) address: Spanned<String>,
     #[serde(default = "default_port")]
-    pub(super) port: u16,
+    pub(super) port: Spanned<u16>,
     #[serde(default)]
     pub(super) tls: bool,
 }
@@ -96,8 +96,9 @@ fn yes() -> bool {
     true
 }
 
-fn default_port() -> u16 {
-    51211
+fn default_port() -> Spanned<u16> {
+    // The span of a default is never shown: only port 0 is an error.
+    Spanned::new(0..0, 51211)
 }
 
 /// The key of the `key = value` line that holds byte `offset`, if any.

@@ -84,7 +84,6 @@ impl Validator<'_> {
 
         let mut devices = BTreeMap::new();
         for d in raw.device {
-            let span = d.span();
             let d = d.into_inner();
             let id = *d.id.get_ref();
             if id == 0 {
@@ -102,13 +101,13 @@ impl Validator<'_> {
                     format!("device {id}: address {:?} {reason}", d.address.get_ref()),
                 );
             }
-            if d.port == 0 {
-                return self.err(span, format!("device {id}: port must not be 0"));
+            if *d.port.get_ref() == 0 {
+                return self.err(d.port.span(), format!("device {id}: port must not be 0"));
             }
             let cfg = DeviceConfig {
                 id,
                 address: d.address.into_inner(),
-                port: d.port,
+                port: d.port.into_inner(),
                 tls: d.tls,
             };
             if devices.insert(id, cfg).is_some() {

@@ -45,7 +45,9 @@ pub fn is_user_event(event_code: u32) -> bool {
 /// A readable name in the style of Suprema's examples.
 pub fn name(event_code: u32, sub_code: u32) -> String {
     let code = full_code(event_code, sub_code);
-    let main = match code & 0xFF00 {
+    // Codes are 16 bits (WIRE.md §4): a wider one is named by no table,
+    // whatever its low 16 bits say.
+    let main = match if code > 0xFFFF { 0 } else { code & 0xFF00 } {
         0x1000 => "Verify success",
         0x1100 => "Verify failure",
         0x1200 => "Verify success under duress",
@@ -154,6 +156,8 @@ mod tests {
         assert_eq!(name(0x4500, 0x02), "Factory reset");
         assert_eq!(name(0x1900, 0x01), "Access denied (sub-code 0x01)");
         assert_eq!(name(0xBEEF, 1), "Event 0xBEEF/01");
+        // Not "User update failure" (0x2300, its low 16 bits).
+        assert_eq!(name(0x1_2345, 0), "Event 0x12345/00");
         assert!(is_user_event(0x2600) && !is_user_event(0x1000));
     }
 }

@@ -458,6 +458,20 @@ impl Consumer {
         }
     }
 
+    /// Reads the log of every live device from its stored checkpoint
+    /// (devices not live are caught up by their own tasks).
+    fn read_live_devices(&mut self) {
+        let live: Vec<u32> = self
+            .tracks
+            .keys()
+            .copied()
+            .filter(|d| self.board.phase(*d) == Phase::Live)
+            .collect();
+        for d in live {
+            self.request_read(d, None, false);
+        }
+    }
+
     /// Starts queued reads while slots are free.
     fn start_reads(&mut self) {
         while self.reads.len() < self.config.sync.device_concurrency {
@@ -692,7 +706,10 @@ impl Consumer {
         let fresh: Vec<EventLog> = if reset {
             events
         } else {
-            events.into_iter().filter(|e| e.id > cp).collect()
+            events
+                .into_iter()
+                .filter(|e| read::follows(e.id, cp))
+                .collect()
         };
         let progressed = !fresh.is_empty();
         if let Some(p) = self.tracks.get_mut(&device).and_then(|t| t.pass.as_mut()) {
@@ -734,6 +751,9 @@ impl Consumer {
             }
         }
         fx.extend(extra);
+        for w in &fx.warnings {
+            tracing::warn!(device_id = device, "{w}");
+        }
         for d in &fx.diverged {
             tracing::warn!(group = %d.group, "group diverged: {}", d.why);
         }
@@ -860,14 +880,25 @@ async fn read_once(
 
 /// Runs the consumer until cancelled. A store failure (a full disk) is
 /// retried after a delay from the stored checkpoints: nothing uncommitted
-/// was acknowledged, so nothing is lost.
+/// was acknowledged, so nothing is lost, and every live device's log is
+/// read again at once (events that were staged for the failed commit show
+/// nowhere else).
 pub async fn run(mut consumer: Consumer, mut inbox: Inbox, cancel: CancellationToken) {
     let backoff = Backoff::gateway();
     let mut failures = 0u32;
     consumer.health.set_consumer_active(true);
     loop {
         let result = match consumer.load().await {
-            Ok(()) => serve(&mut consumer, &mut inbox, &cancel).await,
+            Ok(()) => {
+                if failures > 0 {
+                    // What was staged when the store failed went with the
+                    // commit, and a device whose last events were in it
+                    // shows nothing later (it would wait for its idle
+                    // check): read every live device's log now.
+                    consumer.read_live_devices();
+                }
+                serve(&mut consumer, &mut inbox, &cancel).await
+            }
             Err(e) => Err(e),
         };
         match result {
@@ -989,5 +1020,6 @@ impl Effects {
         self.reconciles.extend(other.reconciles);
         self.diverged.extend(other.diverged);
         self.drift.extend(other.drift);
+        self.warnings.extend(other.warnings);
     }
 }

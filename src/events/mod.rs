@@ -122,6 +122,9 @@ pub struct Effects {
     pub reconciles: Vec<ReconcileRequest>,
     pub diverged: Vec<Divergence>,
     pub drift: Vec<Drift>,
+    /// What the events said that could not be taken as it is (logged as
+    /// warnings; nothing is stored for them).
+    pub warnings: Vec<String>,
 }
 
 /// A target to compare with its sources (a reset, a delete-all at it).
@@ -178,8 +181,39 @@ impl Effects {
 pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
     let mut fx = Effects::default();
     for ev in events {
+        let user_id = usable_user_id(&ev.user_id);
         match codes::meaning(ev.event_code, ev.sub_code) {
-            Meaning::UserChanged if !ev.user_id.is_empty() => {
+            Meaning::UserChanged if user_id.is_err() => {
+                let why = user_id.err().unwrap_or_default();
+                // A user changed, but the event does not say which one a
+                // device could hold (a gateway's or device's fault): the
+                // ID is never sent on, and only comparing the user lists
+                // finds the change.
+                let what = codes::name(ev.event_code, ev.sub_code);
+                let source = config.groups.iter().any(|g| g.sources.contains(&device));
+                if source {
+                    for g in config.groups.iter().filter(|g| g.sources.contains(&device)) {
+                        for t in &g.targets {
+                            fx.reconciles.push(ReconcileRequest {
+                                group: g.name.clone(),
+                                target: *t,
+                                reason: format!("{what} (event {}) with {why}", ev.id),
+                                prune: g.prune,
+                            });
+                        }
+                    }
+                }
+                fx.warnings.push(format!(
+                    "event {} of device {device} ({what}) has {why}; {}",
+                    ev.id,
+                    if source {
+                        "the targets of its groups are reconciled to find the change"
+                    } else {
+                        "ignored"
+                    }
+                ));
+            }
+            Meaning::UserChanged => {
                 for g in config.groups.iter().filter(|g| g.sources.contains(&device)) {
                     fx.changes.push(Change {
                         group: g.name.clone(),
@@ -255,6 +289,24 @@ fn apply_effects(tx: &rusqlite::Transaction<'_>, fx: &Effects) -> Result<(), Sto
         store::record_target_change(tx, &d.group, d.target, &d.user_id)?;
     }
     Ok(())
+}
+
+/// Whether `id` can name a user on a device: 1 to 32 bytes, not "0"
+/// (WIRE.md §2.3, UserHdr.ID). `Err` says what is wrong, in words.
+pub fn usable_user_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        Err("no user ID".into())
+    } else if id == "0" {
+        Err("user ID \"0\", which no user may have".into())
+    } else if id.len() > 32 {
+        Err(format!(
+            "a user ID of {} bytes (at most 32): {:?}",
+            id.len(),
+            id.chars().take(40).collect::<String>()
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 /// Writes one device event to the log (journald when run under systemd).
@@ -341,6 +393,35 @@ targets = [2, 3]
         let users: Vec<&str> = fx.changes.iter().map(|c| c.user_id.as_str()).collect();
         assert_eq!(users, vec!["7", "8"]);
         assert!(effects(&c, 2, &[ev(1, 0x2000, "7")]).changes.is_empty());
+    }
+
+    /// A user event whose ID no device could hold names nothing to copy:
+    /// it was sent on as it was (a 33-byte ID reached User.Get and
+    /// DeleteMulti) or dropped without a word (an empty one). Now it is a
+    /// warning and a reconcile of the source's targets, which finds the
+    /// change by comparing the user lists.
+    #[test]
+    fn user_events_without_a_usable_id_reconcile_instead() {
+        let c = config();
+        let long = "x".repeat(33);
+        for bad in ["", "0", long.as_str()] {
+            let fx = effects(&c, 1, &[ev(4, 0x2000, bad)]);
+            assert!(fx.changes.is_empty(), "{bad:?}");
+            assert_eq!(
+                fx.reconciles.iter().map(|r| r.target).collect::<Vec<_>>(),
+                vec![2, 3],
+                "{bad:?}"
+            );
+            assert_eq!(fx.warnings.len(), 1, "{bad:?}");
+            // At a target: a warning, nothing else.
+            let fx = effects(&c, 2, &[ev(4, 0x2400, bad)]);
+            assert!(fx.changes.is_empty() && fx.reconciles.is_empty() && fx.drift.is_empty());
+            assert_eq!(fx.warnings.len(), 1, "{bad:?}");
+        }
+        let fine = "x".repeat(32);
+        let fx = effects(&c, 1, &[ev(4, 0x2000, &fine)]);
+        assert_eq!(fx.changes.len(), 1);
+        assert!(fx.warnings.is_empty() && fx.reconciles.is_empty());
     }
 
     #[test]

@@ -66,13 +66,40 @@ fn out_of_range(e: &GatewayError) -> bool {
 }
 
 /// Sorts a page by ID and drops repeated IDs: ascending order is inferred,
-/// not stated (WIRE.md B4), and costs nothing to make sure of.
+/// not stated (WIRE.md B4), and costs nothing to make sure of. A page that
+/// ascends but for one step from the top half of the ID range to the
+/// bottom half holds a wrap past 2^32 (WIRE.md §5.5) and keeps the
+/// gateway's order: sorted, its oldest records would pass for its newest.
 fn ordered(mut page: Vec<EventLog>) -> Vec<EventLog> {
-    if !page.is_sorted_by(|a, b| a.id < b.id) {
+    if !page.is_sorted_by(|a, b| a.id < b.id) && !wraps_once(&page) {
         page.sort_by_key(|e| e.id);
         page.dedup_by_key(|e| e.id);
     }
     page
+}
+
+/// Whether IDs ascend throughout but for one wrap past 2^32.
+fn wraps_once(page: &[EventLog]) -> bool {
+    const HALF: u32 = u32::MAX / 2;
+    let mut wraps = 0;
+    for w in page.windows(2) {
+        let (a, b) = (w[0].id, w[1].id);
+        if b > a {
+            continue;
+        }
+        if a > HALF && b <= HALF {
+            wraps += 1;
+        } else {
+            return false;
+        }
+    }
+    wraps == 1 && page.last().map(|e| e.id) < page.first().map(|e| e.id)
+}
+
+/// Whether event `id` follows the checkpoint `cp` in a log: a greater ID,
+/// or a small one after a checkpoint near 2^32 (a wrap, WIRE.md §5.5).
+pub fn follows(id: u32, cp: u32) -> bool {
+    id > cp || cp - id > u32::MAX / 2
 }
 
 /// Judges `page`, the answer to `GetLog(start = checkpoint, max)`. Pure.
@@ -275,7 +302,7 @@ mod tests {
         EventLog {
             id,
             event_code: code,
-            timestamp: 1000 + id,
+            timestamp: id.wrapping_add(1000),
             ..Default::default()
         }
     }
@@ -353,6 +380,33 @@ mod tests {
                 more: false
             }
         );
+    }
+
+    /// A page across a wrap past 2^32 is read in the gateway's order: the
+    /// events after the wrap follow the checkpoint. Sorted, they came
+    /// first and the checkpoint moved to the last ID before the wrap,
+    /// which the next read found "out of range" and took for a reset, on
+    /// every read until the ring forgot the wrap.
+    #[test]
+    fn a_page_across_a_wrap_keeps_its_order() {
+        let max = u32::MAX;
+        let page = vec![
+            ev(max - 1, 0x1000),
+            ev(max, 0x2000),
+            ev(1, 0x2000),
+            ev(2, 0x1000),
+        ];
+        let Read::Next { events, .. } = classify(1, max - 1, Some(&at(max - 1)), page, 8).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), [max, 1, 2]);
+        assert!(follows(1, max) && follows(max, max - 1) && !follows(5, 10) && follows(11, 10));
+        // Not a wrap: a shuffled page is still put in order.
+        let page = vec![ev(12, 0x1000), ev(10, 0x1000), ev(11, 0x1000)];
+        assert!(!wraps_once(&page));
+        let page = vec![ev(max, 0x1000), ev(3, 0x1000), ev(1, 0x1000)];
+        assert!(!wraps_once(&page));
     }
 
     #[test]

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::{
-    DeviceSpec, MissingUser, PastNewest, Policies, SimError, SimOptions, Simulator, StaleStart,
-    StreamHeaders,
+    DeviceSpec, LogFault, MissingUser, PastNewest, Policies, SimError, SimOptions, Simulator,
+    StaleStart, StreamHeaders,
 };
 use crate::wire::Api;
 
@@ -44,9 +44,9 @@ pub struct SimArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// When SubscribeStatus/SubscribeRealtimeLog send response headers:
-    /// `lazy` (with the first message, as grpc-go servers) or `eager`
-    /// [default: lazy].
-    #[arg(long, value_name = "lazy|eager", value_parser = parse_stream_headers)]
+    /// `lazy` (with the first message, as grpc-go servers), `eager`, or
+    /// `never` (hostile: the streams never answer) [default: lazy].
+    #[arg(long, value_name = "lazy|eager|never", value_parser = parse_stream_headers)]
     pub stream_headers: Option<StreamHeaders>,
     /// GetLog with a start older than the oldest record: `error`
     /// (OUT_OF_RANGE) or `clamp` (answer from the oldest) [default: error].
@@ -93,7 +93,8 @@ pub fn parse_stream_headers(s: &str) -> Result<StreamHeaders, String> {
     match s {
         "lazy" => Ok(StreamHeaders::Lazy),
         "eager" => Ok(StreamHeaders::Eager),
-        other => expected("lazy or eager", other),
+        "never" => Ok(StreamHeaders::Never),
+        other => expected("lazy, eager or never", other),
     }
 }
 
@@ -121,6 +122,26 @@ pub fn parse_missing_user(s: &str) -> Result<MissingUser, String> {
     }
 }
 
+pub fn parse_log_fault(s: &str) -> Result<LogFault, String> {
+    match s {
+        "none" => Ok(LogFault::None),
+        "duplicate" => Ok(LogFault::Duplicate),
+        "out-of-order" => Ok(LogFault::OutOfOrder),
+        "oversize" => Ok(LogFault::Oversize),
+        other => expected("none, duplicate, out-of-order or oversize", other),
+    }
+}
+
+/// An event code in hex (`0x2000`) or decimal.
+fn parse_code(w: Option<&str>) -> Result<u32, String> {
+    let w = w.ok_or("missing event code")?;
+    let parsed = match w.strip_prefix("0x").or_else(|| w.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => w.parse(),
+    };
+    parsed.map_err(|_| format!("bad event code: {w:?} (e.g. 0x2000)"))
+}
+
 fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" => Ok(true),
@@ -137,6 +158,7 @@ fn describe(p: &Policies, preconnect: bool, device_latency: Duration) -> String 
         match p.stream_headers {
             StreamHeaders::Lazy => "lazy",
             StreamHeaders::Eager => "eager",
+            StreamHeaders::Never => "never",
         },
         match p.stale_start {
             StaleStart::OutOfRange => "error",
@@ -351,6 +373,11 @@ pub enum Command {
     StreamHeaders(StreamHeaders),
     Preconnect(bool),
     DeviceLatency(Duration),
+    /// A device event with any code and user ID (none: empty).
+    Event(u32, u32, String),
+    Corrupt(u32, String),
+    LogFault(Option<u32>, LogFault),
+    StallRealtime(bool),
     Policies,
     Quit,
 }
@@ -374,10 +401,23 @@ commands (DEV = device ID):
   latency METHOD MS            delay every METHOD call (0 = none)
   users DEV                    list the users stored on a device
   log DEV [N]                  show the last N (10) events of a device
+hostile data (beyond what WIRE.md allows):
+  event DEV CODE [USER]        log an event with any code (0x2000 or 8192) and
+                               user ID (any length; none = empty)
+  corrupt DEV USER             store a record that does not decode under USER
+                               and log a user-update event for it
+  log-fault DEV|all none|duplicate|out-of-order|oversize
+                               GetLog pages: as WIRE.md says / every record
+                               twice / descending / everything from the start
+                               whatever the maximum asked for
+  stall-realtime on|off        the open realtime streams stay open but carry
+                               nothing (events queue, then drop) / go on
 answers to WIRE.md's open questions (default first):
   policies                     show the current answers
-  stream-headers lazy|eager    streams send headers with the first message
-                               (a tonic client's subscribe blocks) / at once
+  stream-headers lazy|eager|never
+                               streams send headers with the first message
+                               (a tonic client's subscribe blocks) / at once /
+                               never (hostile: the call never answers)
   stale-start error|clamp      GetLog start older than the oldest record
   past-newest error|empty      GetLog start past the newest record
                                (newest+1 too; start 0 is always fine)
@@ -458,6 +498,20 @@ pub fn parse_command(line: &str) -> Result<Option<Command>, String> {
         "device-latency" => {
             Command::DeviceLatency(Duration::from_millis(num(w.next(), "milliseconds")?))
         }
+        "event" => {
+            let dev = num(w.next(), "device")?;
+            let code = parse_code(w.next())?;
+            Command::Event(dev, code, w.next().unwrap_or_default().to_owned())
+        }
+        "corrupt" => Command::Corrupt(num(w.next(), "device")?, text(w.next(), "user")?),
+        "log-fault" => {
+            let dev = match w.next() {
+                Some("all") => None,
+                other => Some(num(other, "device")?),
+            };
+            Command::LogFault(dev, parse_log_fault(word(w.next())?)?)
+        }
+        "stall-realtime" => Command::StallRealtime(parse_on_off(word(w.next())?)?),
         "policies" => Command::Policies,
         "quit" | "exit" => Command::Quit,
         other => return Err(format!("unknown command {other:?}; type `help`")),
@@ -599,6 +653,23 @@ pub async fn apply(sim: &Simulator, cmd: Command) -> String {
             sim.set_device_latency(d);
             format!("device commands delayed by {d:?}")
         }
+        Command::Event(d, code, u) => done(sim.event_on_device(d, code, &u), "logged"),
+        Command::Corrupt(d, u) => done(
+            sim.corrupt_on_device(d, &u),
+            "stored a record that does not decode",
+        ),
+        Command::LogFault(d, fault) => {
+            sim.set_log_fault(d, fault);
+            format!("GetLog answers: {fault:?}")
+        }
+        Command::StallRealtime(on) => {
+            sim.stall_realtime(on);
+            if on {
+                "open realtime streams stalled".to_owned()
+            } else {
+                "stalled realtime streams go on".to_owned()
+            }
+        }
         Command::Policies => describe(&sim.policies(), sim.preconnect(), sim.device_latency()),
         Command::Quit => "bye".to_owned(),
     }
@@ -636,6 +707,40 @@ mod tests {
         assert!(parse_command("enroll 1").is_err());
         assert!(parse_command("enroll 1 2 3").is_err());
         assert!(parse_command("frobnicate").is_err());
+    }
+
+    #[test]
+    fn parses_hostile_data_commands() {
+        let ok = |line: &str| parse_command(line).unwrap().unwrap();
+        assert_eq!(
+            ok("event 5 0x2000"),
+            Command::Event(5, 0x2000, String::new())
+        );
+        assert_eq!(
+            ok("event 5 8192 u1"),
+            Command::Event(5, 0x2000, "u1".into())
+        );
+        assert_eq!(ok("corrupt 5 u1"), Command::Corrupt(5, "u1".into()));
+        assert_eq!(
+            ok("log-fault all oversize"),
+            Command::LogFault(None, LogFault::Oversize)
+        );
+        assert_eq!(
+            ok("log-fault 5 out-of-order"),
+            Command::LogFault(Some(5), LogFault::OutOfOrder)
+        );
+        assert_eq!(ok("stall-realtime on"), Command::StallRealtime(true));
+        for bad in [
+            "event 5",
+            "event 5 0xZZ",
+            "event 5 1 u1 extra",
+            "corrupt 5",
+            "log-fault 5 sometimes",
+            "log-fault 5",
+            "stall-realtime",
+        ] {
+            assert!(parse_command(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -678,6 +783,10 @@ mod tests {
         assert_eq!(
             ok("device-latency 250"),
             Command::DeviceLatency(Duration::from_millis(250))
+        );
+        assert_eq!(
+            ok("stream-headers never"),
+            Command::StreamHeaders(StreamHeaders::Never)
         );
         assert_eq!(ok("policies"), Command::Policies);
         assert_eq!(ok("hold 3"), Command::Hold(3));

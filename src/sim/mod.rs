@@ -19,7 +19,10 @@
 //!
 //! Faults on top: devices offline, dropped realtime events, failing Multi
 //! calls, refused users, resets, gateway restarts, per-method latency, and
-//! held devices that answer nothing until released.
+//! held devices that answer nothing until released. Hostile data, beyond
+//! what WIRE.md allows: arbitrary event codes and user IDs in events,
+//! records that do not decode, broken GetLog pages ([`LogFault`]), stalled
+//! realtime streams and streams that never answer ([`StreamHeaders::Never`]).
 //!
 //! For harnesses: [`Simulator::users_changed`] wakes on any user-table
 //! change, [`Simulator::holds`] and [`Simulator::user_bytes`] check single
@@ -51,8 +54,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 pub use model::{
-    DeviceSpec, LowByteCodes, MissingUser, ModelOptions, PastNewest, Policies, RealtimeStats,
-    RpcRecord, StaleStart, StreamHeaders, codes,
+    DeviceSpec, LogFault, LowByteCodes, MissingUser, ModelOptions, PastNewest, Policies,
+    RealtimeStats, RpcRecord, StaleStart, StreamHeaders, codes,
 };
 use service::{AdminSvc, CardSvc, ConnectSvc, EventSvc, Shared, UserSvc};
 pub use tls::SimCerts;
@@ -329,6 +332,25 @@ impl Simulator {
     /// devices if `None`) before they reach subscribers.
     pub fn drop_realtime(&self, device: Option<u32>, fraction: f64) {
         self.shared.model().set_drop_fraction(device, fraction);
+    }
+
+    /// Breaks the GetLog answers of `device` (every device if `None`):
+    /// duplicated records, descending order, or far more records than
+    /// asked for (see [`LogFault`]).
+    pub fn set_log_fault(&self, device: Option<u32>, fault: LogFault) {
+        self.shared.model().set_log_fault(device, fault);
+    }
+
+    /// Stalls the realtime streams open now: they stay open but carry
+    /// nothing until `stall_realtime(false)` (see [`model::Model::stall_realtime`]).
+    pub fn stall_realtime(&self, on: bool) {
+        self.shared.model().stall_realtime(on);
+    }
+
+    /// Stores a record that does not decode under `user` at the device and
+    /// logs a user-update event for it (see [`model::Model::device_corrupt`]).
+    pub fn corrupt_on_device(&self, device: u32, user: &str) -> Result<u32, SimError> {
+        self.control(|m| m.device_corrupt(device, user))
     }
 
     /// The next `n` Multi calls that include `device` fail for it with a

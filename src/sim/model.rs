@@ -86,6 +86,11 @@ pub enum StreamHeaders {
     Lazy,
     /// At once: the call returns as soon as the subscription is registered.
     Eager,
+    /// Never: the call is registered (its queue fills and then drops, B10)
+    /// but nothing, not even the headers, is ever sent; the call waits
+    /// until the client gives up. A hostile answer, not a conforming one:
+    /// a client that awaits the headers before anything else never starts.
+    Never,
 }
 
 /// Answers to WIRE.md's open questions; switchable so the daemon is tested
@@ -153,6 +158,40 @@ impl Policies {
             stale_start: StaleStart::Clamp,
             past_newest: PastNewest::Empty,
             ..Policies::default()
+        }
+    }
+}
+
+/// A device's GetLog answers broken on purpose (WIRE.md B1–B4 say a page
+/// holds at most `maxNumOfLog` records from the start, ascending, each
+/// once): hostile data the client must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFault {
+    /// Answers as WIRE.md says.
+    #[default]
+    None,
+    /// Every record of a page twice.
+    Duplicate,
+    /// The page in descending order.
+    OutOfOrder,
+    /// `maxNumOfLog` ignored: every record from the start on, however many.
+    Oversize,
+}
+
+impl LogFault {
+    fn apply(
+        self,
+        mut page: Vec<EventLog>,
+        all_from_start: impl FnOnce() -> Vec<EventLog>,
+    ) -> Vec<EventLog> {
+        match self {
+            LogFault::None => page,
+            LogFault::Duplicate => page.into_iter().flat_map(|e| [e.clone(), e]).collect(),
+            LogFault::OutOfOrder => {
+                page.reverse();
+                page
+            }
+            LogFault::Oversize => all_from_start(),
         }
     }
 }
@@ -284,9 +323,30 @@ impl EventRing {
         self.events.is_empty()
     }
 
+    /// The first index in `lo..hi` whose record fails `pred` (the records
+    /// there ascend, so `pred` holds for a prefix).
+    fn partition(&self, lo: usize, hi: usize, pred: impl Fn(u32) -> bool) -> usize {
+        let (mut lo, mut hi) = (lo, hi);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.events.get(mid).is_some_and(|e| pred(e.id)) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
     /// GetLog: `start` inclusive, 0 = oldest, `max` 0 = all, ascending
     /// (WIRE.md B1–B4). A start outside the stored range is answered as the
     /// policies say (§5.4); `start = 0` never fails (B2).
+    ///
+    /// A log whose IDs wrapped past 2^32 (§5.5 is open; our answer) holds
+    /// its records in log order, the IDs after the wrap (1..=newest) after
+    /// the ones before it (oldest..=2^32 − 1); a start is looked for among
+    /// the IDs after the wrap if it is one of them, else before it, and the
+    /// answer follows log order from there.
     pub fn read(
         &self,
         start: u32,
@@ -302,17 +362,40 @@ impl EventRing {
                 "event {start} is past the newest stored record: the log is empty"
             )));
         };
-        if start != 0 && start < oldest && stale == StaleStart::OutOfRange {
+        let wrapped = newest < oldest;
+        // Beyond the newest: after it and before the oldest, in ring terms.
+        let past_newest = if wrapped {
+            start > newest && start < oldest
+        } else {
+            start > newest
+        };
+        if start != 0 && !wrapped && start < oldest && stale == StaleStart::OutOfRange {
             return Err(Status::out_of_range(format!(
                 "event {start} is no longer stored; oldest is {oldest}"
             )));
         }
-        if start > newest && past == PastNewest::OutOfRange {
-            return Err(Status::out_of_range(format!(
-                "event {start} is past the newest stored record {newest}"
-            )));
+        if past_newest {
+            if past == PastNewest::OutOfRange {
+                return Err(Status::out_of_range(format!(
+                    "event {start} is past the newest stored record {newest}"
+                )));
+            }
+            return Ok(Vec::new());
         }
-        let from = self.events.partition_point(|e| e.id < start);
+        let len = self.events.len();
+        let from = if start == 0 {
+            0
+        } else if wrapped {
+            // The first record after the wrap.
+            let after = self.partition(0, len, |id| id >= oldest);
+            if start <= newest {
+                self.partition(after, len, |id| id < start)
+            } else {
+                self.partition(0, after, |id| id < start)
+            }
+        } else {
+            self.partition(0, len, |id| id < start)
+        };
         let take = if max == 0 { usize::MAX } else { max as usize };
         Ok(self
             .events
@@ -392,6 +475,11 @@ struct RealtimeSub {
     tx: mpsc::Sender<Result<EventLog, Status>>,
     devices: HashSet<u32>,
     codes: HashSet<u32>,
+    /// Its queue's size (B10).
+    capacity: usize,
+    /// While stalled, events wait here instead of being sent (up to the
+    /// queue's size; beyond it they are dropped, B10).
+    stalled: Option<VecDeque<EventLog>>,
 }
 
 /// Watches the deletes a client sends to target devices, for fault tests:
@@ -426,6 +514,7 @@ pub struct Model {
     status_subs: Vec<mpsc::Sender<Result<StatusChange, Status>>>,
     realtime_subs: Vec<RealtimeSub>,
     drop_fraction: HashMap<u32, f64>,
+    log_faults: HashMap<u32, LogFault>,
     fail_multi: HashMap<u32, u32>,
     rejects: HashSet<(u32, String)>,
     pub(crate) latency: HashMap<String, Duration>,
@@ -528,6 +617,7 @@ impl Model {
             status_subs: Vec::new(),
             realtime_subs: Vec::new(),
             drop_fraction: HashMap::new(),
+            log_faults: HashMap::new(),
             fail_multi: HashMap::new(),
             rejects: HashSet::new(),
             latency: HashMap::new(),
@@ -745,11 +835,14 @@ impl Model {
         devices: &[u32],
         codes: &[u32],
     ) -> mpsc::Receiver<Result<EventLog, Status>> {
-        let (tx, rx) = mpsc::channel(clamp_queue(queue_size));
+        let capacity = clamp_queue(queue_size);
+        let (tx, rx) = mpsc::channel(capacity);
         self.realtime_subs.push(RealtimeSub {
             tx,
             devices: devices.iter().copied().collect(),
             codes: codes.iter().copied().collect(),
+            capacity,
+            stalled: None,
         });
         rx
     }
@@ -757,12 +850,12 @@ impl Model {
     pub fn get_log(&self, id: u32, start: u32, max: u32) -> Result<Vec<EventLog>, Status> {
         self.require_connected(id)?;
         let dev = self.devices.get(&id).ok_or_else(|| not_connected(id))?;
-        dev.log.read(
-            start,
-            max,
-            self.policies.stale_start,
-            self.policies.past_newest,
-        )
+        let (stale, past) = (self.policies.stale_start, self.policies.past_newest);
+        let page = dev.log.read(start, max, stale, past)?;
+        let fault = self.log_faults.get(&id).copied().unwrap_or_default();
+        Ok(fault.apply(page, || {
+            dev.log.read(start, 0, stale, past).unwrap_or_default()
+        }))
     }
 
     /// ClearLog deletes every record (WIRE.md B7); IDs continue and the
@@ -826,7 +919,7 @@ impl Model {
             .unwrap_or(0.0);
         let mut stats = self.stats;
         let rng = &mut self.rng;
-        self.realtime_subs.retain(|sub| {
+        self.realtime_subs.retain_mut(|sub| {
             if !(sub.devices.is_empty() || sub.devices.contains(&ev.device_id))
                 || !(sub.codes.is_empty() || sub.codes.contains(&ev.event_code))
             {
@@ -834,6 +927,14 @@ impl Model {
             }
             if fraction > 0.0 && rng.random::<f64>() < fraction {
                 stats.dropped_injected += 1;
+                return true;
+            }
+            if let Some(held) = &mut sub.stalled {
+                if held.len() < sub.capacity {
+                    held.push_back(ev.clone());
+                } else {
+                    stats.dropped_queue_full += 1;
+                }
                 return true;
             }
             match sub.tx.try_send(Ok(ev.clone())) {
@@ -1132,6 +1233,19 @@ impl Model {
         self.touch_users();
     }
 
+    /// An administrator's change at the device leaves a record that does
+    /// not decode (a firmware bug, a torn write): undecodable bytes stored
+    /// under `user_id`, announced by a user-update event. Returns the event
+    /// ID.
+    pub fn device_corrupt(&mut self, id: u32, user_id: &str) -> Result<u32, String> {
+        wire::validate_user_id(user_id)?;
+        // Field 1 (the header) announced as 200 bytes long, 3 present.
+        let garbage = vec![0x0A, 0xC8, 0x01, 0xFF, 0xFF, 0xFF];
+        self.device_mut(id)?;
+        self.corrupt_user(id, user_id, garbage);
+        Ok(self.append_event(id, codes::USER_UPDATE_SUCCESS, user_id, true))
+    }
+
     pub fn device_delete(&mut self, id: u32, user_id: &str) -> Result<u32, String> {
         let dev = self.device_mut(id)?;
         if dev.users.remove(user_id).is_none() {
@@ -1215,6 +1329,44 @@ impl Model {
                 }
             }
         }
+    }
+
+    /// Breaks the GetLog answers of `id` (every device if `None`) as
+    /// `fault` says, from now on.
+    pub fn set_log_fault(&mut self, id: Option<u32>, fault: LogFault) {
+        let ids = match id {
+            Some(id) => vec![id],
+            None => self.devices.keys().copied().collect(),
+        };
+        for id in ids {
+            if fault == LogFault::None {
+                self.log_faults.remove(&id);
+            } else {
+                self.log_faults.insert(id, fault);
+            }
+        }
+    }
+
+    /// Stalls the realtime streams open now (`true`): they stay open and
+    /// answer HTTP/2 pings but carry nothing; events wait in each stream's
+    /// queue and are dropped when it is full (B10). Streams opened later
+    /// are not stalled. `false`: the stalled streams go on, sending what
+    /// waited first.
+    pub fn stall_realtime(&mut self, on: bool) {
+        let mut stats = self.stats;
+        for sub in &mut self.realtime_subs {
+            if on {
+                sub.stalled.get_or_insert_with(VecDeque::new);
+                continue;
+            }
+            for ev in sub.stalled.take().unwrap_or_default() {
+                match sub.tx.try_send(Ok(ev)) {
+                    Ok(()) => stats.delivered += 1,
+                    Err(_) => stats.dropped_queue_full += 1,
+                }
+            }
+        }
+        self.stats = stats;
     }
 
     /// One device's log capacity from now on (shrinking drops its oldest
@@ -1568,6 +1720,34 @@ mod tests {
         assert_eq!(push(&mut r), 1);
     }
 
+    /// A wrapped log is read in log order from where its start is: the
+    /// IDs after the wrap are the newest.
+    #[test]
+    fn a_wrapped_log_reads_in_log_order() {
+        let mut r = EventRing::new(1, 8, u32::MAX - 2);
+        for _ in 0..6 {
+            push(&mut r);
+        }
+        let ids = |v: Result<Vec<EventLog>, Status>| -> Vec<u32> {
+            v.unwrap().iter().map(|e| e.id).collect()
+        };
+        let (err, past) = (StaleStart::OutOfRange, PastNewest::OutOfRange);
+        let max = u32::MAX;
+        assert_eq!(
+            ids(r.read(0, 0, err, past)),
+            [max - 2, max - 1, max, 1, 2, 3]
+        );
+        assert_eq!(ids(r.read(max, 0, err, past)), [max, 1, 2, 3]);
+        assert_eq!(ids(r.read(max - 1, 2, err, past)), [max - 1, max]);
+        assert_eq!(ids(r.read(2, 0, err, past)), [2, 3]);
+        assert_eq!(ids(r.read(3, 5, err, past)), [3]);
+        assert_eq!(
+            r.read(4, 0, err, past).unwrap_err().code(),
+            Code::OutOfRange
+        );
+        assert!(r.read(4, 0, err, PastNewest::Empty).unwrap().is_empty());
+    }
+
     #[test]
     fn defaults_are_the_inconvenient_answers() {
         let p = Policies::default();
@@ -1594,6 +1774,68 @@ mod tests {
             preconnect: true,
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn log_faults_break_pages_as_named() {
+        let mut m = model(&[1, 2]);
+        for u in ["10", "11", "12"] {
+            m.device_enroll(1, u).unwrap();
+        }
+        let ids = |m: &Model, start, max| -> Vec<u32> {
+            m.get_log(1, start, max)
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect()
+        };
+        assert_eq!(ids(&m, 1, 2), [1, 2]);
+        m.set_log_fault(Some(1), LogFault::Duplicate);
+        assert_eq!(ids(&m, 1, 2), [1, 1, 2, 2]);
+        m.set_log_fault(None, LogFault::OutOfOrder);
+        assert_eq!(ids(&m, 1, 2), [2, 1]);
+        m.set_log_fault(Some(1), LogFault::Oversize);
+        assert_eq!(ids(&m, 1, 1), [1, 2, 3]);
+        assert_eq!(ids(&m, 2, 1), [2, 3]);
+        m.set_log_fault(Some(1), LogFault::None);
+        assert_eq!(ids(&m, 1, 1), [1]);
+    }
+
+    #[test]
+    fn a_stalled_stream_holds_its_queue_then_goes_on() {
+        let mut m = model(&[1]);
+        m.set_monitoring(1, true).unwrap();
+        let mut rx = m.subscribe_realtime(2, &[], &[]);
+        m.stall_realtime(true);
+        let mut later = m.subscribe_realtime(8, &[], &[]);
+        for u in ["10", "11", "12"] {
+            m.device_enroll(1, u).unwrap();
+        }
+        assert!(rx.try_recv().is_err(), "stalled");
+        assert_eq!(
+            std::iter::from_fn(|| later.try_recv().ok()).count(),
+            3,
+            "a stream opened after the stall flows"
+        );
+        m.stall_realtime(false);
+        let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| e.unwrap().user_id)
+            .collect();
+        assert_eq!(got, ["10", "11"], "what its queue held, the rest dropped");
+        m.device_enroll(1, "13").unwrap();
+        assert_eq!(rx.try_recv().unwrap().unwrap().user_id, "13");
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_is_stored_and_announced() {
+        let mut m = model(&[1]);
+        let event = m.device_corrupt(1, "7").unwrap();
+        assert!(wire::peek_user_id(&m.users(1)["7"]).is_err());
+        let ev = m.log(1).into_iter().find(|e| e.id == event).unwrap();
+        assert_eq!(
+            (ev.event_code, ev.user_id.as_str()),
+            (codes::USER_UPDATE_SUCCESS, "7")
+        );
     }
 
     #[test]

@@ -186,7 +186,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Answers a streaming call whose subscription is already registered (its
 /// sender is in the model). Eager: the response (headers) goes out at once.
 /// Lazy (WIRE.md §5.14): only with the first item, as grpc-go servers do;
-/// an error before it ends the call with that status. While a lazy call
+/// an error before it ends the call with that status. Never: no answer at
+/// all (hostile). While a lazy call
 /// waits, the receiver lives in this future: if the client goes away, the
 /// server drops the future, the receiver with it, and the model forgets the
 /// closed sender on its next delivery.
@@ -205,6 +206,13 @@ async fn open_stream<T: Send + 'static>(
             // was sent.
             None => Box::pin(tokio_stream::empty()),
         },
+        StreamHeaders::Never => {
+            // The subscription stays registered (its queue fills, then
+            // drops) while the call waits for nothing, until the client
+            // goes away and the server drops this future.
+            let _registered = rx;
+            return std::future::pending().await;
+        }
     };
     Ok(Response::new(stream))
 }
