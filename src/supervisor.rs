@@ -191,6 +191,8 @@ struct Parts {
     writers: Mutex<HashMap<String, WriterLock>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Device clocks as realtime events show them (multi-master groups).
+    clocks: Arc<crate::sync::multi::clock::ClockWatch>,
 }
 
 impl Parts {
@@ -250,7 +252,11 @@ impl Parts {
                     config.sync.clone(),
                     wake,
                     Arc::clone(&self.metrics),
-                );
+                )
+                .with_links(crate::sync::multi::Links {
+                    catch_up: self.catch_up.clone(),
+                    clocks: Arc::clone(&self.clocks),
+                });
                 let span = tracing::info_span!("group", group = %name);
                 tasks.set.spawn(tracing::Instrument::instrument(
                     applier.run(self.writer(name), cancel.clone()),
@@ -409,6 +415,7 @@ pub async fn run_with(
         writers: Mutex::new(HashMap::new()),
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
+        clocks: Arc::default(),
     };
     // Groups that left the configuration while the daemon was stopped.
     let configured: Vec<String> = config.groups.iter().map(|g| g.name.clone()).collect();

@@ -157,7 +157,7 @@ impl Effects {
         for g in &config.groups {
             let targets: &[u32] = if g.sources.contains(&device) {
                 &g.targets
-            } else if g.targets.contains(&device) {
+            } else if g.targets.contains(&device) || g.members().contains(&device) {
                 std::slice::from_ref(&device)
             } else {
                 &[]
@@ -180,6 +180,9 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
     for ev in events {
         match codes::meaning(ev.event_code, ev.sub_code) {
             Meaning::UserChanged if !ev.user_id.is_empty() => {
+                // At a member of a multi-master group: ordered into the
+                // user's register when recorded (it may be an echo).
+                fx.changes.extend(crate::sync::multi::change_of(config, device, ev));
                 for g in config.groups.iter().filter(|g| g.sources.contains(&device)) {
                     fx.changes.push(Change {
                         group: g.name.clone(),
@@ -227,6 +230,25 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
                         group: g.name.clone(),
                         target: device,
                         reason: format!("all users deleted at target (event {})", ev.id),
+                        prune: g.prune,
+                    });
+                }
+                // Never spread to the other members: the member is
+                // reconciled (its users come back from the others).
+                if let Some(g) = config.member_of(device) {
+                    fx.diverged.push(Divergence {
+                        group: g.name.clone(),
+                        why: format!(
+                            "member {device} deleted all its users (event {}); not propagated in a \
+                             multi-master group: the member is reconciled from the others (delete users \
+                             one by one to remove them from the group)",
+                            ev.id
+                        ),
+                    });
+                    fx.reconciles.push(ReconcileRequest {
+                        group: g.name.clone(),
+                        target: device,
+                        reason: format!("all users deleted at member (event {})", ev.id),
                         prune: g.prune,
                     });
                 }
