@@ -474,3 +474,141 @@ async fn a_member_clock_far_ahead_is_warned_about_and_bounded() {
     assert!(a_skew.is_none_or(|s| s.skew_secs.abs() <= 5), "{a_skew:?}");
     daemon.stop().await;
 }
+
+/// The dangerous race: a member's change the daemon has not heard of yet
+/// (its realtime events are all dropped) must not be overwritten by an
+/// older change from another member. The member's log is read before it
+/// is written, so its change is ordered first and wins.
+#[tokio::test]
+async fn a_change_not_yet_heard_of_is_never_overwritten() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let v0 = record(&sim, "u", 0);
+    sim.put_raw_on_device(a, v0.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&v0)).await;
+
+    sim.drop_realtime(Some(b), 1.0);
+    sim.set_clock_offset(b, 5);
+    let at_b = record(&sim, "u", 1);
+    sim.put_raw_on_device(b, at_b.clone()).unwrap();
+    sim.put_raw_on_device(a, record(&sim, "u", 2)).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&at_b)).await;
+    quiet(&sim, &store, &m).await;
+    assert!(everywhere(&sim, &m, "u", Some(&at_b)));
+    assert_eq!(registers(&store)["u"], (b, false));
+    daemon.stop().await;
+}
+
+/// A first start over members that already hold users: one version of a
+/// user is copied to the members that lack it (the union); different
+/// versions with no history are a conflict, reported and left alone;
+/// changing the user at a member settles it.
+#[tokio::test]
+async fn a_reconcile_without_history_reports_conflicts_and_takes_the_union() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let only_a = record(&sim, "only-a", 0);
+    let same = record(&sim, "same", 0);
+    sim.put_raw_on_device(a, only_a.clone()).unwrap();
+    sim.put_raw_on_device(a, same.clone()).unwrap();
+    sim.put_raw_on_device(c, same.clone()).unwrap();
+    let x_a = record(&sim, "x", 1);
+    let x_b = record(&sim, "x", 2);
+    sim.put_raw_on_device(a, x_a.clone()).unwrap();
+    sim.put_raw_on_device(b, x_b.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    wait_everywhere(&sim, &m, "only-a", Some(&only_a)).await;
+    wait_everywhere(&sim, &m, "same", Some(&same)).await;
+    ready(&store, &m).await;
+    let conflicts = store
+        .with(|conn| usersync::store::multi::conflicts(conn))
+        .unwrap();
+    assert_eq!(
+        conflicts.iter().map(|c| c.user_id.as_str()).collect::<Vec<_>>(),
+        vec!["x"]
+    );
+    assert!(store.diverged().unwrap().contains_key("desks"));
+    // Left alone: each holder keeps its version, C gets none.
+    assert_eq!(sim.user_bytes(a, "x"), Some(x_a));
+    assert_eq!(sim.user_bytes(b, "x"), Some(x_b));
+    assert!(!sim.holds(c, "x"));
+    // A change settles it.
+    let x_c = record(&sim, "x", 3);
+    sim.put_raw_on_device(c, x_c.clone()).unwrap();
+    wait_everywhere(&sim, &m, "x", Some(&x_c)).await;
+    eventually("the conflict is settled", || async {
+        store
+            .with(|conn| usersync::store::multi::conflicts(conn))
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    daemon.stop().await;
+}
+
+/// With `prune = true`, a difference no history decides is settled by the
+/// order of `members`: the first member that holds the user.
+#[tokio::test]
+async fn with_prune_member_order_settles_what_no_history_decides() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let x_b = record(&sim, "x", 1);
+    let x_c = record(&sim, "x", 2);
+    sim.put_raw_on_device(b, x_b).unwrap();
+    sim.put_raw_on_device(c, x_c.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // C is listed first: its version wins.
+    let daemon = Daemon::start(config_with(
+        &sim,
+        dir.path(),
+        &format!(
+            "[[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [{c}, {a}, {b}]\nprune = true\n"
+        ),
+    ));
+    wait_everywhere(&sim, &m, "x", Some(&x_c)).await;
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    assert!(
+        store
+            .with(|conn| usersync::store::multi::conflicts(conn))
+            .unwrap()
+            .is_empty()
+    );
+    daemon.stop().await;
+}
+
+/// A member wiped by a factory reset (users gone, log restarted) is
+/// reconciled: it gets every user back, also those whose winning change
+/// was made at it (read from another member that holds the version).
+#[tokio::test]
+async fn a_reset_member_gets_its_users_back() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let mine = record(&sim, "made-at-a", 0);
+    let theirs = record(&sim, "made-at-b", 0);
+    sim.put_raw_on_device(a, mine.clone()).unwrap();
+    sim.put_raw_on_device(b, theirs.clone()).unwrap();
+    wait_everywhere(&sim, &m, "made-at-a", Some(&mine)).await;
+    wait_everywhere(&sim, &m, "made-at-b", Some(&theirs)).await;
+
+    sim.factory_reset(a).unwrap();
+    wait_everywhere(&sim, &m, "made-at-a", Some(&mine)).await;
+    wait_everywhere(&sim, &m, "made-at-b", Some(&theirs)).await;
+    quiet(&sim, &store, &m).await;
+    assert_eq!(registers(&store)["made-at-a"], (a, false), "the order is kept");
+    daemon.stop().await;
+}

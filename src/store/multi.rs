@@ -104,8 +104,10 @@ pub fn record(tx: &Transaction<'_>, change: &Change, ev: &MemberEvent) -> Result
     match order::classify(mode, ev.on_device, own) {
         Origin::Echo => return Ok(Recorded::Echo),
         Origin::Foreign => {
-            tracing::debug!(group, device_id = device, user_id = user, event_id = ev.event,
-                "user written at a member through the SDK by another client (changedOnDevice not set): not a change in changed-on-device mode");
+            tracing::warn!(group, device_id = device, user_id = user, event_id = ev.event,
+                "user written at a member through the SDK by another client (changedOnDevice not set, not written by usersync): \
+                 not a change in changed-on-device mode, not propagated; make the change at the device, or set \
+                 echo_detection = \"own-writes\"");
             return Ok(Recorded::Foreign);
         }
         Origin::Local => {}
@@ -299,23 +301,64 @@ fn consume_own_write(
         )
         .optional()?;
     match pending {
+        // An earlier write of the other operation that never came back
+        // (a delete of a user the member did not hold logs nothing) is
+        // overtaken by this one: the member logs our writes in order.
+        Some(_) => {
+            tx.execute(
+                "DELETE FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op != ?4",
+                params![group, i64::from(device), user, op.code()],
+            )?;
+            take_one(tx, group, device, user, op)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// One expected write of (device, user, op) fewer.
+fn take_one(tx: &Connection, group: &str, device: u32, user: &str, op: MemberOp) -> Result<(), StoreError> {
+    let pending: Option<i64> = tx
+        .query_row(
+            "SELECT pending FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4",
+            params![group, i64::from(device), user, op.code()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match pending {
         Some(n) if n > 1 => {
             tx.execute(
                 "UPDATE own_write SET pending = pending - 1
                  WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4",
                 params![group, i64::from(device), user, op.code()],
             )?;
-            Ok(true)
         }
         Some(_) => {
             tx.execute(
                 "DELETE FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4",
                 params![group, i64::from(device), user, op.code()],
             )?;
-            Ok(true)
         }
-        None => Ok(false),
+        None => {}
     }
+    Ok(())
+}
+
+/// Writes that did not happen (the call failed for these devices) are no
+/// longer expected: a change made there later must not pass for one.
+pub fn unexpect_own_writes(
+    tx: &Transaction<'_>,
+    group: &str,
+    devices: &[u32],
+    users: &[String],
+    op: MemberOp,
+) -> Result<(), StoreError> {
+    for d in devices {
+        for u in users {
+            take_one(tx, group, *d, u, op)?;
+        }
+    }
+    Ok(())
 }
 
 /// Own writes still expected in a group.

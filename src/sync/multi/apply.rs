@@ -6,7 +6,7 @@
 use super::super::failure::{Failure, ok_targets, record_failure};
 use super::*;
 use crate::store::multi::MemberRow;
-use crate::sync::multi::order::{InForce, Stamp, Version};
+use crate::sync::multi::order::{Stamp, Version};
 
 /// A row as the shared bookkeeping (cursors, pending, quarantine) sees it.
 fn journal_row(r: &MemberRow) -> JournalRow {
@@ -148,26 +148,29 @@ impl Applier {
         Ok(false)
     }
 
-    /// Whether the daemon must remember its writes (echo detection by own
-    /// writes in force).
-    async fn own_writes_needed(&self) -> Result<bool, SyncError> {
-        let Some(mm) = self.group.multi_master() else {
-            return Ok(false);
-        };
-        let (n, echo) = (self.group.name.clone(), mm.echo);
-        let mode = self
-            .store
-            .run(move |c| store::multi::echo_in_force(c, &n, echo))
-            .await?;
-        Ok(mode == InForce::OwnWrites)
-    }
-
-    async fn expect(&self, devices: &[u32], users: &[String], op: MemberOp) -> Result<(), SyncError> {
+    /// Remembers writes about to be made (or, `undo`, that failed), so
+    /// the events they cause are known as the daemon's own. Kept in every
+    /// echo mode: in changed-on-device mode they tell an echo from another
+    /// client's write.
+    async fn expect(
+        &self,
+        devices: &[u32],
+        users: &[String],
+        op: MemberOp,
+        undo: bool,
+    ) -> Result<(), SyncError> {
+        if devices.is_empty() || users.is_empty() {
+            return Ok(());
+        }
         let (n, d, u) = (self.group.name.clone(), devices.to_vec(), users.to_vec());
         self.store
             .run(move |c| {
                 let tx = c.transaction()?;
-                store::multi::expect_own_writes(&tx, &n, &d, &u, op)?;
+                if undo {
+                    store::multi::unexpect_own_writes(&tx, &n, &d, &u, op)?;
+                } else {
+                    store::multi::expect_own_writes(&tx, &n, &d, &u, op)?;
+                }
                 tx.commit()?;
                 Ok(())
             })
@@ -277,7 +280,6 @@ impl Applier {
             return Ok(true);
         }
 
-        let own_writes = self.own_writes_needed().await?;
         let mut outcomes: BTreeMap<u32, Result<(), Failure>> =
             cohort.iter().map(|t| (*t, Ok(()))).collect();
         let mut sources: Vec<u32> = written.iter().map(|r| r.source).collect();
@@ -296,10 +298,8 @@ impl Applier {
                 if targets.is_empty() {
                     break;
                 }
-                if own_writes {
-                    let ids: Vec<String> = chunk.iter().map(|u| u.id.clone()).collect();
-                    self.expect(&targets, &ids, MemberOp::Upsert).await?;
-                }
+                let ids: Vec<String> = chunk.iter().map(|u| u.id.clone()).collect();
+                self.expect(&targets, &ids, MemberOp::Upsert, false).await?;
                 let raws = chunk.iter().map(|u| u.raw.clone()).collect();
                 match self.client.user_enroll_multi(targets.clone(), raws, true).await {
                     Ok(()) => self.batch_fits(),
@@ -308,6 +308,13 @@ impl Applier {
                         let mut called: BTreeMap<u32, Result<(), Failure>> =
                             targets.iter().map(|t| (*t, Ok(()))).collect();
                         record_failure(&mut called, &e);
+                        // A device that could not be reached wrote nothing.
+                        let unwritten: Vec<u32> = called
+                            .iter()
+                            .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
+                            .map(|(t, _)| *t)
+                            .collect();
+                        self.expect(&unwritten, &ids, MemberOp::Upsert, true).await?;
                         for (t, o) in called.into_iter().filter(|(_, o)| o.is_err()) {
                             outcomes.insert(t, o);
                         }
@@ -319,13 +326,17 @@ impl Applier {
         if !ids.is_empty() {
             let targets = ok_targets(&outcomes);
             if !targets.is_empty() {
-                if own_writes {
-                    self.expect(&targets, &ids, MemberOp::Delete).await?;
-                }
+                self.expect(&targets, &ids, MemberOp::Delete, false).await?;
                 if let Err(e) = self.client.user_delete_multi(targets.clone(), ids.clone()).await {
                     let mut called: BTreeMap<u32, Result<(), Failure>> =
                         targets.iter().map(|t| (*t, Ok(()))).collect();
                     record_failure(&mut called, &e);
+                    let unwritten: Vec<u32> = called
+                        .iter()
+                        .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
+                        .map(|(t, _)| *t)
+                        .collect();
+                    self.expect(&unwritten, &ids, MemberOp::Delete, true).await?;
                     for (t, o) in called {
                         // NOT_FOUND: a member did not hold some user (the
                         // delete had reached it, or it never had it);
@@ -368,6 +379,14 @@ impl Applier {
                         .filter(|r| r.version.deleted || r.source != t)
                         .map(journal_row)
                         .collect();
+                    // Written again one by one: expected again.
+                    let (del, up): (Vec<&MemberRow>, Vec<&MemberRow>) = written
+                        .iter()
+                        .filter(|r| r.version.deleted || r.source != t)
+                        .partition(|r| r.version.deleted);
+                    let ids = |v: Vec<&MemberRow>| v.iter().map(|r| r.user_id.clone()).collect::<Vec<_>>();
+                    self.expect(&[t], &ids(up), MemberOp::Upsert, false).await?;
+                    self.expect(&[t], &ids(del), MemberOp::Delete, false).await?;
                     progressed |= self.one_by_one(t, lane, &mine, &records).await?;
                 }
             }
