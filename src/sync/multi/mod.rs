@@ -316,3 +316,97 @@ impl Applier {
         read
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::events::effects;
+
+    fn config() -> Config {
+        crate::config::parse(
+            Path::new("/t.toml"),
+            "[gateway]\naddress = \"h:1\"\ntls = false\n[state]\ndir = \"/s\"\n\
+             [[device]]\nid = 1\naddress = \"a\"\n[[device]]\nid = 2\naddress = \"b\"\n\
+             [[device]]\nid = 3\naddress = \"c\"\n[[device]]\nid = 4\naddress = \"d\"\n\
+             [[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [1, 2]\nmax_clock_skew_secs = 7\n\
+             [[group]]\nname = \"doors\"\nsources = [3]\ntargets = [4]\n",
+        )
+        .unwrap()
+    }
+
+    fn ev(id: u32, code: u32, user: &str, on_device: bool) -> EventLog {
+        EventLog {
+            id,
+            timestamp: 1_000 + id,
+            event_code: code,
+            user_id: user.into(),
+            changed_on_device: on_device,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn member_events_become_member_changes() {
+        let c = config();
+        let fx = effects(
+            &c,
+            1,
+            &[
+                ev(1, 0x2000, "u", true),
+                ev(2, 0x2200, "u", false),
+                ev(3, 0x2400, "v", true),
+                ev(4, 0x1000, "u", false),
+                ev(5, 0x2900, "w", true),
+            ],
+        );
+        let got: Vec<(&str, u32, MemberOp, bool, u32)> = fx
+            .changes
+            .iter()
+            .map(|c| match c.kind {
+                ChangeKind::Member(m) => {
+                    assert_eq!(c.group, "desks");
+                    assert_eq!(m.max_skew, 7);
+                    assert_eq!(m.echo, EchoDetection::Observe);
+                    (c.user_id.as_str(), c.source, m.op, m.on_device, m.time)
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("u", 1, MemberOp::Upsert, true, 1_001),
+                ("u", 1, MemberOp::Upsert, false, 1_002),
+                ("v", 1, MemberOp::Delete, true, 1_003),
+                ("w", 1, MemberOp::Upsert, true, 1_005),
+            ]
+        );
+        assert!(fx.drift.is_empty(), "a member is no one-way target");
+        // One-way groups are untouched by it.
+        let fx = effects(&c, 3, &[ev(1, 0x2000, "u", true)]);
+        assert_eq!(fx.changes.len(), 1);
+        assert_eq!(fx.changes[0].kind, ChangeKind::User);
+        let fx = effects(&c, 4, &[ev(1, 0x2000, "u", true)]);
+        assert!(fx.changes.is_empty());
+        assert_eq!(fx.drift.len(), 1);
+    }
+
+    #[test]
+    fn a_delete_all_or_a_reset_at_a_member_reconciles_it_and_spreads_nothing() {
+        let c = config();
+        let fx = effects(&c, 2, &[ev(9, 0x2600, "", true)]);
+        assert!(fx.changes.is_empty());
+        assert_eq!(fx.diverged.len(), 1);
+        assert_eq!(
+            fx.reconciles.iter().map(|r| (r.group.as_str(), r.target)).collect::<Vec<_>>(),
+            vec![("desks", 2)]
+        );
+        let fx = effects(&c, 1, &[ev(9, 0x4502, "", false)]);
+        assert_eq!(
+            fx.reconciles.iter().map(|r| (r.group.as_str(), r.target)).collect::<Vec<_>>(),
+            vec![("desks", 1)]
+        );
+    }
+}
