@@ -18,7 +18,9 @@
 //! * [`events`] — the one event consumer: dedupe, gap backfill, replay,
 //!   log shipping, change recording.
 //! * [`sync`] — the appliers: batches, Multi calls, partial failures,
-//!   quarantine, reconcile.
+//!   quarantine, reconcile; [`sync::multi`] — multi-master groups (last
+//!   writer wins per user, echo detection, clock skew, union reconcile),
+//!   their registers in [`store::multi`].
 //! * [`backoff`] — the retry policy.
 //! * [`service`] — systemd notifications, STATUS line, watchdog.
 //! * [`metrics`] — Prometheus metrics and their endpoint.
