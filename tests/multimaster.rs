@@ -143,7 +143,11 @@ async fn every_member_accepts_changes_and_writes_never_echo() {
     wait_everywhere(&sim, &m, "bob", Some(&before_b)).await;
     let store = state(dir.path()).await;
     quiet(&sim, &store, &m).await;
-    assert_eq!(recorded(&store), 0, "a reconcile copies; it records no change");
+    assert_eq!(
+        recorded(&store),
+        0,
+        "a reconcile copies; it records no change"
+    );
 
     let carol = record(&sim, "carol", 1);
     sim.put_raw_on_device(c, carol.clone()).unwrap();
@@ -244,7 +248,10 @@ async fn a_delete_racing_an_update_is_decided_by_their_order() {
     sim.put_raw_on_device(b, w1).unwrap();
     wait_everywhere(&sim, &m, "w", None).await;
     quiet(&sim, &store, &m).await;
-    assert!(everywhere(&sim, &m, "w", None), "the older update did not resurrect it");
+    assert!(
+        everywhere(&sim, &m, "w", None),
+        "the older update did not resurrect it"
+    );
     assert!(everywhere(&sim, &m, "u", Some(&v1)));
     let regs = registers(&store);
     assert_eq!(regs["w"], (a, true));
@@ -374,7 +381,11 @@ async fn without_the_flag_own_writes_keep_echoes_out() {
         sim.put_raw_on_device(c, v.clone()).unwrap();
         wait_everywhere(&sim, &m, "v", Some(&v)).await;
         quiet(&sim, &store, &m).await;
-        assert_eq!(recorded(&store), 4, "{extra:?}: four changes, no echo recorded");
+        assert_eq!(
+            recorded(&store),
+            4,
+            "{extra:?}: four changes, no echo recorded"
+        );
         assert!(sim.log(b).iter().all(|e| !e.changed_on_device));
         let seen = store
             .with(|conn| usersync::store::multi::echo_observed(conn, "desks"))
@@ -416,7 +427,10 @@ async fn changed_on_device_mode_takes_only_flagged_events() {
     sim.put_raw_on_device(b, v.clone()).unwrap();
     wait_everywhere(&sim, &m, "v", Some(&v)).await;
     quiet(&sim, &store, &m).await;
-    assert!(!sim.holds(a, "sdk"), "an SDK write is not a change in this mode");
+    assert!(
+        !sim.holds(a, "sdk"),
+        "an SDK write is not a change in this mode"
+    );
     assert_eq!(recorded(&store), 2);
     daemon.stop().await;
 }
@@ -532,7 +546,10 @@ async fn a_reconcile_without_history_reports_conflicts_and_takes_the_union() {
         .with(|conn| usersync::store::multi::conflicts(conn))
         .unwrap();
     assert_eq!(
-        conflicts.iter().map(|c| c.user_id.as_str()).collect::<Vec<_>>(),
+        conflicts
+            .iter()
+            .map(|c| c.user_id.as_str())
+            .collect::<Vec<_>>(),
         vec!["x"]
     );
     assert!(store.diverged().unwrap().contains_key("desks"));
@@ -609,6 +626,10 @@ async fn a_reset_member_gets_its_users_back() {
     wait_everywhere(&sim, &m, "made-at-a", Some(&mine)).await;
     wait_everywhere(&sim, &m, "made-at-b", Some(&theirs)).await;
     quiet(&sim, &store, &m).await;
-    assert_eq!(registers(&store)["made-at-a"], (a, false), "the order is kept");
+    assert_eq!(
+        registers(&store)["made-at-a"],
+        (a, false),
+        "the order is kept"
+    );
     daemon.stop().await;
 }

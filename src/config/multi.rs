@@ -43,7 +43,9 @@ pub(super) fn shape(name: &str, g: &RawGroup) -> Result<Shape, Invalid> {
         Shape::OneWay => {
             let only_multi = [
                 g.members.as_ref().map(|v| (v.span(), "members")),
-                g.echo_detection.as_ref().map(|v| (v.span(), "echo_detection")),
+                g.echo_detection
+                    .as_ref()
+                    .map(|v| (v.span(), "echo_detection")),
                 g.max_clock_skew_secs
                     .as_ref()
                     .map(|v| (v.span(), "max_clock_skew_secs")),
@@ -226,7 +228,10 @@ address = "d"
 "#;
 
     fn parse_groups(groups: &str) -> Result<Config, ConfigError> {
-        parse(Path::new("/etc/usersync/usersync.toml"), &format!("{HEAD}{groups}"))
+        parse(
+            Path::new("/etc/usersync/usersync.toml"),
+            &format!("{HEAD}{groups}"),
+        )
     }
 
     /// The error's line (counted from the first group line, 1-based) and
@@ -240,7 +245,10 @@ address = "d"
 
     #[test]
     fn a_multi_master_group_gets_defaults() {
-        let c = parse_groups("[[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [2, 1, 3]\n").unwrap();
+        let c = parse_groups(
+            "[[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [2, 1, 3]\n",
+        )
+        .unwrap();
         let g = &c.groups[0];
         let mm = g.multi_master().unwrap();
         assert_eq!(mm.members, vec![2, 1, 3], "member order is kept");
@@ -266,44 +274,136 @@ address = "d"
             "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\necho_detection = \"changed-on-device\"\n",
         )
         .unwrap();
-        assert_eq!(c.groups[0].multi_master().unwrap().echo, EchoDetection::ChangedOnDevice);
+        assert_eq!(
+            c.groups[0].multi_master().unwrap().echo,
+            EchoDetection::ChangedOnDevice
+        );
         // `mode = "one-way"` is the default spelled out.
-        let c = parse_groups("[[group]]\nname = \"o\"\nmode = \"one-way\"\nsources = [1]\ntargets = [2]\n").unwrap();
+        let c = parse_groups(
+            "[[group]]\nname = \"o\"\nmode = \"one-way\"\nsources = [1]\ntargets = [2]\n",
+        )
+        .unwrap();
         assert_eq!(c.groups[0].mode, GroupMode::OneWay);
     }
 
     #[test]
     fn the_two_shapes_are_exclusive() {
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\nsources = [3]\n", 5, "has members, not sources");
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\ntargets = [3]\n", 5, "has members, not targets");
-        err("[[group]]\nname = \"d\"\nsources = [1]\ntargets = [2]\nmembers = [3, 4]\n", 5, "members is a key of multi-master groups");
-        err("[[group]]\nname = \"d\"\nsources = [1]\ntargets = [2]\necho_detection = \"own-writes\"\n", 5, "echo_detection is a key");
-        err("[[group]]\nname = \"d\"\nsources = [1]\ntargets = [2]\nmax_clock_skew_secs = 5\n", 5, "max_clock_skew_secs is a key");
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\npropagate_delete_all = true\n", 5, "never propagated");
-        err("[[group]]\nname = \"d\"\nmode = \"mesh\"\nmembers = [1, 2]\n", 3, "mode must be \"one-way\" or \"multi-master\"");
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\n", 1, "needs members");
-        err("[[group]]\nname = \"d\"\nsources = [1]\n", 1, "needs sources and targets");
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\nsources = [3]\n",
+            5,
+            "has members, not sources",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\ntargets = [3]\n",
+            5,
+            "has members, not targets",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nsources = [1]\ntargets = [2]\nmembers = [3, 4]\n",
+            5,
+            "members is a key of multi-master groups",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nsources = [1]\ntargets = [2]\necho_detection = \"own-writes\"\n",
+            5,
+            "echo_detection is a key",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nsources = [1]\ntargets = [2]\nmax_clock_skew_secs = 5\n",
+            5,
+            "max_clock_skew_secs is a key",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\npropagate_delete_all = true\n",
+            5,
+            "never propagated",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"mesh\"\nmembers = [1, 2]\n",
+            3,
+            "mode must be \"one-way\" or \"multi-master\"",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\n",
+            1,
+            "needs members",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nsources = [1]\n",
+            1,
+            "needs sources and targets",
+        );
     }
 
     #[test]
     fn members_are_checked() {
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1]\n", 4, "at least two members");
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 9]\n", 4, "device 9, which no [[device]] declares");
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2, 1]\n", 4, "listed twice");
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\necho_detection = \"flag\"\n", 5, "echo_detection must be");
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\nmax_clock_skew_secs = 0\n", 5, "between 1 and 86400");
-        err("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, \"2\"]\n", 4, "expected a device ID");
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1]\n",
+            4,
+            "at least two members",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 9]\n",
+            4,
+            "device 9, which no [[device]] declares",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2, 1]\n",
+            4,
+            "listed twice",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\necho_detection = \"flag\"\n",
+            5,
+            "echo_detection must be",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\nmax_clock_skew_secs = 0\n",
+            5,
+            "between 1 and 86400",
+        );
+        err(
+            "[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, \"2\"]\n",
+            4,
+            "expected a device ID",
+        );
     }
 
     #[test]
     fn a_member_belongs_to_its_group_alone() {
-        let mm = |name: &str, members: &str| format!("[[group]]\nname = \"{name}\"\nmode = \"multi-master\"\nmembers = [{members}]\n");
-        let one_way = |name: &str, s: &str, t: &str| format!("[[group]]\nname = \"{name}\"\nsources = [{s}]\ntargets = [{t}]\n");
-        err(&format!("{}{}", mm("a", "1, 2"), mm("b", "2, 3")), 8, "already a member of multi-master group \"a\"");
-        err(&format!("{}{}", one_way("o", "1", "3"), mm("b", "2, 3")), 8, "target of group \"o\"");
-        err(&format!("{}{}", one_way("o", "1", "3"), mm("b", "1, 2")), 8, "source of another group");
-        err(&format!("{}{}", mm("a", "1, 2"), one_way("o", "3", "2")), 8, "targets names device 2, a member of multi-master group \"a\"");
-        err(&format!("{}{}", mm("a", "1, 2"), one_way("o", "1", "3")), 7, "sources names device 1, a member");
+        let mm = |name: &str, members: &str| {
+            format!(
+                "[[group]]\nname = \"{name}\"\nmode = \"multi-master\"\nmembers = [{members}]\n"
+            )
+        };
+        let one_way = |name: &str, s: &str, t: &str| {
+            format!("[[group]]\nname = \"{name}\"\nsources = [{s}]\ntargets = [{t}]\n")
+        };
+        err(
+            &format!("{}{}", mm("a", "1, 2"), mm("b", "2, 3")),
+            8,
+            "already a member of multi-master group \"a\"",
+        );
+        err(
+            &format!("{}{}", one_way("o", "1", "3"), mm("b", "2, 3")),
+            8,
+            "target of group \"o\"",
+        );
+        err(
+            &format!("{}{}", one_way("o", "1", "3"), mm("b", "1, 2")),
+            8,
+            "source of another group",
+        );
+        err(
+            &format!("{}{}", mm("a", "1, 2"), one_way("o", "3", "2")),
+            8,
+            "targets names device 2, a member of multi-master group \"a\"",
+        );
+        err(
+            &format!("{}{}", mm("a", "1, 2"), one_way("o", "1", "3")),
+            7,
+            "sources names device 1, a member",
+        );
         // Disjoint groups are fine.
         let c = parse_groups(&format!("{}{}", mm("a", "1, 2"), one_way("o", "3", "4"))).unwrap();
         assert_eq!(c.groups.len(), 2);
@@ -312,8 +412,12 @@ address = "d"
     #[test]
     fn a_reload_that_changes_a_group_restarts_it() {
         use super::super::{Change, diff};
-        let a = parse_groups("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\n").unwrap();
-        let b = parse_groups("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2, 3]\n").unwrap();
+        let a =
+            parse_groups("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2]\n")
+                .unwrap();
+        let b =
+            parse_groups("[[group]]\nname = \"d\"\nmode = \"multi-master\"\nmembers = [1, 2, 3]\n")
+                .unwrap();
         let c = parse_groups("[[group]]\nname = \"d\"\nsources = [1]\ntargets = [2]\n").unwrap();
         assert!(diff(&a, &a).is_empty());
         assert_eq!(diff(&a, &b), vec![Change::ChangeGroup("d".into())]);

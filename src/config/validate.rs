@@ -145,7 +145,8 @@ impl Validator<'_> {
             if groups.iter().any(|o| o.name == name) {
                 return self.err(g.name.span(), format!("group {name:?} is declared twice"));
             }
-            let shape = super::multi::shape(&name, &g).or_else(|(span, why)| self.err(span, why))?;
+            let shape =
+                super::multi::shape(&name, &g).or_else(|(span, why)| self.err(span, why))?;
             if shape == super::multi::Shape::MultiMaster {
                 let group = super::multi::multi_master(
                     name,
@@ -171,10 +172,7 @@ impl Validator<'_> {
                 g.prune,
                 g.propagate_delete_all.is_some_and(Spanned::into_inner),
             );
-            let g = OneWay {
-                sources,
-                targets,
-            };
+            let g = OneWay { sources, targets };
             // A member of a multi-master group is written by that group
             // and its events are its own changes there.
             for (list, key) in [(&g.sources, "sources"), (&g.targets, "targets")] {

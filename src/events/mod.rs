@@ -182,7 +182,8 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
             Meaning::UserChanged if !ev.user_id.is_empty() => {
                 // At a member of a multi-master group: ordered into the
                 // user's register when recorded (it may be an echo).
-                fx.changes.extend(crate::sync::multi::change_of(config, device, ev));
+                fx.changes
+                    .extend(crate::sync::multi::change_of(config, device, ev));
                 for g in config.groups.iter().filter(|g| g.sources.contains(&device)) {
                     fx.changes.push(Change {
                         group: g.name.clone(),

@@ -51,8 +51,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 pub use model::{
-    ChangedOnDevice, DeviceSpec, LowByteCodes, MissingUser, ModelOptions, PastNewest, Policies, RealtimeStats,
-    RpcRecord, StaleStart, StreamHeaders, codes,
+    ChangedOnDevice, DeviceSpec, LowByteCodes, MissingUser, ModelOptions, PastNewest, Policies,
+    RealtimeStats, RpcRecord, StaleStart, StreamHeaders, codes,
 };
 use service::{AdminSvc, CardSvc, ConnectSvc, EventSvc, Shared, UserSvc};
 pub use tls::SimCerts;

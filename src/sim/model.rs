@@ -799,8 +799,7 @@ impl Model {
     /// queue drops the event (WIRE.md B10).
     pub fn append_event(&mut self, id: u32, code: u32, user_id: &str, on_device: bool) -> u32 {
         let codes = self.reported_code(code);
-        let on_device =
-            on_device && self.policies.changed_on_device == ChangedOnDevice::Reported;
+        let on_device = on_device && self.policies.changed_on_device == ChangedOnDevice::Reported;
         let offset = self.clock_offsets.get(&id).copied().unwrap_or(0);
         let time = u32::try_from((i64::from(now_secs()) + offset).max(0)).unwrap_or(u32::MAX);
         let Some(dev) = self.devices.get_mut(&id) else {

@@ -87,8 +87,16 @@ fn u32_time(secs: i64) -> u32 {
 /// bounds its time, and merges it into the user's register. A change older
 /// than the register queues the register's version for that member (it
 /// holds the loser now).
-pub fn record(tx: &Transaction<'_>, change: &Change, ev: &MemberEvent) -> Result<Recorded, StoreError> {
-    let (group, user, device) = (change.group.as_str(), change.user_id.as_str(), change.source);
+pub fn record(
+    tx: &Transaction<'_>,
+    change: &Change,
+    ev: &MemberEvent,
+) -> Result<Recorded, StoreError> {
+    let (group, user, device) = (
+        change.group.as_str(),
+        change.user_id.as_str(),
+        change.source,
+    );
     let now = now();
     let seen = echo_observed(tx, group)?.is_some();
     let mode = order::in_force(ev.echo, seen, ev.on_device);
@@ -97,17 +105,26 @@ pub fn record(tx: &Transaction<'_>, change: &Change, ev: &MemberEvent) -> Result
             "INSERT OR IGNORE INTO member_echo (grp, device_id, seen_at) VALUES (?1, ?2, ?3)",
             params![group, i64::from(device), now],
         )?;
-        tracing::info!(group, device_id = device, event_id = ev.event,
-            "echo detection: member reported changedOnDevice; from now on only such events are changes (changed-on-device)");
+        tracing::info!(
+            group,
+            device_id = device,
+            event_id = ev.event,
+            "echo detection: member reported changedOnDevice; from now on only such events are changes (changed-on-device)"
+        );
     }
     let own = consume_own_write(tx, group, device, user, ev.op, now)?;
     match order::classify(mode, ev.on_device, own) {
         Origin::Echo => return Ok(Recorded::Echo),
         Origin::Foreign => {
-            tracing::warn!(group, device_id = device, user_id = user, event_id = ev.event,
+            tracing::warn!(
+                group,
+                device_id = device,
+                user_id = user,
+                event_id = ev.event,
                 "user written at a member through the SDK by another client (changedOnDevice not set, not written by usersync): \
                  not a change in changed-on-device mode, not propagated; make the change at the device, or set \
-                 echo_detection = \"own-writes\"");
+                 echo_detection = \"own-writes\""
+            );
             return Ok(Recorded::Foreign);
         }
         Origin::Local => {}
@@ -120,9 +137,15 @@ pub fn record(tx: &Transaction<'_>, change: &Change, ev: &MemberEvent) -> Result
     )?;
     let (time, bounded) = order::bound(ev.time, u32_time(now), ev.max_skew);
     if bounded {
-        tracing::warn!(group, device_id = device, user_id = user, event_id = ev.event,
-            event_time = ev.time, ahead_secs = i64::from(ev.time) - now,
-            "event time ahead of the daemon's clock by more than max_clock_skew_secs: ordered as the daemon's time plus the bound; set the device's clock");
+        tracing::warn!(
+            group,
+            device_id = device,
+            user_id = user,
+            event_id = ev.event,
+            event_time = ev.time,
+            ahead_secs = i64::from(ev.time) - now,
+            "event time ahead of the daemon's clock by more than max_clock_skew_secs: ordered as the daemon's time plus the bound; set the device's clock"
+        );
     }
     let incoming = Version {
         stamp: Stamp { time, device },
@@ -158,11 +181,18 @@ pub fn record(tx: &Transaction<'_>, change: &Change, ev: &MemberEvent) -> Result
             let Some(winner) = stored else {
                 return Ok(Recorded::Older);
             };
-            tracing::warn!(group, user_id = user, device_id = device, event_id = ev.event,
-                change_time = time, deleted = incoming.deleted,
-                winner_device = winner.version.stamp.device, winner_time = winner.version.stamp.time,
+            tracing::warn!(
+                group,
+                user_id = user,
+                device_id = device,
+                event_id = ev.event,
+                change_time = time,
+                deleted = incoming.deleted,
+                winner_device = winner.version.stamp.device,
+                winner_time = winner.version.stamp.time,
                 winner_deleted = winner.version.deleted,
-                "change older than the one recorded for this user: ignored; the member is set back to the newer change (last writer wins)");
+                "change older than the one recorded for this user: ignored; the member is set back to the newer change (last writer wins)"
+            );
             add_pending(tx, group, device, user, winner.source)?;
             Ok(Recorded::Older)
         }
@@ -184,7 +214,8 @@ fn member_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MemberRow> {
     })
 }
 
-const ROW: &str = "SELECT seq, user_id, source, stamp, COALESCE(origin, source), deleted FROM journal";
+const ROW: &str =
+    "SELECT seq, user_id, source, stamp, COALESCE(origin, source), deleted FROM journal";
 
 /// A user's register (`None`: no change recorded by a multi-master group).
 pub fn row(conn: &Connection, group: &str, user: &str) -> Result<Option<MemberRow>, StoreError> {
@@ -243,7 +274,12 @@ pub fn all_rows(conn: &Connection, group: &str) -> Result<BTreeMap<String, Membe
 
 /// Reads the winning version of `user` from `source` from now on (its
 /// origin lost it; `source` holds the same version). The order is kept.
-pub fn set_source(conn: &Connection, group: &str, user: &str, source: u32) -> Result<(), StoreError> {
+pub fn set_source(
+    conn: &Connection,
+    group: &str,
+    user: &str,
+    source: u32,
+) -> Result<(), StoreError> {
     conn.execute(
         "UPDATE journal SET source = ?3 WHERE grp = ?1 AND user_id = ?2 AND stamp IS NOT NULL",
         params![group, user, i64::from(source)],
@@ -271,7 +307,13 @@ pub fn expect_own_writes(
     )?;
     for d in devices {
         for u in users {
-            stmt.execute(params![group, i64::from(*d), u, op.code(), now + OWN_WRITE_WINDOW_SECS])?;
+            stmt.execute(params![
+                group,
+                i64::from(*d),
+                u,
+                op.code(),
+                now + OWN_WRITE_WINDOW_SECS
+            ])?;
         }
     }
     tx.execute(
@@ -317,7 +359,13 @@ fn consume_own_write(
 }
 
 /// One expected write of (device, user, op) fewer.
-fn take_one(tx: &Connection, group: &str, device: u32, user: &str, op: MemberOp) -> Result<(), StoreError> {
+fn take_one(
+    tx: &Connection,
+    group: &str,
+    device: u32,
+    user: &str,
+    op: MemberOp,
+) -> Result<(), StoreError> {
     let pending: Option<i64> = tx
         .query_row(
             "SELECT pending FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4",
@@ -383,7 +431,11 @@ pub fn echo_observed(conn: &Connection, group: &str) -> Result<Option<(u32, u64)
 }
 
 /// The detection in force for a group now.
-pub fn echo_in_force(conn: &Connection, group: &str, configured: EchoDetection) -> Result<InForce, StoreError> {
+pub fn echo_in_force(
+    conn: &Connection,
+    group: &str,
+    configured: EchoDetection,
+) -> Result<InForce, StoreError> {
     let seen = echo_observed(conn, group)?.is_some();
     Ok(order::in_force(configured, seen, false))
 }
@@ -399,7 +451,11 @@ pub struct Conflict {
 }
 
 /// Replaces the group's conflicts with what its last reconcile found.
-pub fn set_conflicts(tx: &Transaction<'_>, group: &str, found: &[(String, String)]) -> Result<(), StoreError> {
+pub fn set_conflicts(
+    tx: &Transaction<'_>,
+    group: &str,
+    found: &[(String, String)],
+) -> Result<(), StoreError> {
     tx.execute("DELETE FROM member_conflict WHERE grp = ?1", [group])?;
     let now = now();
     for (user, detail) in found {
@@ -456,8 +512,8 @@ pub fn set_clock_skew(conn: &Connection, device: u32, skew_secs: i64) -> Result<
 }
 
 pub fn clock_skews(conn: &Connection) -> Result<Vec<ClockSkew>, StoreError> {
-    let mut stmt =
-        conn.prepare("SELECT device_id, skew_secs, measured_at FROM device_clock ORDER BY device_id")?;
+    let mut stmt = conn
+        .prepare("SELECT device_id, skew_secs, measured_at FROM device_clock ORDER BY device_id")?;
     let rows = stmt.query_map([], |r| {
         Ok(ClockSkew {
             device: r.get::<_, u32>(0)?,
@@ -532,17 +588,29 @@ mod tests {
         use EchoDetection::ChangedOnDevice as Cod;
         let (_t, s) = store();
         let t = past();
-        assert_eq!(rec(&s, 1, "u", ev(t, MemberOp::Upsert, true, Cod)), Recorded::Won(1));
-        assert_eq!(rec(&s, 2, "u", ev(t + 5, MemberOp::Delete, true, Cod)), Recorded::Won(2));
+        assert_eq!(
+            rec(&s, 1, "u", ev(t, MemberOp::Upsert, true, Cod)),
+            Recorded::Won(1)
+        );
+        assert_eq!(
+            rec(&s, 2, "u", ev(t + 5, MemberOp::Delete, true, Cod)),
+            Recorded::Won(2)
+        );
         // Older than the tombstone: ignored, and member 3 is set back.
-        assert_eq!(rec(&s, 3, "u", ev(t + 1, MemberOp::Upsert, true, Cod)), Recorded::Older);
+        assert_eq!(
+            rec(&s, 3, "u", ev(t + 1, MemberOp::Upsert, true, Cod)),
+            Recorded::Older
+        );
         let r = s.with(|c| row(c, "g", "u")).unwrap().unwrap();
         assert_eq!((r.seq, r.source, r.version.deleted), (2, 2, true));
         let queued = s.with(|c| pending(c, "g", 3, 10, &[1, 2, 3])).unwrap();
         assert_eq!(queued.len(), 1);
         assert_eq!((queued[0].user_id.as_str(), queued[0].source), ("u", 2));
         // Not a change: the flag is not set (changed-on-device).
-        assert_eq!(rec(&s, 1, "u", ev(t + 9, MemberOp::Upsert, false, Cod)), Recorded::Foreign);
+        assert_eq!(
+            rec(&s, 1, "u", ev(t + 9, MemberOp::Upsert, false, Cod)),
+            Recorded::Foreign
+        );
         assert_eq!(s.head("g").unwrap(), 2);
         // A one-way row is no register.
         assert_eq!(s.with(|c| row(c, "g", "nobody")).unwrap(), None);
@@ -552,13 +620,28 @@ mod tests {
     fn times_far_ahead_are_ordered_at_the_bound() {
         let (_t, s) = store();
         let far = u32_time(now() + 86_400);
-        rec(&s, 1, "u", ev(far, MemberOp::Upsert, true, EchoDetection::ChangedOnDevice));
+        rec(
+            &s,
+            1,
+            "u",
+            ev(far, MemberOp::Upsert, true, EchoDetection::ChangedOnDevice),
+        );
         let r = s.with(|c| row(c, "g", "u")).unwrap().unwrap();
         assert!(i64::from(r.version.stamp.time) <= now() + 10);
         // A change a minute later (in the daemon's time) wins over it.
         let later = u32_time(now() + 60);
         assert_eq!(
-            rec(&s, 2, "u", ev(later, MemberOp::Delete, true, EchoDetection::ChangedOnDevice)),
+            rec(
+                &s,
+                2,
+                "u",
+                ev(
+                    later,
+                    MemberOp::Delete,
+                    true,
+                    EchoDetection::ChangedOnDevice
+                )
+            ),
             Recorded::Won(2)
         );
     }
@@ -571,13 +654,25 @@ mod tests {
         expect(&s, &[1, 2], "u", MemberOp::Upsert);
         expect(&s, &[1], "u", MemberOp::Upsert);
         assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 3);
-        assert_eq!(rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)), Recorded::Echo);
-        assert_eq!(rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)), Recorded::Echo);
+        assert_eq!(
+            rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+            Recorded::Echo
+        );
+        assert_eq!(
+            rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+            Recorded::Echo
+        );
         // The third event at 1 is a change.
-        assert_eq!(rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)), Recorded::Won(1));
+        assert_eq!(
+            rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+            Recorded::Won(1)
+        );
         // A delete is not the echo of an enroll; a change clears what was
         // expected there.
-        assert_eq!(rec(&s, 2, "u", ev(t + 1, MemberOp::Delete, false, Own)), Recorded::Won(2));
+        assert_eq!(
+            rec(&s, 2, "u", ev(t + 1, MemberOp::Delete, false, Own)),
+            Recorded::Won(2)
+        );
         assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 0);
         // A failed write is not expected any more.
         expect(&s, &[3], "v", MemberOp::Delete);
@@ -588,7 +683,10 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(rec(&s, 3, "v", ev(t, MemberOp::Delete, false, Own)), Recorded::Won(3));
+        assert_eq!(
+            rec(&s, 3, "v", ev(t, MemberOp::Delete, false, Own)),
+            Recorded::Won(3)
+        );
     }
 
     #[test]
@@ -601,8 +699,14 @@ mod tests {
         // a real delete there later is a change.
         expect(&s, &[1], "u", MemberOp::Delete);
         expect(&s, &[1], "u", MemberOp::Upsert);
-        assert_eq!(rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)), Recorded::Echo);
-        assert_eq!(rec(&s, 1, "u", ev(t + 1, MemberOp::Delete, false, Own)), Recorded::Won(1));
+        assert_eq!(
+            rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+            Recorded::Echo
+        );
+        assert_eq!(
+            rec(&s, 1, "u", ev(t + 1, MemberOp::Delete, false, Own)),
+            Recorded::Won(1)
+        );
     }
 
     #[test]
@@ -615,7 +719,10 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(rec(&s, 1, "u", ev(past(), MemberOp::Upsert, false, Own)), Recorded::Won(1));
+        assert_eq!(
+            rec(&s, 1, "u", ev(past(), MemberOp::Upsert, false, Own)),
+            Recorded::Won(1)
+        );
         assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 0);
     }
 
@@ -625,16 +732,28 @@ mod tests {
         let (_t, s) = store();
         let t = past();
         // Not seen yet: own writes decide.
-        assert_eq!(rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Observe)), Recorded::Won(1));
+        assert_eq!(
+            rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Observe)),
+            Recorded::Won(1)
+        );
         assert_eq!(s.with(|c| echo_observed(c, "g")).unwrap(), None);
-        assert_eq!(rec(&s, 2, "u", ev(t + 1, MemberOp::Upsert, true, Observe)), Recorded::Won(2));
-        assert_eq!(s.with(|c| echo_observed(c, "g")).unwrap().map(|(d, _)| d), Some(2));
+        assert_eq!(
+            rec(&s, 2, "u", ev(t + 1, MemberOp::Upsert, true, Observe)),
+            Recorded::Won(2)
+        );
+        assert_eq!(
+            s.with(|c| echo_observed(c, "g")).unwrap().map(|(d, _)| d),
+            Some(2)
+        );
         assert_eq!(
             s.with(|c| echo_in_force(c, "g", Observe)).unwrap(),
             InForce::ChangedOnDevice
         );
         // From now on an unflagged event is not a change.
-        assert_eq!(rec(&s, 1, "u", ev(t + 2, MemberOp::Delete, false, Observe)), Recorded::Foreign);
+        assert_eq!(
+            rec(&s, 1, "u", ev(t + 2, MemberOp::Delete, false, Observe)),
+            Recorded::Foreign
+        );
     }
 
     proptest! {

@@ -189,7 +189,8 @@ impl Applier {
     ) -> Result<bool, SyncError> {
         let name = self.group.name.clone();
         let now = Instant::now();
-        let others = |src: u32| -> Vec<u32> { cohort.iter().copied().filter(|m| *m != src).collect() };
+        let others =
+            |src: u32| -> Vec<u32> { cohort.iter().copied().filter(|m| *m != src).collect() };
         let mut deletes: Vec<MemberRow> = Vec::new();
         let mut by_source: BTreeMap<u32, Vec<MemberRow>> = BTreeMap::new();
         // Rows that need nothing of this cohort (a version only its own
@@ -290,7 +291,12 @@ impl Applier {
                 .filter(|r| r.source == src)
                 .filter_map(|r| records.get(&r.user_id))
                 .collect();
-            for chunk in plan::chunks(users, |u| u.raw.len(), self.batch_limit, self.sync.batch_bytes) {
+            for chunk in plan::chunks(
+                users,
+                |u| u.raw.len(),
+                self.batch_limit,
+                self.sync.batch_bytes,
+            ) {
                 let targets: Vec<u32> = ok_targets(&outcomes)
                     .into_iter()
                     .filter(|t| *t != src)
@@ -301,7 +307,11 @@ impl Applier {
                 let ids: Vec<String> = chunk.iter().map(|u| u.id.clone()).collect();
                 self.expect(&targets, &ids, MemberOp::Upsert, false).await?;
                 let raws = chunk.iter().map(|u| u.raw.clone()).collect();
-                match self.client.user_enroll_multi(targets.clone(), raws, true).await {
+                match self
+                    .client
+                    .user_enroll_multi(targets.clone(), raws, true)
+                    .await
+                {
                     Ok(()) => self.batch_fits(),
                     Err(e) => {
                         self.batch_timed_out(&e);
@@ -314,7 +324,8 @@ impl Applier {
                             .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
                             .map(|(t, _)| *t)
                             .collect();
-                        self.expect(&unwritten, &ids, MemberOp::Upsert, true).await?;
+                        self.expect(&unwritten, &ids, MemberOp::Upsert, true)
+                            .await?;
                         for (t, o) in called.into_iter().filter(|(_, o)| o.is_err()) {
                             outcomes.insert(t, o);
                         }
@@ -327,7 +338,11 @@ impl Applier {
             let targets = ok_targets(&outcomes);
             if !targets.is_empty() {
                 self.expect(&targets, &ids, MemberOp::Delete, false).await?;
-                if let Err(e) = self.client.user_delete_multi(targets.clone(), ids.clone()).await {
+                if let Err(e) = self
+                    .client
+                    .user_delete_multi(targets.clone(), ids.clone())
+                    .await
+                {
                     let mut called: BTreeMap<u32, Result<(), Failure>> =
                         targets.iter().map(|t| (*t, Ok(()))).collect();
                     record_failure(&mut called, &e);
@@ -336,13 +351,16 @@ impl Applier {
                         .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
                         .map(|(t, _)| *t)
                         .collect();
-                    self.expect(&unwritten, &ids, MemberOp::Delete, true).await?;
+                    self.expect(&unwritten, &ids, MemberOp::Delete, true)
+                        .await?;
                     for (t, o) in called {
                         // NOT_FOUND: a member did not hold some user (the
                         // delete had reached it, or it never had it);
                         // deleted one by one, missing confirmed by its list.
                         let o = match o {
-                            Err(Failure::Permanent(Code::NotFound, _)) => self.delete_each(t, &ids).await,
+                            Err(Failure::Permanent(Code::NotFound, _)) => {
+                                self.delete_each(t, &ids).await
+                            }
                             other => other,
                         };
                         if o.is_err() {
@@ -357,11 +375,7 @@ impl Applier {
         let written_rows: Vec<JournalRow> = written.iter().map(journal_row).collect();
         let passed: Vec<JournalRow> = match lane {
             Lane::Journal => rows.iter().map(journal_row).collect(),
-            Lane::Pending => written
-                .iter()
-                .chain(&settled)
-                .map(journal_row)
-                .collect(),
+            Lane::Pending => written.iter().chain(&settled).map(journal_row).collect(),
         };
         let done = ok_targets(&outcomes);
         let mut progressed = !done.is_empty();
@@ -384,9 +398,12 @@ impl Applier {
                         .iter()
                         .filter(|r| r.version.deleted || r.source != t)
                         .partition(|r| r.version.deleted);
-                    let ids = |v: Vec<&MemberRow>| v.iter().map(|r| r.user_id.clone()).collect::<Vec<_>>();
+                    let ids = |v: Vec<&MemberRow>| {
+                        v.iter().map(|r| r.user_id.clone()).collect::<Vec<_>>()
+                    };
                     self.expect(&[t], &ids(up), MemberOp::Upsert, false).await?;
-                    self.expect(&[t], &ids(del), MemberOp::Delete, false).await?;
+                    self.expect(&[t], &ids(del), MemberOp::Delete, false)
+                        .await?;
                     progressed |= self.one_by_one(t, lane, &mine, &records).await?;
                 }
             }
@@ -394,7 +411,11 @@ impl Applier {
         if progressed {
             for r in &written {
                 self.source_poison.remove(&r.user_id);
-                let action = if r.version.deleted { "deleted" } else { "enrolled" };
+                let action = if r.version.deleted {
+                    "deleted"
+                } else {
+                    "enrolled"
+                };
                 let to: Vec<u32> = if r.version.deleted {
                     cohort.to_vec()
                 } else {

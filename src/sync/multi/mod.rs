@@ -173,9 +173,7 @@ impl Applier {
                 let known = store::group_members(&tx, &name)?;
                 // A one-way group's lists differ; a multi-master group
                 // stores its members as both.
-                let reshaped = known
-                    .as_ref()
-                    .is_some_and(|k| k.sources != k.targets)
+                let reshaped = known.as_ref().is_some_and(|k| k.sources != k.targets)
                     || tx.query_row(
                         "SELECT EXISTS (SELECT 1 FROM journal WHERE grp = ?1 AND stamp IS NULL)",
                         [&name],
@@ -239,10 +237,9 @@ impl Applier {
         let Some(links) = self.multi.links.clone() else {
             return Ok(());
         };
-        let bound = self
-            .group
-            .multi_master()
-            .map_or(i64::MAX, |m| i64::try_from(m.max_clock_skew.as_secs()).unwrap_or(i64::MAX));
+        let bound = self.group.multi_master().map_or(i64::MAX, |m| {
+            i64::try_from(m.max_clock_skew.as_secs()).unwrap_or(i64::MAX)
+        });
         let mut store_now = Vec::new();
         for m in self.members() {
             let Some(skew) = links.clocks.skew(m) else {
@@ -308,7 +305,9 @@ impl Applier {
         for (m, rx) in waits {
             match tokio::time::timeout(SETTLE_TIMEOUT, rx).await {
                 Ok(Ok(Ok(()))) => read.push(m),
-                Ok(Ok(Err(e))) => self.back_off(m, &format!("its log could not be read before a write: {e}")),
+                Ok(Ok(Err(e))) => {
+                    self.back_off(m, &format!("its log could not be read before a write: {e}"))
+                }
                 Ok(Err(_)) => self.back_off(m, "the event consumer did not answer"),
                 Err(_) => self.back_off(m, "its log read before a write took too long"),
             }
@@ -400,12 +399,18 @@ mod tests {
         assert!(fx.changes.is_empty());
         assert_eq!(fx.diverged.len(), 1);
         assert_eq!(
-            fx.reconciles.iter().map(|r| (r.group.as_str(), r.target)).collect::<Vec<_>>(),
+            fx.reconciles
+                .iter()
+                .map(|r| (r.group.as_str(), r.target))
+                .collect::<Vec<_>>(),
             vec![("desks", 2)]
         );
         let fx = effects(&c, 1, &[ev(9, 0x4502, "", false)]);
         assert_eq!(
-            fx.reconciles.iter().map(|r| (r.group.as_str(), r.target)).collect::<Vec<_>>(),
+            fx.reconciles
+                .iter()
+                .map(|r| (r.group.as_str(), r.target))
+                .collect::<Vec<_>>(),
             vec![("desks", 1)]
         );
     }

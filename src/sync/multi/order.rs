@@ -133,10 +133,16 @@ mod tests {
     fn later_wins_then_higher_device() {
         let a = v(100, 1, false);
         assert_eq!(merge(None, a), Merge::Replace(a));
-        assert_eq!(merge(Some(&a), v(101, 2, false)), Merge::Replace(v(101, 2, false)));
+        assert_eq!(
+            merge(Some(&a), v(101, 2, false)),
+            Merge::Replace(v(101, 2, false))
+        );
         assert_eq!(merge(Some(&a), v(99, 2, false)), Merge::Keep);
         // The same second: the higher device ID wins, both ways round.
-        assert_eq!(merge(Some(&a), v(100, 2, true)), Merge::Replace(v(100, 2, true)));
+        assert_eq!(
+            merge(Some(&a), v(100, 2, true)),
+            Merge::Replace(v(100, 2, true))
+        );
         assert_eq!(merge(Some(&v(100, 2, true)), a), Merge::Keep);
     }
 
@@ -144,13 +150,19 @@ mod tests {
     fn a_tombstone_is_not_undone_by_an_older_enroll() {
         let deleted = v(200, 1, true);
         assert_eq!(merge(Some(&deleted), v(150, 2, false)), Merge::Keep);
-        assert_eq!(merge(Some(&deleted), v(201, 2, false)), Merge::Replace(v(201, 2, false)));
+        assert_eq!(
+            merge(Some(&deleted), v(201, 2, false)),
+            Merge::Replace(v(201, 2, false))
+        );
     }
 
     #[test]
     fn one_member_in_log_order_even_if_its_clock_went_back() {
         let first = v(200, 1, false);
-        assert_eq!(merge(Some(&first), v(150, 1, true)), Merge::Replace(v(200, 1, true)));
+        assert_eq!(
+            merge(Some(&first), v(150, 1, true)),
+            Merge::Replace(v(200, 1, true))
+        );
     }
 
     #[test]
@@ -170,7 +182,10 @@ mod tests {
         assert_eq!(in_force(Observe, false, true), InForce::ChangedOnDevice);
         assert_eq!(in_force(Observe, true, false), InForce::ChangedOnDevice);
         assert_eq!(in_force(OwnWrites, true, true), InForce::OwnWrites);
-        assert_eq!(in_force(ChangedOnDevice, false, false), InForce::ChangedOnDevice);
+        assert_eq!(
+            in_force(ChangedOnDevice, false, false),
+            InForce::ChangedOnDevice
+        );
         let cod = InForce::ChangedOnDevice;
         assert_eq!(classify(cod, true, true), Origin::Local);
         assert_eq!(classify(cod, false, true), Origin::Echo);

@@ -83,7 +83,11 @@ impl Applier {
         // The union needs every member's list.
         let now = Instant::now();
         if !members.iter().all(|m| self.eligible(*m))
-            || self.timers.reconcile.get(&0).is_some_and(|(_, at)| *at > now)
+            || self
+                .timers
+                .reconcile
+                .get(&0)
+                .is_some_and(|(_, at)| *at > now)
         {
             return Ok(false);
         }
@@ -186,7 +190,8 @@ impl Applier {
                     if !h.contains_key(&source) {
                         // Its member lost it (reset, wiped): read it from
                         // a member that holds it, the order unchanged.
-                        let Some(other) = members.iter().copied().find(|m| h.contains_key(m)) else {
+                        let Some(other) = members.iter().copied().find(|m| h.contains_key(m))
+                        else {
                             tracing::warn!(group = %name, user_id = %u, origin = reg.version.stamp.device,
                                 "no member holds the winning version of this user any more; nothing to copy");
                             run.conflicts.push((u.clone(), format!(
@@ -216,7 +221,9 @@ impl Applier {
                 None if h.is_empty() => {}
                 None => {
                     let first = h.iter().next().map(|(m, r)| (*m, r.raw.clone()));
-                    let Some((first_holder, first_raw)) = first else { continue };
+                    let Some((first_holder, first_raw)) = first else {
+                        continue;
+                    };
                     let agree = h.values().all(|r| r.raw == first_raw);
                     let source = if agree {
                         first_holder
@@ -236,7 +243,9 @@ impl Applier {
                         run.conflicts.push((u.clone(), describe(&h)));
                         continue;
                     };
-                    let Some(want) = h.get(&source).map(|r| r.raw.clone()) else { continue };
+                    let Some(want) = h.get(&source).map(|r| r.raw.clone()) else {
+                        continue;
+                    };
                     for m in members.iter().filter(|m| **m != source) {
                         match h.get(m) {
                             None => {
