@@ -280,6 +280,13 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (grp, device_id, user_id, op)
     );
     CREATE INDEX own_write_by_expiry ON own_write (expires_at);
+    -- When the group first ran as multi-master: a delete older than
+    -- that of a user with no recorded change is history (a log read
+    -- again from its start), not a change.
+    CREATE TABLE member_group (
+        grp        TEXT PRIMARY KEY,
+        started_at INTEGER NOT NULL
+    );
     -- The member that first reported changedOnDevice, and when.
     CREATE TABLE member_echo (
         grp       TEXT PRIMARY KEY,
@@ -907,6 +914,7 @@ pub fn drop_group(conn: &Connection, group: &str) -> Result<(), StoreError> {
         "target_drift",
         "reconcile_result",
         "own_write",
+        "member_group",
         "member_echo",
         "member_conflict",
     ] {

@@ -77,6 +77,9 @@ pub enum Recorded {
     Echo,
     /// Not a change in this mode (another SDK client's write).
     Foreign,
+    /// A delete from before the group first ran, of a user with no
+    /// recorded change: history read again, not a change.
+    History,
 }
 
 fn u32_time(secs: i64) -> u32 {
@@ -152,6 +155,25 @@ pub fn record(
         deleted: ev.op == MemberOp::Delete,
     };
     let stored = row(tx, group, user)?;
+    // A log read again from its start (a reset, maybe taken for one
+    // wrongly) replays deletes of long ago; one of a user the group never
+    // saw change could delete a user enrolled elsewhere since. The
+    // reconcile such a read asks for decides instead.
+    if incoming.deleted
+        && stored.is_none()
+        && started_at(tx, group)?.is_some_and(|s| i64::from(time) + i64::from(ev.max_skew) < s)
+    {
+        tracing::warn!(
+            group,
+            device_id = device,
+            user_id = user,
+            event_id = ev.event,
+            change_time = time,
+            "delete from before the group first ran, of a user with no recorded change: taken for history read again, not spread \
+             (if the member's clock is behind, set it)"
+        );
+        return Ok(Recorded::History);
+    }
     match order::merge(stored.as_ref().map(|r| &r.version), incoming) {
         Merge::Replace(v) => {
             let seq = head(tx, group)? + 1;
@@ -418,6 +440,26 @@ pub fn own_writes_expected(conn: &Connection, group: &str) -> Result<u64, StoreE
     )?)
 }
 
+/// Notes when the group first ran as multi-master (kept from then on).
+pub fn mark_started(conn: &Connection, group: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO member_group (grp, started_at) VALUES (?1, ?2)",
+        params![group, now()],
+    )?;
+    Ok(())
+}
+
+/// When the group first ran as multi-master (unix time).
+pub fn started_at(conn: &Connection, group: &str) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT started_at FROM member_group WHERE grp = ?1",
+            [group],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 /// When and where a member of the group first reported `changedOnDevice`
 /// (echo detection `Observe` then uses the flag): (device, unix time).
 pub fn echo_observed(conn: &Connection, group: &str) -> Result<Option<(u32, u64)>, StoreError> {
@@ -614,6 +656,34 @@ mod tests {
         assert_eq!(s.head("g").unwrap(), 2);
         // A one-way row is no register.
         assert_eq!(s.with(|c| row(c, "g", "nobody")).unwrap(), None);
+    }
+
+    #[test]
+    fn old_deletes_of_users_without_history_are_history() {
+        use EchoDetection::ChangedOnDevice as Cod;
+        let (_t, s) = store();
+        s.with(|c| mark_started(c, "g")).unwrap();
+        let old = u32_time(now() - 86_400);
+        assert_eq!(
+            rec(&s, 1, "u", ev(old, MemberOp::Delete, true, Cod)),
+            Recorded::History
+        );
+        assert_eq!(s.head("g").unwrap(), 0);
+        // An old enroll is recorded (its state is read now), and an old
+        // delete of a user with history is ordered as any change.
+        assert_eq!(
+            rec(&s, 1, "v", ev(old, MemberOp::Upsert, true, Cod)),
+            Recorded::Won(1)
+        );
+        assert_eq!(
+            rec(&s, 2, "v", ev(old + 1, MemberOp::Delete, true, Cod)),
+            Recorded::Won(2)
+        );
+        // A delete since the start is a change.
+        assert_eq!(
+            rec(&s, 1, "w", ev(u32_time(now()), MemberOp::Delete, true, Cod)),
+            Recorded::Won(3)
+        );
     }
 
     #[test]

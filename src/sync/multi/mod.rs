@@ -197,6 +197,7 @@ impl Applier {
                     }
                 }
                 store::set_group_members(&tx, &name, &members, &members)?;
+                store::multi::mark_started(&tx, &name)?;
                 tx.commit()?;
                 Ok((created, reshaped))
             })
