@@ -722,7 +722,8 @@ pub fn record_change(tx: &Transaction<'_>, change: &Change) -> Result<u64, Store
         "INSERT INTO journal (grp, user_id, seq, source, kind, recorded_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (grp, user_id) DO UPDATE
-         SET seq = ?3, source = ?4, kind = ?5, recorded_at = ?6",
+         SET seq = ?3, source = ?4, kind = ?5, recorded_at = ?6,
+             stamp = NULL, origin = NULL, deleted = 0",
         params![
             change.group,
             change.user_id,

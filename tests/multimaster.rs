@@ -633,3 +633,34 @@ async fn a_reset_member_gets_its_users_back() {
     );
     daemon.stop().await;
 }
+
+/// A one-way group made multi-master (same name, restart): its one-way
+/// state is dropped, the members are reconciled, and a change at the former
+/// target now reaches the former source.
+#[tokio::test]
+async fn a_one_way_group_can_become_multi_master() {
+    let sim = sim(2).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let one_way = format!("[[group]]\nname = \"desks\"\nsources = [{a}]\ntargets = [{b}]\n");
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &one_way));
+    let u = record(&sim, "u", 0);
+    sim.put_raw_on_device(a, u.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&u)).await;
+    daemon.stop().await;
+
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let v = record(&sim, "v", 0);
+    sim.put_raw_on_device(b, v.clone()).unwrap();
+    wait_everywhere(&sim, &m, "v", Some(&v)).await;
+    sim.delete_on_device(b, "u").unwrap();
+    wait_everywhere(&sim, &m, "u", None).await;
+    quiet(&sim, &store, &m).await;
+    let regs = registers(&store);
+    assert_eq!(regs.len(), 2, "{regs:?}");
+    assert_eq!((regs["v"], regs["u"]), ((b, false), (b, true)));
+    daemon.stop().await;
+}

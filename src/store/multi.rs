@@ -338,11 +338,18 @@ pub fn expect_own_writes(
             ])?;
         }
     }
-    tx.execute(
-        "DELETE FROM own_write WHERE grp = ?1 AND rowid IN (
-            SELECT rowid FROM own_write WHERE grp = ?1 ORDER BY expires_at DESC LIMIT -1 OFFSET ?2)",
-        params![group, OWN_WRITES_MAX],
+    let kept: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM own_write WHERE grp = ?1",
+        [group],
+        |r| r.get(0),
     )?;
+    if kept > OWN_WRITES_MAX {
+        tx.execute(
+            "DELETE FROM own_write WHERE grp = ?1 AND rowid IN (
+                SELECT rowid FROM own_write WHERE grp = ?1 ORDER BY expires_at LIMIT ?2)",
+            params![group, kept - OWN_WRITES_MAX],
+        )?;
+    }
     Ok(())
 }
 
@@ -438,6 +445,47 @@ pub fn own_writes_expected(conn: &Connection, group: &str) -> Result<u64, StoreE
         params![group, now()],
         |r| r.get::<_, u64>(0),
     )?)
+}
+
+/// Which shape a group's state is kept for when its shape changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    OneWay,
+    MultiMaster,
+}
+
+/// Drops what a group's other shape left (cursors, parked and queued rows,
+/// reconcile requests and results, quarantine, status, the other shape's
+/// journal rows), keeping the rows the event consumer may already have
+/// recorded under the new shape: its new members or targets start at the
+/// head and are reconciled, as on a first start.
+pub fn drop_other_shape(conn: &Connection, group: &str, keep: Shape) -> Result<(), StoreError> {
+    let rows = match keep {
+        Shape::MultiMaster => "DELETE FROM journal WHERE grp = ?1 AND stamp IS NULL",
+        Shape::OneWay => "DELETE FROM journal WHERE grp = ?1 AND stamp IS NOT NULL",
+    };
+    conn.execute(rows, [group])?;
+    let mut tables = vec![
+        "cursor",
+        "pending",
+        "reconcile",
+        "quarantine",
+        "group_status",
+        "target_drift",
+        "reconcile_result",
+    ];
+    if keep == Shape::OneWay {
+        tables.extend([
+            "own_write",
+            "member_group",
+            "member_echo",
+            "member_conflict",
+        ]);
+    }
+    for table in tables {
+        conn.execute(&format!("DELETE FROM {table} WHERE grp = ?1"), [group])?;
+    }
+    Ok(())
 }
 
 /// Notes when the group first ran as multi-master (kept from then on).

@@ -180,7 +180,7 @@ impl Applier {
                         |r| r.get::<_, bool>(0),
                     )?;
                 if reshaped {
-                    store::drop_group(&tx, &name)?;
+                    store::multi::drop_other_shape(&tx, &name, store::multi::Shape::MultiMaster)?;
                 } else if let Some(k) = &known {
                     for m in k.targets.iter().filter(|m| !members.contains(m)) {
                         store::drop_target(&tx, &name, *m)?;
