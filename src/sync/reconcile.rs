@@ -19,7 +19,8 @@ impl Applier {
                 let tx = c.transaction()?;
                 let mut known = store::group_members(&tx, &group.name)?;
                 // It was a multi-master group (members stored as both
-                // lists): its registers mean nothing here; start afresh.
+                // lists): what that shape left goes, and the targets start
+                // as on a first start.
                 if known
                     .as_ref()
                     .is_some_and(|k| !k.sources.is_empty() && k.sources == k.targets)
