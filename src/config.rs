@@ -31,6 +31,7 @@ impl fmt::Display for ConfigError {
 
 mod checks;
 mod diff;
+mod multi;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -53,13 +54,74 @@ pub struct DeviceConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupConfig {
     pub name: String,
+    /// Empty for a multi-master group (so every one-way path skips it).
     pub sources: Vec<u32>,
+    /// Empty for a multi-master group.
     pub targets: Vec<u32>,
-    /// Remove users from targets that the sources do not have (reconcile).
+    /// One-way: remove users from targets that the sources do not have
+    /// (reconcile). Multi-master: settle a difference between members that
+    /// no history decides by the order of `members`.
     pub prune: bool,
-    /// Propagate a source's "delete all users" (0x2600) to the targets.
+    /// Propagate a source's "delete all users" (0x2600) to the targets
+    /// (one-way only).
     pub propagate_delete_all: bool,
+    pub mode: GroupMode,
 }
+
+impl GroupConfig {
+    /// The multi-master settings, if the group is one.
+    pub fn multi_master(&self) -> Option<&MultiMaster> {
+        match &self.mode {
+            GroupMode::OneWay => None,
+            GroupMode::MultiMaster(m) => Some(m),
+        }
+    }
+
+    /// The members of a multi-master group (empty for a one-way group).
+    pub fn members(&self) -> &[u32] {
+        self.multi_master().map_or(&[], |m| &m.members)
+    }
+}
+
+/// How a group's devices relate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupMode {
+    /// Changes at `sources` are copied to `targets`, never back.
+    OneWay,
+    /// Every member accepts changes; they reach every other member; the
+    /// last writer wins per user (`sync::multi`).
+    MultiMaster(MultiMaster),
+}
+
+/// A multi-master group's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultiMaster {
+    /// In the order given: with `prune`, the first member holding a user
+    /// settles a difference no history decides.
+    pub members: Vec<u32>,
+    pub echo: EchoDetection,
+    /// A device clock this far from the daemon's is warned about, and an
+    /// event time further ahead than this is ordered as the daemon's time
+    /// plus this bound.
+    pub max_clock_skew: Duration,
+}
+
+/// How the daemon tells a member's own changes from its writes there
+/// (which the device logs as user events too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EchoDetection {
+    /// Only events with `changedOnDevice` set are changes (WIRE.md B13).
+    ChangedOnDevice,
+    /// Events matching a write of the daemon (device, user, operation)
+    /// within a bounded window are its own; the rest are changes.
+    OwnWrites,
+    /// Not configured: own writes until a member reports an event with
+    /// `changedOnDevice` set, then changed-on-device (recorded, logged).
+    Observe,
+}
+
+/// Default of `max_clock_skew_secs`.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayConfig {
@@ -166,6 +228,11 @@ impl Config {
 
     pub fn group(&self, name: &str) -> Option<&GroupConfig> {
         self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The multi-master group `device` is a member of (one at most).
+    pub fn member_of(&self, device: u32) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.members().contains(&device))
     }
 }
 

@@ -33,6 +33,9 @@
 //!   calls, moving cursors), `source.rs` (reading users at the sources,
 //!   absence confirmed), `reconcile.rs`, `failure.rs` (transient/permanent,
 //!   narrowing down and quarantine), `plan.rs` (cohorts, batches; pure).
+//!   [`sync::multi`] — multi-master groups (last writer wins per user, echo
+//!   detection, clock skew, union reconcile), their registers in
+//!   [`store::multi`].
 //! * [`backoff`] — the retry policy.
 //! * [`service`] — systemd notifications, STATUS line, watchdog;
 //!   `service::signals` — SIGTERM/SIGINT (stop, a second abandons), SIGHUP

@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 mod lock;
 pub use lock::{LOCK_FILE, try_lock};
+pub mod multi;
 
 pub const DB_FILE: &str = "state.db";
 /// Schema version written in `PRAGMA user_version`.
@@ -87,6 +88,9 @@ pub enum ChangeKind {
     /// A reconcile with prune found the user on the target and at no
     /// source (pending lane only): deleted unless a source holds it now.
     Prune,
+    /// A user event at a member of a multi-master group: ordered into the
+    /// user's register ([`multi::record`]), not stored with this kind.
+    Member(multi::MemberEvent),
 }
 
 /// A change to record in a group's journal.
@@ -152,6 +156,8 @@ fn kind_code(k: ChangeKind) -> i64 {
         ChangeKind::User => 0,
         ChangeKind::DeleteAll => 1,
         ChangeKind::Prune => 2,
+        // Stored as a user row with its register's columns (`multi`).
+        ChangeKind::Member(_) => 0,
     }
 }
 
@@ -279,6 +285,57 @@ const MIGRATIONS: &[&str] = &[
         extra       INTEGER NOT NULL,
         pruned      INTEGER NOT NULL,
         PRIMARY KEY (grp, device_id)
+    );
+    ",
+    // 5: multi-master groups (`store::multi`). A user's journal row is its
+    // last-writer-wins register: the winning change's time (the event's,
+    // bounded by the clock-skew rule), the member it was made at (`origin`,
+    // the tiebreak) and whether it deleted the user (a tombstone). `source`
+    // stays where the version is read (the origin, unless it lost it).
+    // One-way rows leave `stamp` NULL.
+    "
+    ALTER TABLE journal ADD COLUMN stamp INTEGER;
+    ALTER TABLE journal ADD COLUMN origin INTEGER;
+    ALTER TABLE journal ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+    -- Writes of the daemon to members still expected to come back as
+    -- events (echo detection by own writes); bounded by time and count.
+    CREATE TABLE own_write (
+        grp        TEXT    NOT NULL,
+        device_id  INTEGER NOT NULL,
+        user_id    TEXT    NOT NULL,
+        op         INTEGER NOT NULL,
+        pending    INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id, user_id, op)
+    );
+    CREATE INDEX own_write_by_expiry ON own_write (expires_at);
+    -- When the group first ran as multi-master: a delete older than
+    -- that of a user with no recorded change is history (a log read
+    -- again from its start), not a change.
+    CREATE TABLE member_group (
+        grp        TEXT PRIMARY KEY,
+        started_at INTEGER NOT NULL
+    );
+    -- The member that first reported changedOnDevice, and when.
+    CREATE TABLE member_echo (
+        grp       TEXT PRIMARY KEY,
+        device_id INTEGER NOT NULL,
+        seen_at   INTEGER NOT NULL
+    );
+    -- Users whose versions differ between members with no history to
+    -- decide (the last reconcile's findings).
+    CREATE TABLE member_conflict (
+        grp      TEXT    NOT NULL,
+        user_id  TEXT    NOT NULL,
+        detail   TEXT    NOT NULL,
+        found_at INTEGER NOT NULL,
+        PRIMARY KEY (grp, user_id)
+    );
+    -- Each device's clock against the daemon's (its realtime events).
+    CREATE TABLE device_clock (
+        device_id   INTEGER PRIMARY KEY,
+        skew_secs   INTEGER NOT NULL,
+        measured_at INTEGER NOT NULL
     );
     ",
 ];
@@ -709,12 +766,21 @@ pub fn head(conn: &Connection, group: &str) -> Result<u64, StoreError> {
 /// Records a change, replacing the user's earlier row (compaction) with a
 /// new, higher sequence number. Returns the sequence number.
 pub fn record_change(tx: &Transaction<'_>, change: &Change) -> Result<u64, StoreError> {
+    if let ChangeKind::Member(ev) = &change.kind {
+        // Ordered into the user's register: it may not win (older, or an
+        // echo of the daemon's own write).
+        return match multi::record(tx, change, ev)? {
+            multi::Recorded::Won(seq) => Ok(seq),
+            _ => head(tx, &change.group),
+        };
+    }
     let seq = head(tx, &change.group)? + 1;
     tx.execute(
         "INSERT INTO journal (grp, user_id, seq, source, kind, recorded_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (grp, user_id) DO UPDATE
-         SET seq = ?3, source = ?4, kind = ?5, recorded_at = ?6",
+         SET seq = ?3, source = ?4, kind = ?5, recorded_at = ?6,
+             stamp = NULL, origin = NULL, deleted = 0",
         params![
             change.group,
             change.user_id,
@@ -905,6 +971,10 @@ pub fn drop_group(conn: &Connection, group: &str) -> Result<(), StoreError> {
         "group_members",
         "target_drift",
         "reconcile_result",
+        "own_write",
+        "member_group",
+        "member_echo",
+        "member_conflict",
     ] {
         conn.execute(&format!("DELETE FROM {table} WHERE grp = ?1"), [group])?;
     }

@@ -168,6 +168,7 @@ pub async fn run_with(
         writers: Mutex::new(HashMap::new()),
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
+        clocks: Arc::default(),
     };
     // Groups that left the configuration while the daemon was stopped.
     let configured: Vec<String> = config.groups.iter().map(|g| g.name.clone()).collect();

@@ -89,6 +89,10 @@ fn the_shipped_example_documents_every_group_and_device_key() {
         "targets",
         "prune",
         "propagate_delete_all",
+        "mode",
+        "members",
+        "echo_detection",
+        "max_clock_skew_secs",
         "listen",
     ] {
         assert!(

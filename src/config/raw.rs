@@ -59,12 +59,17 @@ pub(super) struct RawDevice {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawGroup {
     pub(super) name: Spanned<String>,
-    pub(super) sources: Spanned<Vec<u32>>,
-    pub(super) targets: Spanned<Vec<u32>>,
+    /// `"one-way"` (the default) or `"multi-master"`.
+    pub(super) mode: Option<Spanned<String>>,
+    pub(super) sources: Option<Spanned<Vec<u32>>>,
+    pub(super) targets: Option<Spanned<Vec<u32>>>,
+    pub(super) members: Option<Spanned<Vec<u32>>>,
+    pub(super) echo_detection: Option<Spanned<String>>,
+    pub(super) max_clock_skew_secs: Option<Spanned<u64>>,
     #[serde(default)]
     pub(super) prune: bool,
     #[serde(default)]
-    pub(super) propagate_delete_all: bool,
+    pub(super) propagate_delete_all: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,7 +120,7 @@ pub(super) fn key_at(text: &str, offset: usize) -> Option<String> {
 }
 
 /// Keys (of the TOML file and of Suprema's JSON) that hold device IDs.
-const DEVICE_ID_KEYS: [&str; 4] = ["id", "sources", "targets", "device_id"];
+const DEVICE_ID_KEYS: [&str; 5] = ["id", "sources", "targets", "members", "device_id"];
 
 /// Says a deserializer's type error in words an operator reads
 /// (`expected u32` → `expected a whole number between 0 and 4294967295`;

@@ -29,6 +29,12 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     v.validate(raw)
 }
 
+/// A one-way group's lists, once both are known to be there.
+struct OneWay {
+    sources: Spanned<Vec<u32>>,
+    targets: Spanned<Vec<u32>>,
+}
+
 struct Validator<'a> {
     path: &'a Path,
     text: &'a str,
@@ -119,7 +125,10 @@ impl Validator<'_> {
         let mut sources_seen: BTreeSet<u32> = BTreeSet::new();
         // Each target's group: a device is written by one group only.
         let mut targets_seen: BTreeMap<u32, String> = BTreeMap::new();
+        // Each multi-master member's group.
+        let mut members_seen: BTreeMap<u32, String> = BTreeMap::new();
         for g in raw.group {
+            let group_span = g.span();
             let g = g.into_inner();
             let name = g.name.get_ref().trim().to_owned();
             if name.is_empty()
@@ -134,6 +143,48 @@ impl Validator<'_> {
             }
             if groups.iter().any(|o| o.name == name) {
                 return self.err(g.name.span(), format!("group {name:?} is declared twice"));
+            }
+            let shape =
+                super::multi::shape(&name, &g).or_else(|(span, why)| self.err(span, why))?;
+            if shape == super::multi::Shape::MultiMaster {
+                let group = super::multi::multi_master(
+                    name,
+                    group_span,
+                    g,
+                    &devices,
+                    &sources_seen,
+                    &targets_seen,
+                    &members_seen,
+                )
+                .or_else(|(span, why)| self.err(span, why))?;
+                members_seen.extend(group.members().iter().map(|m| (*m, group.name.clone())));
+                groups.push(group);
+                continue;
+            }
+            let (Some(sources), Some(targets)) = (g.sources, g.targets) else {
+                return self.err(
+                    group_span,
+                    format!("group {name:?} needs sources and targets (or mode = \"multi-master\" and members)"),
+                );
+            };
+            let (prune, propagate_delete_all) = (
+                g.prune,
+                g.propagate_delete_all.is_some_and(Spanned::into_inner),
+            );
+            let g = OneWay { sources, targets };
+            // A member of a multi-master group is written by that group
+            // and its events are its own changes there.
+            for (list, key) in [(&g.sources, "sources"), (&g.targets, "targets")] {
+                if let Some((d, other)) = list
+                    .get_ref()
+                    .iter()
+                    .find_map(|d| members_seen.get(d).map(|o| (d, o)))
+                {
+                    return self.err(
+                        list.span(),
+                        format!("group {name:?}: {key} names device {d}, a member of multi-master group {other:?}; a member belongs to that group only"),
+                    );
+                }
             }
             for (list, key) in [(&g.sources, "sources"), (&g.targets, "targets")] {
                 if list.get_ref().is_empty() {
@@ -217,8 +268,9 @@ impl Validator<'_> {
                 name,
                 sources: g.sources.into_inner(),
                 targets: g.targets.into_inner(),
-                prune: g.prune,
-                propagate_delete_all: g.propagate_delete_all,
+                prune,
+                propagate_delete_all,
+                mode: GroupMode::OneWay,
             });
         }
 

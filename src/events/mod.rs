@@ -160,7 +160,7 @@ impl Effects {
         for g in &config.groups {
             let targets: &[u32] = if g.sources.contains(&device) {
                 &g.targets
-            } else if g.targets.contains(&device) {
+            } else if g.targets.contains(&device) || g.members().contains(&device) {
                 std::slice::from_ref(&device)
             } else {
                 &[]
@@ -190,7 +190,19 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
                 // ID is never sent on, and only comparing the user lists
                 // finds the change.
                 let what = codes::name(ev.event_code, ev.sub_code);
-                let source = config.groups.iter().any(|g| g.sources.contains(&device));
+                let mut source = config.groups.iter().any(|g| g.sources.contains(&device));
+                // At a multi-master member the group's reconcile (a union)
+                // finds an enroll; a delete whose user is not named cannot
+                // be told from the others' copies and is not spread.
+                if let Some(g) = config.member_of(device) {
+                    source = true;
+                    fx.reconciles.push(ReconcileRequest {
+                        group: g.name.clone(),
+                        target: device,
+                        reason: format!("{what} (event {}) with {why}", ev.id),
+                        prune: g.prune,
+                    });
+                }
                 if source {
                     for g in config.groups.iter().filter(|g| g.sources.contains(&device)) {
                         for t in &g.targets {
@@ -214,6 +226,10 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
                 ));
             }
             Meaning::UserChanged => {
+                // At a member of a multi-master group: ordered into the
+                // user's register when recorded (it may be an echo).
+                fx.changes
+                    .extend(crate::sync::multi::change_of(config, device, ev));
                 for g in config.groups.iter().filter(|g| g.sources.contains(&device)) {
                     fx.changes.push(Change {
                         group: g.name.clone(),
@@ -261,6 +277,25 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
                         group: g.name.clone(),
                         target: device,
                         reason: format!("all users deleted at target (event {})", ev.id),
+                        prune: g.prune,
+                    });
+                }
+                // Never spread to the other members: the member is
+                // reconciled (its users come back from the others).
+                if let Some(g) = config.member_of(device) {
+                    fx.diverged.push(Divergence {
+                        group: g.name.clone(),
+                        why: format!(
+                            "member {device} deleted all its users (event {}); not propagated in a \
+                             multi-master group: the member is reconciled from the others (delete users \
+                             one by one to remove them from the group)",
+                            ev.id
+                        ),
+                    });
+                    fx.reconciles.push(ReconcileRequest {
+                        group: g.name.clone(),
+                        target: device,
+                        reason: format!("all users deleted at member (event {})", ev.id),
                         prune: g.prune,
                     });
                 }

@@ -54,8 +54,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 pub use model::{
-    DeviceSpec, LogFault, LowByteCodes, MissingUser, ModelOptions, PastNewest, Policies,
-    RealtimeStats, RpcRecord, StaleStart, StreamHeaders, codes,
+    ChangedOnDevice, DeviceSpec, LogFault, LowByteCodes, MissingUser, ModelOptions, PastNewest,
+    Policies, RealtimeStats, RpcRecord, StaleStart, StreamHeaders, codes,
 };
 use service::{AdminSvc, CardSvc, ConnectSvc, EventSvc, Shared, UserSvc};
 pub use tls::SimCerts;
@@ -289,6 +289,12 @@ impl Simulator {
     /// queue cannot hold (B10). Returns the first and last event ID.
     pub fn append_events(&self, device: u32, n: u32, code: u32) -> Result<(u32, u32), SimError> {
         self.control(|m| m.append_events(device, n, code))
+    }
+
+    /// Sets a device's clock `secs` off the machine's (positive: ahead);
+    /// its events carry that time.
+    pub fn set_clock_offset(&self, device: u32, secs: i64) {
+        self.shared.model().set_clock_offset(device, secs);
     }
 
     /// Takes a device off the network at once.

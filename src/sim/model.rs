@@ -107,6 +107,7 @@ pub enum StreamHeaders {
 /// | §5.3, B21 | User.Get of an unknown ID, Delete of a missing user | [`Policies::missing_user`] · `--missing-user` · `missing_user` · `missing-user` | [`MissingUser::NotFound`] |
 /// | §5.2 | status code of a Multi partial failure | [`Policies::multi_error_code`] (API only) | INTERNAL |
 /// | §5.9 | codes with a meaningful low byte | [`Policies::low_byte_codes`] (API only) | [`LowByteCodes::Full`] |
+/// | B13 | `changedOnDevice` on user events | [`Policies::changed_on_device`] (API only) | [`ChangedOnDevice::Reported`] |
 /// | B14, B15 | devices known before a client adds them; after a gateway restart | [`ModelOptions::preconnect`] · `--preconnect` · `preconnect` · `preconnect on\|off` | off: GetDeviceList is empty until AddAsyncConnection, and again after a restart |
 /// | B27, B22 | time a device takes to answer a relayed command | [`ModelOptions::device_latency`] · `--device-latency-ms` · `device_latency_ms` · `device-latency` | 0 (real readers: tens of ms to 2 s) |
 ///
@@ -123,6 +124,21 @@ pub struct Policies {
     /// How codes whose low byte is part of the code (0x4502 …) are
     /// reported (§5.9).
     pub low_byte_codes: LowByteCodes,
+    /// Whether user events carry `changedOnDevice` (B13).
+    pub changed_on_device: ChangedOnDevice,
+}
+
+/// Whether user events carry `changedOnDevice` (WIRE.md B13, EventLog
+/// field 10, listed since V1.3). Documented, so set by default; some
+/// gateways or firmware may never set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChangedOnDevice {
+    /// Set on changes made at the device itself, not on writes through the
+    /// API.
+    #[default]
+    Reported,
+    /// Never set (every event reads `false`).
+    Omitted,
 }
 
 /// Reporting of event codes such as 0x4502 (WIRE.md B29, §5.9).
@@ -144,6 +160,7 @@ impl Default for Policies {
             past_newest: PastNewest::default(),
             multi_error_code: Code::Internal,
             low_byte_codes: LowByteCodes::default(),
+            changed_on_device: ChangedOnDevice::default(),
         }
     }
 }
@@ -531,6 +548,8 @@ pub struct Model {
     rng: SmallRng,
     card_seq: u64,
     stats: RealtimeStats,
+    /// Seconds each device's clock is off (event timestamps).
+    clock_offsets: HashMap<u32, i64>,
 }
 
 fn now_secs() -> u32 {
@@ -630,6 +649,7 @@ impl Model {
             rng: SmallRng::seed_from_u64(opts.seed),
             card_seq: opts.seed,
             stats: RealtimeStats::default(),
+            clock_offsets: HashMap::new(),
         };
         for spec in opts.devices {
             m.add_device(spec);
@@ -872,10 +892,13 @@ impl Model {
     /// queue drops the event (WIRE.md B10).
     pub fn append_event(&mut self, id: u32, code: u32, user_id: &str, on_device: bool) -> u32 {
         let codes = self.reported_code(code);
+        let on_device = on_device && self.policies.changed_on_device == ChangedOnDevice::Reported;
+        let offset = self.clock_offsets.get(&id).copied().unwrap_or(0);
+        let time = u32::try_from((i64::from(now_secs()) + offset).max(0)).unwrap_or(u32::MAX);
         let Some(dev) = self.devices.get_mut(&id) else {
             return 0;
         };
-        let event_id = dev.log.push(now_secs(), codes, user_id, on_device);
+        let event_id = dev.log.push(time, codes, user_id, on_device);
         if dev.monitoring
             && self.managed.contains_key(&id)
             && let Some(ev) = dev.log.newest()
@@ -1265,6 +1288,12 @@ impl Model {
     pub fn device_event(&mut self, id: u32, code: u32, user_id: &str) -> Result<u32, String> {
         self.device_mut(id)?;
         Ok(self.append_event(id, code, user_id, false))
+    }
+
+    /// Sets a device's clock `secs` off (positive: ahead): its events are
+    /// timestamped by it.
+    pub fn set_clock_offset(&mut self, id: u32, secs: i64) {
+        self.clock_offsets.insert(id, secs);
     }
 
     /// Takes a device off the network or brings it back. A device that comes

@@ -64,6 +64,7 @@ async fn realtime_stream(
     client: GatewayClient,
     queue: i32,
     tx: mpsc::Sender<EventLog>,
+    clocks: std::sync::Arc<crate::sync::multi::clock::ClockWatch>,
 ) -> SessionError {
     let mut stream = match client
         .subscribe_realtime_log(queue, Vec::new(), Vec::new())
@@ -75,6 +76,8 @@ async fn realtime_stream(
     loop {
         match stream.message().await {
             Ok(Some(ev)) => {
+                // Received now: its time against ours is the device's skew.
+                clocks.observe(ev.device_id, ev.timestamp);
                 if tx.send(ev).await.is_err() {
                     return SessionError::StreamEnded("realtime");
                 }
@@ -137,6 +140,7 @@ pub(super) async fn session(parts: &Parts, delay: Duration) -> Result<(), Sessio
         client.clone(),
         config.sync.realtime_queue,
         parts.realtime.clone(),
+        std::sync::Arc::clone(&parts.clocks),
     ));
     // Let the stream tasks hand their requests to the channel before any
     // device is registered (see the module doc).

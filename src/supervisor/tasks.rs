@@ -61,6 +61,8 @@ pub(super) struct Parts {
     pub(super) writers: Mutex<HashMap<String, WriterLock>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) health: Arc<Health>,
+    /// Device clocks as realtime events show them (multi-master groups).
+    pub(super) clocks: Arc<crate::sync::multi::clock::ClockWatch>,
 }
 
 impl Parts {
@@ -120,7 +122,11 @@ impl Parts {
                     config.sync.clone(),
                     wake,
                     Arc::clone(&self.metrics),
-                );
+                )
+                .with_links(crate::sync::multi::Links {
+                    catch_up: self.catch_up.clone(),
+                    clocks: Arc::clone(&self.clocks),
+                });
                 let span = tracing::info_span!("group", group = %name);
                 tasks.set.spawn(tracing::Instrument::instrument(
                     applier.run(self.writer(name), cancel.clone()),

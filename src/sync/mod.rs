@@ -14,6 +14,7 @@
 
 mod apply;
 mod failure;
+pub mod multi;
 pub mod plan;
 mod reconcile;
 mod source;
@@ -96,6 +97,8 @@ pub struct Applier {
     last_cohort: Option<u64>,
     /// Which lane goes first in the next step (see `step`).
     turn: u8,
+    /// A multi-master group's own state (see [`multi`]).
+    multi: multi::State,
 }
 
 /// What a source said of a user.
@@ -218,6 +221,7 @@ impl Applier {
             targets_initialized: false,
             last_cohort: None,
             turn: 0,
+            multi: multi::State::default(),
         }
     }
 
@@ -275,6 +279,9 @@ impl Applier {
 
     /// One unit of work; `true` if anything moved.
     pub async fn step(&mut self) -> Result<bool, SyncError> {
+        if self.group.multi_master().is_some() {
+            return self.multi_step().await;
+        }
         if !self.targets_initialized {
             self.init_targets().await?;
             self.targets_initialized = true;

@@ -17,7 +17,17 @@ impl Applier {
             .store
             .run(move |c| {
                 let tx = c.transaction()?;
-                let known = store::group_members(&tx, &group.name)?;
+                let mut known = store::group_members(&tx, &group.name)?;
+                // It was a multi-master group (members stored as both
+                // lists): what that shape left goes, and the targets start
+                // as on a first start.
+                if known
+                    .as_ref()
+                    .is_some_and(|k| !k.sources.is_empty() && k.sources == k.targets)
+                {
+                    store::multi::drop_other_shape(&tx, &group.name, store::multi::Shape::OneWay)?;
+                    known = None;
+                }
                 let cursors = store::cursors(&tx, &group.name)?;
                 let head = store::head(&tx, &group.name)?;
                 let mut created = Vec::new();

@@ -1,0 +1,431 @@
+//! Applying a multi-master group's registers to its members: the journal
+//! lane (every member of a cohort at one cursor) and the pending lane (one
+//! member: rows a reconcile queued, changes set back, rows parked while
+//! the member holding a version could not answer).
+
+use super::super::failure::{Failure, ok_targets, record_failure};
+use super::*;
+use crate::store::multi::MemberRow;
+use crate::sync::multi::order::{Stamp, Version};
+
+/// A row as the shared bookkeeping (cursors, pending, quarantine) sees it.
+fn journal_row(r: &MemberRow) -> JournalRow {
+    JournalRow {
+        seq: r.seq,
+        user_id: r.user_id.clone(),
+        source: r.source,
+        kind: ChangeKind::User,
+    }
+}
+
+impl Applier {
+    /// The next journal batch for the next cohort of members.
+    pub(super) async fn members_journal_step(&mut self) -> Result<bool, SyncError> {
+        let name = self.group.name.clone();
+        let (cursors, head) = {
+            let n = name.clone();
+            self.store
+                .run(move |c| Ok((store::cursors(c, &n)?, store::head(c, &n)?)))
+                .await?
+        };
+        for m in self.members() {
+            let behind = cursors.get(&m).map_or(0, |c| head.saturating_sub(*c));
+            self.metrics
+                .backlog
+                .get_or_create(&Metrics::target(&name, m))
+                .set(i64::try_from(behind).unwrap_or(i64::MAX));
+        }
+        let eligible = self.eligible_members();
+        let Some((cursor, cohort)) = plan::cohort(&cursors, &eligible, head, self.last_cohort)
+        else {
+            return Ok(false);
+        };
+        // Changes made at these members are ordered before they are
+        // written: their logs are read up to now first.
+        let cohort = self.settle_logs(&cohort).await;
+        if cohort.is_empty() {
+            return Ok(true);
+        }
+        let rows = {
+            let (n, limit) = (name.clone(), self.batch_limit);
+            self.store
+                .run(move |c| store::multi::rows_after(c, &n, cursor, limit))
+                .await?
+        };
+        self.last_cohort = rows.last().map(|r| r.seq).or(Some(cursor));
+        if rows.is_empty() {
+            // Nothing a multi-master register holds is left below the head.
+            let done: Vec<JournalRow> = vec![JournalRow {
+                seq: head,
+                user_id: String::new(),
+                source: 0,
+                kind: ChangeKind::User,
+            }];
+            self.complete(&cohort, Lane::Journal, &done, &[]).await?;
+            return Ok(true);
+        }
+        self.apply_members(&cohort, Lane::Journal, rows).await
+    }
+
+    /// Rows queued for one member alone, brought to what the register says
+    /// now (or, for a user with no history, to the row's source).
+    pub(super) async fn members_pending_step(&mut self) -> Result<bool, SyncError> {
+        let name = self.group.name.clone();
+        let waiting = self
+            .store
+            .run(move |c| store::pending_counts(c))
+            .await?
+            .into_keys()
+            .filter(|(g, _)| *g == name)
+            .map(|(_, t)| t)
+            .collect::<BTreeSet<u32>>();
+        let now = Instant::now();
+        let members: Vec<u32> = self
+            .eligible_members()
+            .into_iter()
+            .filter(|t| waiting.contains(t))
+            .filter(|t| self.timers.pending.get(t).is_none_or(|(_, at)| *at <= now))
+            .collect();
+        for t in members {
+            let (n, limit, all) = (
+                self.group.name.clone(),
+                self.batch_limit * 8,
+                self.members(),
+            );
+            let (queued, registers) = self
+                .store
+                .run(move |c| {
+                    let rows = store::pending(c, &n, t, limit, &all)?;
+                    let users: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
+                    Ok((rows, store::multi::rows_of(c, &n, &users)?))
+                })
+                .await?;
+            let rows: Vec<MemberRow> = queued
+                .into_iter()
+                .filter(|r| {
+                    self.source_poison
+                        .get(&r.user_id)
+                        .is_none_or(|(_, at)| *at <= now)
+                })
+                .take(self.batch_limit)
+                .map(|r| match registers.get(&r.user_id) {
+                    Some(reg) => MemberRow {
+                        seq: 0,
+                        ..reg.clone()
+                    },
+                    // No history: a reconcile chose the version at the
+                    // row's source.
+                    None => MemberRow {
+                        seq: 0,
+                        user_id: r.user_id,
+                        source: r.source,
+                        version: Version {
+                            stamp: Stamp {
+                                time: 0,
+                                device: r.source,
+                            },
+                            deleted: false,
+                        },
+                    },
+                })
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            if self.settle_logs(&[t]).await.is_empty() {
+                continue;
+            }
+            if self.apply_members(&[t], Lane::Pending, rows).await? {
+                self.timers.pending.remove(&t);
+                return Ok(true);
+            }
+            let n = self.timers.pending.get(&t).map_or(0, |(n, _)| *n);
+            self.timers.pending.insert(
+                t,
+                (n.saturating_add(1), Instant::now() + self.backoff.delay(n)),
+            );
+        }
+        Ok(false)
+    }
+
+    /// Remembers writes about to be made (or, `undo`, that failed), so
+    /// the events they cause are known as the daemon's own. Kept in every
+    /// echo mode: in changed-on-device mode they tell an echo from another
+    /// client's write.
+    async fn expect(
+        &self,
+        devices: &[u32],
+        users: &[String],
+        op: MemberOp,
+        undo: bool,
+    ) -> Result<(), SyncError> {
+        if devices.is_empty() || users.is_empty() {
+            return Ok(());
+        }
+        let (n, d, u) = (self.group.name.clone(), devices.to_vec(), users.to_vec());
+        self.store
+            .run(move |c| {
+                let tx = c.transaction()?;
+                if undo {
+                    store::multi::unexpect_own_writes(&tx, &n, &d, &u, op)?;
+                } else {
+                    store::multi::expect_own_writes(&tx, &n, &d, &u, op)?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Writes `rows` to `cohort`: each version to every member but the one
+    /// it is read from, each delete to every member. Returns whether
+    /// anything moved.
+    pub(super) async fn apply_members(
+        &mut self,
+        cohort: &[u32],
+        lane: Lane,
+        rows: Vec<MemberRow>,
+    ) -> Result<bool, SyncError> {
+        let name = self.group.name.clone();
+        let now = Instant::now();
+        let others =
+            |src: u32| -> Vec<u32> { cohort.iter().copied().filter(|m| *m != src).collect() };
+        let mut deletes: Vec<MemberRow> = Vec::new();
+        let mut by_source: BTreeMap<u32, Vec<MemberRow>> = BTreeMap::new();
+        // Rows that need nothing of this cohort (a version only its own
+        // source is in the cohort for), or that were settled otherwise.
+        let mut settled: Vec<MemberRow> = Vec::new();
+        for r in rows.iter().cloned() {
+            if r.version.deleted {
+                deletes.push(r);
+            } else if others(r.source).is_empty() {
+                settled.push(r);
+            } else {
+                by_source.entry(r.source).or_default().push(r);
+            }
+        }
+        // Versions whose source cannot answer now wait aside (journal
+        // lane: parked for the members they go to).
+        let mut waiting: Vec<MemberRow> = Vec::new();
+        let mut records: HashMap<String, UserRecord> = HashMap::new();
+        let mut written: Vec<MemberRow> = Vec::new();
+        for (src, rs) in by_source {
+            let (ready, later): (Vec<MemberRow>, Vec<MemberRow>) = rs.into_iter().partition(|r| {
+                self.source_ready(src)
+                    && self
+                        .source_poison
+                        .get(&r.user_id)
+                        .is_none_or(|(_, at)| *at <= now)
+            });
+            waiting.extend(later);
+            if ready.is_empty() {
+                continue;
+            }
+            let ids: Vec<String> = ready.iter().map(|r| r.user_id.clone()).collect();
+            let fetched = match fetch_users(&self.client, src, ids).await {
+                Ok(f) => {
+                    self.timers.source.remove(&src);
+                    f
+                }
+                Err(e) => {
+                    self.batch_timed_out(&e);
+                    self.source_backoff(src, &e);
+                    waiting.extend(ready);
+                    continue;
+                }
+            };
+            for r in ready {
+                match fetched.get(&r.user_id) {
+                    Some(Fetched::Present(u)) => {
+                        records.insert(r.user_id.clone(), u.clone());
+                        written.push(r);
+                    }
+                    Some(Fetched::Failed(why)) => {
+                        let why = why.clone();
+                        if self
+                            .source_failed(&others(src), lane, &journal_row(&r), &why)
+                            .await?
+                        {
+                            settled.push(r);
+                        }
+                    }
+                    // The member no longer holds the version it made or was
+                    // given: a newer change there (its delete) is on the way,
+                    // or it was wiped (its reconcile follows). Never taken for
+                    // a delete; waits.
+                    Some(Fetched::Absent) => {
+                        tracing::warn!(group = %name, user_id = %r.user_id, source = src,
+                            "the member holding the winning version no longer holds it; its newer change or a reconcile settles it, the others keep what they hold");
+                        waiting.push(r);
+                    }
+                    _ => waiting.push(r),
+                }
+            }
+        }
+        if lane == Lane::Journal {
+            for r in &waiting {
+                self.park(&others(r.source), std::slice::from_ref(&journal_row(r)))
+                    .await?;
+            }
+        }
+        if written.is_empty() && deletes.is_empty() {
+            let all: Vec<JournalRow> = match lane {
+                Lane::Journal => rows.iter().map(journal_row).collect(),
+                Lane::Pending => settled.iter().map(journal_row).collect(),
+            };
+            if all.is_empty() {
+                return Ok(false);
+            }
+            self.complete(cohort, lane, &all, &[]).await?;
+            return Ok(true);
+        }
+
+        let mut outcomes: BTreeMap<u32, Result<(), Failure>> =
+            cohort.iter().map(|t| (*t, Ok(()))).collect();
+        let mut sources: Vec<u32> = written.iter().map(|r| r.source).collect();
+        sources.dedup();
+        for src in sources {
+            let users: Vec<&UserRecord> = written
+                .iter()
+                .filter(|r| r.source == src)
+                .filter_map(|r| records.get(&r.user_id))
+                .collect();
+            for chunk in plan::chunks(
+                users,
+                |u| u.raw.len(),
+                self.batch_limit,
+                self.sync.batch_bytes,
+            ) {
+                let targets: Vec<u32> = ok_targets(&outcomes)
+                    .into_iter()
+                    .filter(|t| *t != src)
+                    .collect();
+                if targets.is_empty() {
+                    break;
+                }
+                let ids: Vec<String> = chunk.iter().map(|u| u.id.clone()).collect();
+                self.expect(&targets, &ids, MemberOp::Upsert, false).await?;
+                let raws = chunk.iter().map(|u| u.raw.clone()).collect();
+                match self
+                    .client
+                    .user_enroll_multi(targets.clone(), raws, true)
+                    .await
+                {
+                    Ok(()) => self.batch_fits(),
+                    Err(e) => {
+                        self.batch_timed_out(&e);
+                        let mut called: BTreeMap<u32, Result<(), Failure>> =
+                            targets.iter().map(|t| (*t, Ok(()))).collect();
+                        record_failure(&mut called, &e);
+                        // A device that could not be reached wrote nothing.
+                        let unwritten: Vec<u32> = called
+                            .iter()
+                            .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
+                            .map(|(t, _)| *t)
+                            .collect();
+                        self.expect(&unwritten, &ids, MemberOp::Upsert, true)
+                            .await?;
+                        for (t, o) in called.into_iter().filter(|(_, o)| o.is_err()) {
+                            outcomes.insert(t, o);
+                        }
+                    }
+                }
+            }
+        }
+        let ids: Vec<String> = deletes.iter().map(|r| r.user_id.clone()).collect();
+        if !ids.is_empty() {
+            let targets = ok_targets(&outcomes);
+            if !targets.is_empty() {
+                self.expect(&targets, &ids, MemberOp::Delete, false).await?;
+                if let Err(e) = self
+                    .client
+                    .user_delete_multi(targets.clone(), ids.clone())
+                    .await
+                {
+                    let mut called: BTreeMap<u32, Result<(), Failure>> =
+                        targets.iter().map(|t| (*t, Ok(()))).collect();
+                    record_failure(&mut called, &e);
+                    let unwritten: Vec<u32> = called
+                        .iter()
+                        .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
+                        .map(|(t, _)| *t)
+                        .collect();
+                    self.expect(&unwritten, &ids, MemberOp::Delete, true)
+                        .await?;
+                    for (t, o) in called {
+                        // NOT_FOUND: a member did not hold some user (the
+                        // delete had reached it, or it never had it);
+                        // deleted one by one, missing confirmed by its list.
+                        let o = match o {
+                            Err(Failure::Permanent(Code::NotFound, _)) => {
+                                self.delete_each(t, &ids).await
+                            }
+                            other => other,
+                        };
+                        if o.is_err() {
+                            outcomes.insert(t, o);
+                        }
+                    }
+                }
+            }
+        }
+
+        written.extend(deletes);
+        let written_rows: Vec<JournalRow> = written.iter().map(journal_row).collect();
+        let passed: Vec<JournalRow> = match lane {
+            Lane::Journal => rows.iter().map(journal_row).collect(),
+            Lane::Pending => written.iter().chain(&settled).map(journal_row).collect(),
+        };
+        let done = ok_targets(&outcomes);
+        let mut progressed = !done.is_empty();
+        self.complete(&done, lane, &passed, &written_rows).await?;
+        for (t, o) in outcomes {
+            match o {
+                Ok(()) => {}
+                Err(Failure::Transient(msg)) => self.back_off(t, &msg),
+                Err(Failure::Permanent(_, msg)) => {
+                    tracing::info!(group = %name, target = t, error = %msg, "permanent failure in a batch; applying its users one by one");
+                    // What this member was to get: not the versions read
+                    // from itself.
+                    let mine: Vec<JournalRow> = written
+                        .iter()
+                        .filter(|r| r.version.deleted || r.source != t)
+                        .map(journal_row)
+                        .collect();
+                    // Written again one by one: expected again.
+                    let (del, up): (Vec<&MemberRow>, Vec<&MemberRow>) = written
+                        .iter()
+                        .filter(|r| r.version.deleted || r.source != t)
+                        .partition(|r| r.version.deleted);
+                    let ids = |v: Vec<&MemberRow>| {
+                        v.iter().map(|r| r.user_id.clone()).collect::<Vec<_>>()
+                    };
+                    self.expect(&[t], &ids(up), MemberOp::Upsert, false).await?;
+                    self.expect(&[t], &ids(del), MemberOp::Delete, false)
+                        .await?;
+                    progressed |= self.one_by_one(t, lane, &mine, &records).await?;
+                }
+            }
+        }
+        if progressed {
+            for r in &written {
+                self.source_poison.remove(&r.user_id);
+                let action = if r.version.deleted {
+                    "deleted"
+                } else {
+                    "enrolled"
+                };
+                let to: Vec<u32> = if r.version.deleted {
+                    cohort.to_vec()
+                } else {
+                    others(r.source)
+                };
+                tracing::info!(group = %name, user_id = %r.user_id, source = r.source,
+                    origin = r.version.stamp.device, change_time = r.version.stamp.time,
+                    members = ?to, action, reconcile = lane == Lane::Pending, "change propagated");
+            }
+        }
+        Ok(progressed)
+    }
+}

@@ -1,0 +1,418 @@
+//! Multi-master groups: every member accepts changes, and each change
+//! reaches every other member; the last writer wins per user.
+//!
+//! * **Origin.** A member's user event is its own change, or the echo of
+//!   the daemon's write there ([`order::classify`]): by `changedOnDevice`
+//!   (WIRE.md B13), or by the writes the daemon remembers making
+//!   (`store::multi`); by default the flag once a member has shown it.
+//! * **Order.** A user's journal row is its register: the winning change's
+//!   (event time, member) and whether it deleted the user ([`order`]). An
+//!   older change is ignored, and its member set back to the winner; a
+//!   delete is a tombstone ordered like any change. Recorded by the event
+//!   consumer in the transaction that moves the member's checkpoint.
+//! * **Apply.** The same cursors, cohorts, batches, retries and quarantine
+//!   as one-way groups, every member a target: a version is read from the
+//!   member that holds it (`User.Get`, opaque bytes; a newer state read
+//!   there is fine, it is newer) and written to every other member of the
+//!   cohort; a delete goes to every member of the cohort, its origin too (a
+//!   write of ours may have brought the user back there after its delete).
+//!   A delete needs no confirmation elsewhere: the other members hold the
+//!   user precisely because the delete has not reached them. Before a
+//!   member is written, its log is read up to now (the event consumer's
+//!   pass), so a change made there is ordered before it could be
+//!   overwritten.
+//! * **Reconcile** ([`reconcile`]): the union of the members' users; the
+//!   journal decides where it knows the history; differences without
+//!   history are reported as conflicts and left alone unless `prune`.
+//!
+//! Never: delete a user at a member for a reason other than a tombstone
+//! (absence at the member a version is read from waits for its newer
+//! event); log or store a user record (IDs, counts, sizes only).
+
+pub mod clock;
+pub mod order;
+
+mod apply;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+use crate::config::{Config, EchoDetection};
+use crate::device::CatchUpRequest;
+use crate::events::codes::{self, Meaning};
+use crate::proto::gsdk::event::EventLog;
+use crate::store::Change;
+use crate::store::multi::{MemberEvent, MemberOp};
+use clock::ClockWatch;
+
+/// How long a member's log read before a write may take before the member
+/// is backed off instead.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The journal change a user event of a member records, if `device` is a
+/// member of a multi-master group.
+pub fn change_of(config: &Config, device: u32, ev: &EventLog) -> Option<Change> {
+    let group = config.member_of(device)?;
+    let mm = group.multi_master()?;
+    if ev.user_id.is_empty() || codes::meaning(ev.event_code, ev.sub_code) != Meaning::UserChanged {
+        return None;
+    }
+    let op = if ev.event_code == 0x2400 {
+        MemberOp::Delete
+    } else {
+        MemberOp::Upsert
+    };
+    Some(Change {
+        group: group.name.clone(),
+        user_id: ev.user_id.clone(),
+        source: device,
+        kind: ChangeKind::Member(MemberEvent {
+            time: ev.timestamp,
+            op,
+            on_device: ev.changed_on_device,
+            echo: mm.echo,
+            max_skew: u32::try_from(mm.max_clock_skew.as_secs()).unwrap_or(u32::MAX),
+            event: ev.id,
+        }),
+    })
+}
+
+/// What an applier of a multi-master group works with besides the
+/// gateway and the store.
+#[derive(Clone)]
+pub struct Links {
+    /// Asks the event consumer to read a device's log up to now.
+    pub catch_up: mpsc::Sender<CatchUpRequest>,
+    pub clocks: Arc<ClockWatch>,
+}
+
+/// A multi-master applier's own state.
+#[derive(Default)]
+pub(crate) struct State {
+    pub(super) links: Option<Links>,
+    initialized: bool,
+    /// Per member: the last clock measurement looked at, and whether its
+    /// skew is over the bound now (warned once per crossing).
+    clocks: HashMap<u32, (u64, bool)>,
+    /// The skew stored last per member, to store only what changed.
+    stored_skew: HashMap<u32, i64>,
+    reconcile: Option<reconcile::Run>,
+}
+
+impl Applier {
+    /// Gives the applier what a multi-master group needs (a one-way group
+    /// ignores it).
+    pub fn with_links(mut self, links: Links) -> Self {
+        self.multi.links = Some(links);
+        self
+    }
+
+    pub(super) fn members(&self) -> Vec<u32> {
+        self.group.members().to_vec()
+    }
+
+    /// Members that are live and not backing off.
+    fn eligible_members(&self) -> Vec<u32> {
+        self.members()
+            .into_iter()
+            .filter(|m| self.eligible(*m))
+            .collect()
+    }
+
+    /// One unit of work of a multi-master group; `true` if anything moved.
+    pub(super) async fn multi_step(&mut self) -> Result<bool, SyncError> {
+        if !self.multi.initialized {
+            self.multi_init().await?;
+            self.multi.initialized = true;
+        }
+        self.check_clocks().await?;
+        // Reconcile chunks, parked and reconcile rows (pending) and journal
+        // batches take turns, as in one-way groups.
+        self.turn = (self.turn + 1) % 3;
+        for i in 0..3 {
+            let moved = match (self.turn + i) % 3 {
+                0 => match self.members_reconcile_step().await {
+                    Ok(moved) => moved,
+                    Err(SyncError::Gateway(e)) => {
+                        let n = self.timers.reconcile.get(&0).map_or(0, |(n, _)| *n);
+                        let delay = self.backoff.delay(n);
+                        tracing::warn!(group = %self.group.name, error = %e, retry_in = ?delay, "reconcile could not read a member; retrying later");
+                        self.timers
+                            .reconcile
+                            .insert(0, (n.saturating_add(1), Instant::now() + delay));
+                        self.multi.reconcile = None;
+                        false
+                    }
+                    Err(e) => return Err(e),
+                },
+                1 => self.members_pending_step().await?,
+                _ => self.members_journal_step().await?,
+            };
+            if moved {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A member without a cursor is new (first start of the group, or added
+    /// to it): it starts at the head, and the group is reconciled. State
+    /// left by the group's earlier one-way shape is dropped; a member that
+    /// left is forgotten.
+    async fn multi_init(&mut self) -> Result<(), SyncError> {
+        let (name, members, prune) = (self.group.name.clone(), self.members(), self.group.prune);
+        let (created, reshaped) = self
+            .store
+            .run(move |c| {
+                let tx = c.transaction()?;
+                let known = store::group_members(&tx, &name)?;
+                // A one-way group's lists differ; a multi-master group
+                // stores its members as both.
+                let reshaped = known.as_ref().is_some_and(|k| k.sources != k.targets)
+                    || tx.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM journal WHERE grp = ?1 AND stamp IS NULL)",
+                        [&name],
+                        |r| r.get::<_, bool>(0),
+                    )?;
+                if reshaped {
+                    store::multi::drop_other_shape(&tx, &name, store::multi::Shape::MultiMaster)?;
+                } else if let Some(k) = &known {
+                    for m in k.targets.iter().filter(|m| !members.contains(m)) {
+                        store::drop_target(&tx, &name, *m)?;
+                    }
+                }
+                let cursors = store::cursors(&tx, &name)?;
+                let head = store::head(&tx, &name)?;
+                let mut created = Vec::new();
+                for m in &members {
+                    if reshaped || !cursors.contains_key(m) {
+                        store::advance_cursor(&tx, &name, *m, head)?;
+                        store::request_reconcile(&tx, &name, *m, "new member", prune)?;
+                        created.push(*m);
+                    }
+                }
+                store::set_group_members(&tx, &name, &members, &members)?;
+                store::multi::mark_started(&tx, &name)?;
+                tx.commit()?;
+                Ok((created, reshaped))
+            })
+            .await?;
+        let name = &self.group.name;
+        if reshaped {
+            tracing::info!(group = %name, "group is multi-master now: its one-way state is dropped and the members reconciled");
+        }
+        if !created.is_empty() {
+            tracing::info!(group = %name, members = ?created, "new members: the group is reconciled");
+        }
+        let configured = self.group.multi_master().map(|m| m.echo);
+        let (n, store) = (name.clone(), self.store.clone());
+        let observed = store
+            .run(move |c| store::multi::echo_observed(c, &n))
+            .await?;
+        match (configured, observed) {
+            (Some(EchoDetection::ChangedOnDevice), _) => {
+                tracing::info!(group = %name, "echo detection: changed-on-device (configured): only events with changedOnDevice set are changes")
+            }
+            (Some(EchoDetection::OwnWrites), _) => {
+                tracing::info!(group = %name, "echo detection: own-writes (configured): events matching the daemon's own writes are ignored")
+            }
+            (_, Some((device, at))) => {
+                tracing::info!(group = %name, device_id = device, seen_at = at, "echo detection: changed-on-device (a member reported changedOnDevice)")
+            }
+            (_, None) => {
+                tracing::info!(group = %name, "echo detection: own-writes until a member reports changedOnDevice (echo_detection not set)")
+            }
+        }
+        Ok(())
+    }
+
+    /// Warns once when a member's clock goes further from the daemon's
+    /// than the group's bound (and once when it is back), and stores the
+    /// skew for `status`.
+    async fn check_clocks(&mut self) -> Result<(), SyncError> {
+        let Some(links) = self.multi.links.clone() else {
+            return Ok(());
+        };
+        let bound = self.group.multi_master().map_or(i64::MAX, |m| {
+            i64::try_from(m.max_clock_skew.as_secs()).unwrap_or(i64::MAX)
+        });
+        let mut store_now = Vec::new();
+        for m in self.members() {
+            let Some(skew) = links.clocks.skew(m) else {
+                continue;
+            };
+            let (seen, over_before) = self.multi.clocks.get(&m).copied().unwrap_or((0, false));
+            if seen == skew.serial {
+                continue;
+            }
+            let over = skew.secs.abs() > bound;
+            if over && !over_before {
+                let way = if skew.secs > 0 { "ahead of" } else { "behind" };
+                tracing::warn!(group = %self.group.name, device_id = m, skew_secs = skew.secs, max_clock_skew_secs = bound,
+                    "member's clock is {}s {way} the daemon's: last writer wins orders changes by device time, so set the device's clock (NTP)", skew.secs.abs());
+            } else if !over && over_before {
+                tracing::info!(group = %self.group.name, device_id = m, skew_secs = skew.secs, "member's clock is within max_clock_skew_secs again");
+            }
+            self.multi.clocks.insert(m, (skew.serial, over));
+            let changed = self
+                .multi
+                .stored_skew
+                .get(&m)
+                .is_none_or(|s| (s - skew.secs).abs() >= 2 || over != over_before);
+            if changed {
+                self.multi.stored_skew.insert(m, skew.secs);
+                store_now.push((m, skew.secs));
+            }
+        }
+        if !store_now.is_empty() {
+            self.store
+                .run(move |c| {
+                    for (m, s) in &store_now {
+                        store::multi::set_clock_skew(c, *m, *s)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Has the event consumer read `members`' logs up to now, so a change
+    /// made at a member is in the journal before the member is written.
+    /// Returns the members whose logs were read; the others back off.
+    async fn settle_logs(&mut self, members: &[u32]) -> Vec<u32> {
+        let Some(links) = self.multi.links.clone() else {
+            return members.to_vec();
+        };
+        let mut waits = Vec::new();
+        for m in members {
+            let (reply, rx) = oneshot::channel();
+            if links
+                .catch_up
+                .send(CatchUpRequest { device: *m, reply })
+                .await
+                .is_err()
+            {
+                return Vec::new();
+            }
+            waits.push((*m, rx));
+        }
+        let mut read = Vec::new();
+        for (m, rx) in waits {
+            match tokio::time::timeout(SETTLE_TIMEOUT, rx).await {
+                Ok(Ok(Ok(()))) => read.push(m),
+                Ok(Ok(Err(e))) => {
+                    self.back_off(m, &format!("its log could not be read before a write: {e}"))
+                }
+                Ok(Err(_)) => self.back_off(m, "the event consumer did not answer"),
+                Err(_) => self.back_off(m, "its log read before a write took too long"),
+            }
+        }
+        read
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::events::effects;
+
+    fn config() -> Config {
+        crate::config::parse(
+            Path::new("/t.toml"),
+            "[gateway]\naddress = \"h:1\"\ntls = false\n[state]\ndir = \"/s\"\n\
+             [[device]]\nid = 1\naddress = \"a\"\n[[device]]\nid = 2\naddress = \"b\"\n\
+             [[device]]\nid = 3\naddress = \"c\"\n[[device]]\nid = 4\naddress = \"d\"\n\
+             [[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [1, 2]\nmax_clock_skew_secs = 7\n\
+             [[group]]\nname = \"doors\"\nsources = [3]\ntargets = [4]\n",
+        )
+        .unwrap()
+    }
+
+    fn ev(id: u32, code: u32, user: &str, on_device: bool) -> EventLog {
+        EventLog {
+            id,
+            timestamp: 1_000 + id,
+            event_code: code,
+            user_id: user.into(),
+            changed_on_device: on_device,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn member_events_become_member_changes() {
+        let c = config();
+        let fx = effects(
+            &c,
+            1,
+            &[
+                ev(1, 0x2000, "u", true),
+                ev(2, 0x2200, "u", false),
+                ev(3, 0x2400, "v", true),
+                ev(4, 0x1000, "u", false),
+                ev(5, 0x2900, "w", true),
+            ],
+        );
+        let got: Vec<(&str, u32, MemberOp, bool, u32)> = fx
+            .changes
+            .iter()
+            .map(|c| match c.kind {
+                ChangeKind::Member(m) => {
+                    assert_eq!(c.group, "desks");
+                    assert_eq!(m.max_skew, 7);
+                    assert_eq!(m.echo, EchoDetection::Observe);
+                    (c.user_id.as_str(), c.source, m.op, m.on_device, m.time)
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("u", 1, MemberOp::Upsert, true, 1_001),
+                ("u", 1, MemberOp::Upsert, false, 1_002),
+                ("v", 1, MemberOp::Delete, true, 1_003),
+                ("w", 1, MemberOp::Upsert, true, 1_005),
+            ]
+        );
+        assert!(fx.drift.is_empty(), "a member is no one-way target");
+        // One-way groups are untouched by it.
+        let fx = effects(&c, 3, &[ev(1, 0x2000, "u", true)]);
+        assert_eq!(fx.changes.len(), 1);
+        assert_eq!(fx.changes[0].kind, ChangeKind::User);
+        let fx = effects(&c, 4, &[ev(1, 0x2000, "u", true)]);
+        assert!(fx.changes.is_empty());
+        assert_eq!(fx.drift.len(), 1);
+    }
+
+    #[test]
+    fn a_delete_all_or_a_reset_at_a_member_reconciles_it_and_spreads_nothing() {
+        let c = config();
+        let fx = effects(&c, 2, &[ev(9, 0x2600, "", true)]);
+        assert!(fx.changes.is_empty());
+        assert_eq!(fx.diverged.len(), 1);
+        assert_eq!(
+            fx.reconciles
+                .iter()
+                .map(|r| (r.group.as_str(), r.target))
+                .collect::<Vec<_>>(),
+            vec![("desks", 2)]
+        );
+        let fx = effects(&c, 1, &[ev(9, 0x4502, "", false)]);
+        assert_eq!(
+            fx.reconciles
+                .iter()
+                .map(|r| (r.group.as_str(), r.target))
+                .collect::<Vec<_>>(),
+            vec![("desks", 1)]
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! Reconcile of a multi-master group (first start, a member added, reset or
+//! wiped, a delete-all at a member, a request): one pass over the union of
+//! every member's users, chunk by chunk, while the journal lane goes on.
+//!
+//! Per user:
+//! * the journal knows its history: a tombstone is deleted wherever it is
+//!   held; a version is copied wherever it is missing or differs (read from
+//!   its member, or from another member holding it if its own lost it);
+//! * no history, one version among the members that hold it: copied to the
+//!   members that lack it (the union: a user is never deleted on a guess);
+//! * no history, versions that differ: a conflict, reported (log, state,
+//!   `status`) and left alone; with `prune = true` the first member in
+//!   `members` order that holds it settles it.
+//!
+//! What it queues goes to each member's pending lane, applied (after that
+//! member's log is read) to what the register says by then.
+
+use super::*;
+
+/// A reconcile under way.
+pub(super) struct Run {
+    /// The requests it serves: (member, generation).
+    requests: Vec<(u32, i64)>,
+    reason: String,
+    /// Each member's user IDs when it started.
+    lists: BTreeMap<u32, BTreeSet<String>>,
+    /// Every user to look at, in order, and how far it got.
+    users: Vec<String>,
+    next: usize,
+    /// Per member: users queued because missing, because different, and
+    /// tombstones queued for deletion.
+    missing: BTreeMap<u32, u64>,
+    different: BTreeMap<u32, u64>,
+    deleted: BTreeMap<u32, u64>,
+    /// (user, what differs): no history decides.
+    conflicts: Vec<(String, String)>,
+    settled_by_order: u64,
+}
+
+/// What the members hold of one user: the record at each holder.
+type Held = BTreeMap<u32, UserRecord>;
+
+/// A user's versions, said with device IDs and sizes only.
+fn describe(held: &Held) -> String {
+    let mut versions: Vec<(Vec<u32>, usize)> = Vec::new();
+    for (m, u) in held {
+        match versions
+            .iter_mut()
+            .find(|(ms, _)| held.get(&ms[0]).is_some_and(|o| o.raw == u.raw))
+        {
+            Some((ms, _)) => ms.push(*m),
+            None => versions.push((vec![*m], u.raw.len())),
+        }
+    }
+    versions
+        .iter()
+        .map(|(ms, size)| format!("{ms:?} hold one version ({size} bytes)"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Applier {
+    pub(super) async fn members_reconcile_step(&mut self) -> Result<bool, SyncError> {
+        let name = self.group.name.clone();
+        let members = self.members();
+        let (requests, stale): (Vec<store::ReconcileRequest>, Vec<store::ReconcileRequest>) = self
+            .store
+            .run(|c| store::reconcile_requests(c))
+            .await?
+            .into_iter()
+            .filter(|r| r.group == name)
+            .partition(|r| members.contains(&r.target));
+        for r in stale {
+            let n = name.clone();
+            self.store
+                .run(move |c| store::reconcile_done(c, &n, r.target, r.generation))
+                .await?;
+        }
+        if requests.is_empty() {
+            self.multi.reconcile = None;
+            return Ok(false);
+        }
+        // The union needs every member's list.
+        let now = Instant::now();
+        if !members.iter().all(|m| self.eligible(*m))
+            || self
+                .timers
+                .reconcile
+                .get(&0)
+                .is_some_and(|(_, at)| *at > now)
+        {
+            return Ok(false);
+        }
+        let serving: Vec<(u32, i64)> = requests.iter().map(|r| (r.target, r.generation)).collect();
+        let fresh = self
+            .multi
+            .reconcile
+            .as_ref()
+            .is_none_or(|run| run.requests != serving);
+        if fresh {
+            let mut lists = BTreeMap::new();
+            for m in &members {
+                let ids: BTreeSet<String> = self.client.user_ids(*m).await?.into_iter().collect();
+                lists.insert(*m, ids);
+            }
+            let n = name.clone();
+            let known = self
+                .store
+                .run(move |c| store::multi::all_rows(c, &n))
+                .await?;
+            let mut users: BTreeSet<String> = lists.values().flatten().cloned().collect();
+            users.extend(known.into_keys());
+            let reason = requests
+                .iter()
+                .map(|r| format!("{}: {}", r.target, r.reason))
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::info!(group = %name, reason = %reason, users = users.len(),
+                members = ?lists.iter().map(|(m, l)| (*m, l.len())).collect::<Vec<_>>(), "reconcile of the members started");
+            self.multi.reconcile = Some(Run {
+                requests: serving,
+                reason,
+                lists,
+                users: users.into_iter().collect(),
+                next: 0,
+                missing: BTreeMap::new(),
+                different: BTreeMap::new(),
+                deleted: BTreeMap::new(),
+                conflicts: Vec::new(),
+                settled_by_order: 0,
+            });
+        }
+        let Some(mut run) = self.multi.reconcile.take() else {
+            return Ok(false);
+        };
+        if run.next < run.users.len() {
+            let end = (run.next + self.sync.batch_users).min(run.users.len());
+            let chunk: Vec<String> = run.users[run.next..end].to_vec();
+            match self.reconcile_chunk(&mut run, &chunk).await {
+                Ok(()) => {
+                    run.next = end;
+                    self.multi.reconcile = Some(run);
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.finish_reconcile(run).await?;
+        Ok(true)
+    }
+
+    /// Compares one chunk of users across the members and queues what
+    /// differs.
+    async fn reconcile_chunk(&mut self, run: &mut Run, chunk: &[String]) -> Result<(), SyncError> {
+        let name = self.group.name.clone();
+        let members = self.members();
+        // What each member holds of the chunk, read now (the lists are as
+        // old as the reconcile).
+        let mut held: BTreeMap<String, Held> = BTreeMap::new();
+        for m in &members {
+            let listed: Vec<String> = chunk
+                .iter()
+                .filter(|u| run.lists.get(m).is_some_and(|l| l.contains(*u)))
+                .cloned()
+                .collect();
+            for (u, rec) in get_users(&self.client, *m, listed).await? {
+                held.entry(u).or_default().insert(*m, rec);
+            }
+        }
+        let (n, users) = (name.clone(), chunk.to_vec());
+        let registers = self
+            .store
+            .run(move |c| store::multi::rows_of(c, &n, &users))
+            .await?;
+        let prune = self.group.prune;
+        // (member, user, source) to queue; (user, new source) to re-point.
+        let mut queue: Vec<(u32, String, u32)> = Vec::new();
+        let mut repoint: Vec<(String, u32)> = Vec::new();
+        for u in chunk {
+            let h = held.remove(u).unwrap_or_default();
+            match registers.get(u) {
+                Some(reg) if reg.version.deleted => {
+                    for m in h.keys() {
+                        queue.push((*m, u.clone(), reg.source));
+                        *run.deleted.entry(*m).or_default() += 1;
+                    }
+                }
+                Some(reg) => {
+                    let mut source = reg.source;
+                    if !h.contains_key(&source) {
+                        // Its member lost it (reset, wiped): read it from
+                        // a member that holds it, the order unchanged.
+                        let Some(other) = members.iter().copied().find(|m| h.contains_key(m))
+                        else {
+                            tracing::warn!(group = %name, user_id = %u, origin = reg.version.stamp.device,
+                                "no member holds the winning version of this user any more; nothing to copy");
+                            run.conflicts.push((u.clone(), format!(
+                                "the winning version (changed at {} at {}) is held by no member", reg.version.stamp.device, reg.version.stamp.time)));
+                            continue;
+                        };
+                        tracing::warn!(group = %name, user_id = %u, lost_at = source, read_from = other,
+                            "the member the winning version is read from no longer holds it; read from another member that does");
+                        source = other;
+                        repoint.push((u.clone(), other));
+                    }
+                    let Some(want) = h.get(&source) else { continue };
+                    for m in members.iter().filter(|m| **m != source) {
+                        match h.get(m) {
+                            None => {
+                                queue.push((*m, u.clone(), source));
+                                *run.missing.entry(*m).or_default() += 1;
+                            }
+                            Some(have) if have.raw != want.raw => {
+                                queue.push((*m, u.clone(), source));
+                                *run.different.entry(*m).or_default() += 1;
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                }
+                None if h.is_empty() => {}
+                None => {
+                    let first = h.iter().next().map(|(m, r)| (*m, r.raw.clone()));
+                    let Some((first_holder, first_raw)) = first else {
+                        continue;
+                    };
+                    let agree = h.values().all(|r| r.raw == first_raw);
+                    let source = if agree {
+                        first_holder
+                    } else if prune {
+                        // Settled by member order (prune = true).
+                        let Some(s) = members.iter().copied().find(|m| h.contains_key(m)) else {
+                            continue;
+                        };
+                        run.settled_by_order += 1;
+                        tracing::info!(group = %name, user_id = %u, versions = %describe(&h), settled_by = s,
+                            "members hold different versions and no history decides: settled by member order (prune = true)");
+                        s
+                    } else {
+                        tracing::warn!(group = %name, user_id = %u, versions = %describe(&h),
+                            "conflict: members hold different versions of this user and no history decides; left as it is \
+                             (change the user at one member to settle it, or set prune = true to let member order decide)");
+                        run.conflicts.push((u.clone(), describe(&h)));
+                        continue;
+                    };
+                    let Some(want) = h.get(&source).map(|r| r.raw.clone()) else {
+                        continue;
+                    };
+                    for m in members.iter().filter(|m| **m != source) {
+                        match h.get(m) {
+                            None => {
+                                queue.push((*m, u.clone(), source));
+                                *run.missing.entry(*m).or_default() += 1;
+                            }
+                            Some(have) if have.raw != want => {
+                                queue.push((*m, u.clone(), source));
+                                *run.different.entry(*m).or_default() += 1;
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                }
+            }
+        }
+        let n = name.clone();
+        self.store
+            .run(move |c| {
+                let tx = c.transaction()?;
+                for (u, s) in &repoint {
+                    store::multi::set_source(&tx, &n, u, *s)?;
+                }
+                for (m, u, s) in &queue {
+                    store::add_pending(&tx, &n, *m, u, *s)?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Ends the requests served, records each member's result and the
+    /// group's conflicts.
+    async fn finish_reconcile(&mut self, run: Run) -> Result<(), SyncError> {
+        let name = self.group.name.clone();
+        let members = self.members();
+        let finished_at = now_secs();
+        let results: Vec<store::ReconcileResult> = members
+            .iter()
+            .map(|m| store::ReconcileResult {
+                group: name.clone(),
+                target: *m,
+                reason: run.reason.clone(),
+                finished_at,
+                missing: run.missing.get(m).copied().unwrap_or(0),
+                different: run.different.get(m).copied().unwrap_or(0),
+                extra: run.deleted.get(m).copied().unwrap_or(0),
+                pruned: run.deleted.get(m).copied().unwrap_or(0),
+            })
+            .collect();
+        let conflicts = run.conflicts.clone();
+        let requests = run.requests.clone();
+        let n = name.clone();
+        self.store
+            .run(move |c| {
+                let tx = c.transaction()?;
+                for (m, generation) in &requests {
+                    store::reconcile_done(&tx, &n, *m, *generation)?;
+                }
+                for r in &results {
+                    store::record_reconcile_result(&tx, r)?;
+                }
+                store::multi::set_conflicts(&tx, &n, &conflicts)?;
+                let why = (!conflicts.is_empty()).then(|| {
+                    format!(
+                        "{} users differ between members and no history decides which version wins; they are left \
+                         as they are (changing a user at one member settles it; prune = true lets member order decide)",
+                        conflicts.len()
+                    )
+                });
+                store::set_diverged(&tx, &n, why.as_deref())?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+        self.multi.reconcile = None;
+        self.metrics
+            .reconciles
+            .get_or_create(&crate::metrics::GroupLabel {
+                group: name.clone(),
+            })
+            .inc();
+        let sum = |m: &BTreeMap<u32, u64>| m.values().sum::<u64>();
+        tracing::info!(group = %name, users = run.users.len(), missing = sum(&run.missing), different = sum(&run.different),
+            deleted = sum(&run.deleted), conflicts = run.conflicts.len(), settled_by_order = run.settled_by_order,
+            "reconcile of the members done");
+        Ok(())
+    }
+}

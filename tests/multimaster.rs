@@ -1,0 +1,666 @@
+//! Multi-master groups (issue 12) against the simulator's least convenient
+//! defaults: every member accepts changes, the last writer wins per user
+//! (event time, then device ID), deletes are tombstones, the daemon's own
+//! writes never come back as changes. Device clocks are set apart by whole
+//! seconds so that which change is later never depends on the second a test
+//! runs in. Every wait is bounded; nothing is timed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Daemon, config_with, eventually};
+use usersync::sim::users::{UserProfile, generate};
+use usersync::sim::{ChangedOnDevice, SimOptions, Simulator};
+use usersync::store::Store;
+
+/// `USERSYNC_TEST_LOG=info` (an env filter) shows the daemon's log.
+fn log() {
+    if let Ok(filter) = std::env::var("USERSYNC_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+async fn sim(devices: u32) -> Simulator {
+    log();
+    let mut opts = SimOptions::with_devices(devices);
+    opts.reconnect_delay = Duration::from_millis(20);
+    common::sim_with(opts).await
+}
+
+fn group(members: &[u32], extra: &str) -> String {
+    let list = members
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("[[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [{list}]\n{extra}\n")
+}
+
+/// A user record with content of its own (`revision` makes it differ).
+fn record(sim: &Simulator, user: &str, revision: u32) -> Vec<u8> {
+    generate(
+        user,
+        revision,
+        sim.api().numbering(),
+        UserProfile::default(),
+    )
+}
+
+/// Whether every member holds `user` exactly as `want` (`None`: nowhere).
+fn everywhere(sim: &Simulator, members: &[u32], user: &str, want: Option<&[u8]>) -> bool {
+    members
+        .iter()
+        .all(|m| sim.user_bytes(*m, user).as_deref() == want)
+}
+
+async fn wait_everywhere(sim: &Simulator, members: &[u32], user: &str, want: Option<&[u8]>) {
+    let what = match want {
+        Some(_) => format!("every member holds the winning version of {user}"),
+        None => format!("no member holds {user}"),
+    };
+    eventually(&what, || async { everywhere(sim, members, user, want) }).await;
+}
+
+/// Waits until the daemon has read every member's log to its end: every
+/// event the daemon's own writes caused has been judged by then.
+async fn quiet(sim: &Simulator, store: &Store, members: &[u32]) {
+    eventually("every member's log read to its end", || async {
+        members
+            .iter()
+            .all(|m| store.checkpoint(*m).ok().flatten() == sim.newest_event_id(*m))
+    })
+    .await;
+}
+
+/// The daemon's state store, once the daemon has created (and upgraded)
+/// it: the test never migrates it itself (two processes must not race
+/// on a migration).
+async fn state(dir: &std::path::Path) -> Store {
+    let path = dir.join("state");
+    let mut store = None;
+    eventually("the daemon's state store exists", || {
+        let opened = Store::open_existing(&path).ok();
+        let ok = opened.is_some();
+        if ok {
+            store = opened;
+        }
+        async move { ok }
+    })
+    .await;
+    store.expect("opened")
+}
+
+/// Waits until the daemon knows where every member's log stands and the
+/// first start's reconcile is over: changes made from now on are changes
+/// (before, they are history, which the reconcile covers).
+async fn ready(store: &Store, members: &[u32]) {
+    eventually("every member seen and the first reconcile done", || async {
+        members
+            .iter()
+            .all(|m| store.checkpoint(*m).ok().flatten().is_some())
+            && store.reconcile_requests().unwrap().is_empty()
+    })
+    .await;
+}
+
+/// The journal's registers of the group: user → (origin, deleted).
+fn registers(store: &Store) -> BTreeMap<String, (u32, bool)> {
+    store
+        .with(|c| usersync::store::multi::all_rows(c, "desks"))
+        .unwrap()
+        .into_iter()
+        .map(|(u, r)| (u, (r.version.stamp.device, r.version.deleted)))
+        .collect()
+}
+
+/// Changes recorded so far (the journal's head): echoes never count.
+fn recorded(store: &Store) -> u64 {
+    store.head("desks").unwrap()
+}
+
+/// Users enrolled at one desk before the daemon first runs reach the
+/// others (the first start's reconcile is the union); then an enroll, an
+/// update and a delete at any member reach every other member, and the
+/// daemon's writes are never taken for changes (the journal holds exactly
+/// the changes made at the members).
+#[tokio::test]
+async fn every_member_accepts_changes_and_writes_never_echo() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let before_a = record(&sim, "alice", 0);
+    let before_b = record(&sim, "bob", 0);
+    sim.put_raw_on_device(a, before_a.clone()).unwrap();
+    sim.put_raw_on_device(b, before_b.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    wait_everywhere(&sim, &m, "alice", Some(&before_a)).await;
+    wait_everywhere(&sim, &m, "bob", Some(&before_b)).await;
+    let store = state(dir.path()).await;
+    quiet(&sim, &store, &m).await;
+    assert_eq!(
+        recorded(&store),
+        0,
+        "a reconcile copies; it records no change"
+    );
+
+    let carol = record(&sim, "carol", 1);
+    sim.put_raw_on_device(c, carol.clone()).unwrap();
+    wait_everywhere(&sim, &m, "carol", Some(&carol)).await;
+    let alice = record(&sim, "alice", 7);
+    sim.put_raw_on_device(b, alice.clone()).unwrap();
+    wait_everywhere(&sim, &m, "alice", Some(&alice)).await;
+    sim.delete_on_device(a, "bob").unwrap();
+    wait_everywhere(&sim, &m, "bob", None).await;
+
+    quiet(&sim, &store, &m).await;
+    assert_eq!(recorded(&store), 3, "three changes, no echo recorded");
+    let regs = registers(&store);
+    assert_eq!(regs["carol"], (c, false));
+    assert_eq!(regs["alice"], (b, false));
+    assert_eq!(regs["bob"], (a, true), "a delete is a tombstone");
+    // The flag was seen: the group judges by it from now on.
+    let seen = store
+        .with(|conn| usersync::store::multi::echo_observed(conn, "desks"))
+        .unwrap();
+    assert!(seen.is_some());
+    daemon.stop().await;
+}
+
+/// Two members change the same user at about the same time: the change
+/// with the later event time wins at every member, whichever the daemon
+/// hears first; the loser's own member is set back too.
+#[tokio::test]
+async fn concurrent_edits_the_later_wins_everywhere() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let first = record(&sim, "u", 0);
+    sim.put_raw_on_device(a, first.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&first)).await;
+
+    // B's clock is 5 s ahead: its edit is the later one although the
+    // daemon hears of it second.
+    sim.set_clock_offset(b, 5);
+    let at_a = record(&sim, "u", 1);
+    let at_b = record(&sim, "u", 2);
+    sim.put_raw_on_device(a, at_a).unwrap();
+    sim.put_raw_on_device(b, at_b.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&at_b)).await;
+
+    // The other way round: B edits first, A second, A's clock 10 s ahead
+    // (5 s ahead of B's last edit, which may be in this very second).
+    sim.set_clock_offset(b, 0);
+    sim.set_clock_offset(a, 10);
+    let at_b = record(&sim, "u", 3);
+    let at_a = record(&sim, "u", 4);
+    sim.put_raw_on_device(b, at_b).unwrap();
+    sim.put_raw_on_device(a, at_a.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&at_a)).await;
+    quiet(&sim, &store, &m).await;
+    assert!(everywhere(&sim, &m, "u", Some(&at_a)), "stays converged");
+    assert_eq!(registers(&store)["u"], (a, false));
+    daemon.stop().await;
+}
+
+/// A delete at one member races an update at another: the order of their
+/// event times decides, both ways. A delete that wins is a tombstone: the
+/// older update arriving after it does not bring the user back.
+#[tokio::test]
+async fn a_delete_racing_an_update_is_decided_by_their_order() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let v0 = record(&sim, "u", 0);
+    let w0 = record(&sim, "w", 0);
+    sim.put_raw_on_device(c, v0.clone()).unwrap();
+    sim.put_raw_on_device(c, w0.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&v0)).await;
+    wait_everywhere(&sim, &m, "w", Some(&w0)).await;
+
+    // The update is later (B's clock 5 s ahead): the user stays, in B's
+    // version, at A too (where it had been deleted).
+    sim.set_clock_offset(b, 5);
+    sim.delete_on_device(a, "u").unwrap();
+    let v1 = record(&sim, "u", 1);
+    sim.put_raw_on_device(b, v1.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&v1)).await;
+
+    // The delete is later (A's clock 5 s ahead), though made first: it
+    // wins, and B's update arriving after it changes nothing.
+    sim.set_clock_offset(b, 0);
+    sim.set_clock_offset(a, 5);
+    sim.delete_on_device(a, "w").unwrap();
+    let w1 = record(&sim, "w", 1);
+    sim.put_raw_on_device(b, w1).unwrap();
+    wait_everywhere(&sim, &m, "w", None).await;
+    quiet(&sim, &store, &m).await;
+    assert!(
+        everywhere(&sim, &m, "w", None),
+        "the older update did not resurrect it"
+    );
+    assert!(everywhere(&sim, &m, "u", Some(&v1)));
+    let regs = registers(&store);
+    assert_eq!(regs["w"], (a, true));
+    assert_eq!(regs["u"], (b, false));
+    daemon.stop().await;
+}
+
+/// A member is offline while two others change users; it changes users of
+/// its own meanwhile (one newer, one older than another member's change).
+/// When it returns it gets what it missed, its newer change reaches the
+/// others, and its older one is set back to the winner.
+#[tokio::test]
+async fn an_offline_member_catches_up_on_its_return() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let shared = record(&sim, "shared", 0);
+    let gone = record(&sim, "gone", 0);
+    sim.put_raw_on_device(a, shared.clone()).unwrap();
+    sim.put_raw_on_device(a, gone.clone()).unwrap();
+    wait_everywhere(&sim, &m, "shared", Some(&shared)).await;
+    wait_everywhere(&sim, &m, "gone", Some(&gone)).await;
+
+    sim.set_offline(c).unwrap();
+    // C's clock is 30 s behind while it is away: its edit of "shared" is
+    // older than B's.
+    sim.set_clock_offset(c, -30);
+    let at_c = record(&sim, "shared", 5);
+    sim.put_raw_on_device(c, at_c).unwrap();
+    let own = record(&sim, "from-c", 0);
+    sim.set_clock_offset(c, 30);
+    sim.put_raw_on_device(c, own.clone()).unwrap();
+    let x = record(&sim, "x", 0);
+    let shared_b = record(&sim, "shared", 6);
+    sim.put_raw_on_device(a, x.clone()).unwrap();
+    sim.put_raw_on_device(b, shared_b.clone()).unwrap();
+    sim.delete_on_device(b, "gone").unwrap();
+    let online = [a, b];
+    wait_everywhere(&sim, &online, "x", Some(&x)).await;
+    wait_everywhere(&sim, &online, "shared", Some(&shared_b)).await;
+    wait_everywhere(&sim, &online, "gone", None).await;
+
+    sim.set_clock_offset(c, 0);
+    sim.set_online(c).unwrap();
+    wait_everywhere(&sim, &m, "x", Some(&x)).await;
+    wait_everywhere(&sim, &m, "gone", None).await;
+    wait_everywhere(&sim, &m, "from-c", Some(&own)).await;
+    wait_everywhere(&sim, &m, "shared", Some(&shared_b)).await;
+    quiet(&sim, &store, &m).await;
+    assert!(everywhere(&sim, &m, "shared", Some(&shared_b)));
+    assert_eq!(registers(&store)["shared"], (b, false));
+    daemon.stop().await;
+}
+
+/// The daemon stops in the middle of a conflict (changes made, not yet
+/// all applied) and more changes come while it is down: started again, it
+/// reads every member's log from its checkpoint and ends at the model.
+#[tokio::test]
+async fn a_restart_in_the_middle_of_a_conflict_ends_at_the_last_writer() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(&sim, dir.path(), &group(&m, ""));
+    let daemon = Daemon::start(config.clone());
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let v0 = record(&sim, "u", 0);
+    let w0 = record(&sim, "w", 0);
+    sim.put_raw_on_device(a, v0.clone()).unwrap();
+    sim.put_raw_on_device(a, w0.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&v0)).await;
+    wait_everywhere(&sim, &m, "w", Some(&w0)).await;
+
+    // Conflicting edits, and the daemon stops at once.
+    sim.set_clock_offset(b, 5);
+    sim.put_raw_on_device(a, record(&sim, "u", 1)).unwrap();
+    let winner = record(&sim, "u", 2);
+    sim.put_raw_on_device(b, winner.clone()).unwrap();
+    daemon.stop().await;
+    // While it is down: an older edit at C (clock behind) and a delete.
+    sim.set_clock_offset(c, -60);
+    sim.put_raw_on_device(c, record(&sim, "u", 3)).unwrap();
+    sim.set_clock_offset(c, 0);
+    sim.delete_on_device(c, "w").unwrap();
+
+    let daemon = Daemon::start(config);
+    wait_everywhere(&sim, &m, "u", Some(&winner)).await;
+    wait_everywhere(&sim, &m, "w", None).await;
+    quiet(&sim, &store, &m).await;
+    assert!(everywhere(&sim, &m, "u", Some(&winner)));
+    let regs = registers(&store);
+    assert_eq!(regs["u"], (b, false));
+    assert_eq!(regs["w"], (c, true));
+    daemon.stop().await;
+}
+
+/// A gateway that never sets `changedOnDevice`: with echo detection left
+/// to the daemon it recognises its own writes (`own-writes`), so changes
+/// flow and nothing echoes; the same with `own-writes` configured.
+#[tokio::test]
+async fn without_the_flag_own_writes_keep_echoes_out() {
+    for extra in ["", "echo_detection = \"own-writes\""] {
+        let mut opts = SimOptions::with_devices(3);
+        opts.reconnect_delay = Duration::from_millis(20);
+        opts.model.policies.changed_on_device = ChangedOnDevice::Omitted;
+        let sim = common::sim_with(opts).await;
+        let m = sim.device_ids();
+        let (a, b, c) = (m[0], m[1], m[2]);
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, extra)));
+        let store = state(dir.path()).await;
+        ready(&store, &m).await;
+        let u = record(&sim, "u", 0);
+        sim.put_raw_on_device(a, u.clone()).unwrap();
+        wait_everywhere(&sim, &m, "u", Some(&u)).await;
+        let u1 = record(&sim, "u", 1);
+        sim.put_raw_on_device(b, u1.clone()).unwrap();
+        wait_everywhere(&sim, &m, "u", Some(&u1)).await;
+        sim.delete_on_device(c, "u").unwrap();
+        wait_everywhere(&sim, &m, "u", None).await;
+        let v = record(&sim, "v", 0);
+        sim.put_raw_on_device(c, v.clone()).unwrap();
+        wait_everywhere(&sim, &m, "v", Some(&v)).await;
+        quiet(&sim, &store, &m).await;
+        assert_eq!(
+            recorded(&store),
+            4,
+            "{extra:?}: four changes, no echo recorded"
+        );
+        assert!(sim.log(b).iter().all(|e| !e.changed_on_device));
+        let seen = store
+            .with(|conn| usersync::store::multi::echo_observed(conn, "desks"))
+            .unwrap();
+        assert_eq!(seen, None, "{extra:?}");
+        let regs = registers(&store);
+        assert_eq!(regs["u"], (c, true));
+        assert_eq!(regs["v"], (c, false));
+        daemon.stop().await;
+    }
+}
+
+/// With `changed-on-device` configured, writes of other SDK clients
+/// (events without the flag that the daemon did not cause) are not
+/// changes; the members' own changes flow.
+#[tokio::test]
+async fn changed_on_device_mode_takes_only_flagged_events() {
+    let sim = sim(2).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(
+        &sim,
+        dir.path(),
+        &group(&m, "echo_detection = \"changed-on-device\""),
+    ));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let u = record(&sim, "u", 0);
+    sim.put_raw_on_device(a, u.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&u)).await;
+    // Another client writes through the gateway at B.
+    let client = common::client(&sim);
+    client
+        .user_enroll(b, vec![record(&sim, "sdk", 0)], true)
+        .await
+        .unwrap();
+    let v = record(&sim, "v", 0);
+    sim.put_raw_on_device(b, v.clone()).unwrap();
+    wait_everywhere(&sim, &m, "v", Some(&v)).await;
+    quiet(&sim, &store, &m).await;
+    assert!(
+        !sim.holds(a, "sdk"),
+        "an SDK write is not a change in this mode"
+    );
+    assert_eq!(recorded(&store), 2);
+    daemon.stop().await;
+}
+
+/// A member whose clock is two minutes ahead: the daemon measures it from
+/// its realtime events and records it (a warning in the log), and its
+/// change is ordered no later than the daemon's time plus the bound.
+#[tokio::test]
+async fn a_member_clock_far_ahead_is_warned_about_and_bounded() {
+    let sim = sim(2).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(
+        &sim,
+        dir.path(),
+        &group(&m, "max_clock_skew_secs = 10"),
+    ));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let warm = record(&sim, "warm", 0);
+    sim.put_raw_on_device(a, warm.clone()).unwrap();
+    wait_everywhere(&sim, &m, "warm", Some(&warm)).await;
+
+    sim.set_clock_offset(b, 120);
+    let u = record(&sim, "u", 0);
+    sim.put_raw_on_device(b, u.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&u)).await;
+    eventually("B's skew recorded", || async {
+        store
+            .with(|c| usersync::store::multi::clock_skews(c))
+            .unwrap()
+            .iter()
+            .any(|s| s.device == b && (100..=140).contains(&s.skew_secs))
+    })
+    .await;
+    let row = store
+        .with(|c| usersync::store::multi::row(c, "desks", "u"))
+        .unwrap()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        u64::from(row.version.stamp.time) <= now + 10,
+        "ordered at most 10 s ahead: {} vs now {now}",
+        row.version.stamp.time
+    );
+    let a_skew = store
+        .with(|c| usersync::store::multi::clock_skews(c))
+        .unwrap()
+        .into_iter()
+        .find(|s| s.device == a);
+    assert!(a_skew.is_none_or(|s| s.skew_secs.abs() <= 5), "{a_skew:?}");
+    daemon.stop().await;
+}
+
+/// The dangerous race: a member's change the daemon has not heard of yet
+/// (its realtime events are all dropped) must not be overwritten by an
+/// older change from another member. The member's log is read before it
+/// is written, so its change is ordered first and wins.
+#[tokio::test]
+async fn a_change_not_yet_heard_of_is_never_overwritten() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let v0 = record(&sim, "u", 0);
+    sim.put_raw_on_device(a, v0.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&v0)).await;
+
+    sim.drop_realtime(Some(b), 1.0);
+    sim.set_clock_offset(b, 5);
+    let at_b = record(&sim, "u", 1);
+    sim.put_raw_on_device(b, at_b.clone()).unwrap();
+    sim.put_raw_on_device(a, record(&sim, "u", 2)).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&at_b)).await;
+    quiet(&sim, &store, &m).await;
+    assert!(everywhere(&sim, &m, "u", Some(&at_b)));
+    assert_eq!(registers(&store)["u"], (b, false));
+    daemon.stop().await;
+}
+
+/// A first start over members that already hold users: one version of a
+/// user is copied to the members that lack it (the union); different
+/// versions with no history are a conflict, reported and left alone;
+/// changing the user at a member settles it.
+#[tokio::test]
+async fn a_reconcile_without_history_reports_conflicts_and_takes_the_union() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let only_a = record(&sim, "only-a", 0);
+    let same = record(&sim, "same", 0);
+    sim.put_raw_on_device(a, only_a.clone()).unwrap();
+    sim.put_raw_on_device(a, same.clone()).unwrap();
+    sim.put_raw_on_device(c, same.clone()).unwrap();
+    let x_a = record(&sim, "x", 1);
+    let x_b = record(&sim, "x", 2);
+    sim.put_raw_on_device(a, x_a.clone()).unwrap();
+    sim.put_raw_on_device(b, x_b.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    wait_everywhere(&sim, &m, "only-a", Some(&only_a)).await;
+    wait_everywhere(&sim, &m, "same", Some(&same)).await;
+    ready(&store, &m).await;
+    let conflicts = store
+        .with(|conn| usersync::store::multi::conflicts(conn))
+        .unwrap();
+    assert_eq!(
+        conflicts
+            .iter()
+            .map(|c| c.user_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["x"]
+    );
+    assert!(store.diverged().unwrap().contains_key("desks"));
+    // Left alone: each holder keeps its version, C gets none.
+    assert_eq!(sim.user_bytes(a, "x"), Some(x_a));
+    assert_eq!(sim.user_bytes(b, "x"), Some(x_b));
+    assert!(!sim.holds(c, "x"));
+    // A change settles it.
+    let x_c = record(&sim, "x", 3);
+    sim.put_raw_on_device(c, x_c.clone()).unwrap();
+    wait_everywhere(&sim, &m, "x", Some(&x_c)).await;
+    eventually("the conflict is settled", || async {
+        store
+            .with(|conn| usersync::store::multi::conflicts(conn))
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    daemon.stop().await;
+}
+
+/// With `prune = true`, a difference no history decides is settled by the
+/// order of `members`: the first member that holds the user.
+#[tokio::test]
+async fn with_prune_member_order_settles_what_no_history_decides() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let x_b = record(&sim, "x", 1);
+    let x_c = record(&sim, "x", 2);
+    sim.put_raw_on_device(b, x_b).unwrap();
+    sim.put_raw_on_device(c, x_c.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // C is listed first: its version wins.
+    let daemon = Daemon::start(config_with(
+        &sim,
+        dir.path(),
+        &format!(
+            "[[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [{c}, {a}, {b}]\nprune = true\n"
+        ),
+    ));
+    wait_everywhere(&sim, &m, "x", Some(&x_c)).await;
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    assert!(
+        store
+            .with(|conn| usersync::store::multi::conflicts(conn))
+            .unwrap()
+            .is_empty()
+    );
+    daemon.stop().await;
+}
+
+/// A member wiped by a factory reset (users gone, log restarted) is
+/// reconciled: it gets every user back, also those whose winning change
+/// was made at it (read from another member that holds the version).
+#[tokio::test]
+async fn a_reset_member_gets_its_users_back() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let mine = record(&sim, "made-at-a", 0);
+    let theirs = record(&sim, "made-at-b", 0);
+    sim.put_raw_on_device(a, mine.clone()).unwrap();
+    sim.put_raw_on_device(b, theirs.clone()).unwrap();
+    wait_everywhere(&sim, &m, "made-at-a", Some(&mine)).await;
+    wait_everywhere(&sim, &m, "made-at-b", Some(&theirs)).await;
+
+    sim.factory_reset(a).unwrap();
+    wait_everywhere(&sim, &m, "made-at-a", Some(&mine)).await;
+    wait_everywhere(&sim, &m, "made-at-b", Some(&theirs)).await;
+    quiet(&sim, &store, &m).await;
+    assert_eq!(
+        registers(&store)["made-at-a"],
+        (a, false),
+        "the order is kept"
+    );
+    daemon.stop().await;
+}
+
+/// A one-way group made multi-master (same name, restart): its one-way
+/// state is dropped, the members are reconciled, and a change at the former
+/// target now reaches the former source.
+#[tokio::test]
+async fn a_one_way_group_can_become_multi_master() {
+    let sim = sim(2).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let one_way = format!("[[group]]\nname = \"desks\"\nsources = [{a}]\ntargets = [{b}]\n");
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &one_way));
+    let u = record(&sim, "u", 0);
+    sim.put_raw_on_device(a, u.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&u)).await;
+    daemon.stop().await;
+
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let v = record(&sim, "v", 0);
+    sim.put_raw_on_device(b, v.clone()).unwrap();
+    wait_everywhere(&sim, &m, "v", Some(&v)).await;
+    sim.delete_on_device(b, "u").unwrap();
+    wait_everywhere(&sim, &m, "u", None).await;
+    quiet(&sim, &store, &m).await;
+    let regs = registers(&store);
+    assert_eq!(regs.len(), 2, "{regs:?}");
+    assert_eq!((regs["v"], regs["u"]), ((b, false), (b, true)));
+    daemon.stop().await;
+}
