@@ -1,0 +1,290 @@
+
+use super::super::{ChangeKind, Store, pending};
+use super::*;
+use proptest::prelude::*;
+
+fn store() -> (tempfile::TempDir, Store) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    (tmp, store)
+}
+
+fn ev(time: u32, op: MemberOp, on_device: bool, echo: EchoDetection) -> MemberEvent {
+    MemberEvent {
+        time,
+        op,
+        on_device,
+        echo,
+        max_skew: 10,
+        event: 1,
+    }
+}
+
+fn change(device: u32, user: &str) -> Change {
+    Change {
+        group: "g".into(),
+        user_id: user.into(),
+        source: device,
+        kind: ChangeKind::User,
+    }
+}
+
+/// A time the bound never touches (an hour ago).
+fn past() -> u32 {
+    u32_time(now() - 3600)
+}
+
+fn rec(store: &Store, device: u32, user: &str, e: MemberEvent) -> Recorded {
+    store
+        .with(|c| {
+            let tx = c.transaction()?;
+            let r = record(&tx, &change(device, user), &e)?;
+            tx.commit()?;
+            Ok(r)
+        })
+        .unwrap()
+}
+
+fn expect(store: &Store, devices: &[u32], user: &str, op: MemberOp) {
+    store
+        .with(|c| {
+            let tx = c.transaction()?;
+            expect_own_writes(&tx, "g", devices, &[user.to_owned()], op)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn registers_order_changes_and_set_losers_back() {
+    use EchoDetection::ChangedOnDevice as Cod;
+    let (_t, s) = store();
+    let t = past();
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, true, Cod)),
+        Recorded::Won(1)
+    );
+    assert_eq!(
+        rec(&s, 2, "u", ev(t + 5, MemberOp::Delete, true, Cod)),
+        Recorded::Won(2)
+    );
+    // Older than the tombstone: ignored, and member 3 is set back.
+    assert_eq!(
+        rec(&s, 3, "u", ev(t + 1, MemberOp::Upsert, true, Cod)),
+        Recorded::Older
+    );
+    let r = s.with(|c| row(c, "g", "u")).unwrap().unwrap();
+    assert_eq!((r.seq, r.source, r.version.deleted), (2, 2, true));
+    let queued = s.with(|c| pending(c, "g", 3, 10, &[1, 2, 3])).unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!((queued[0].user_id.as_str(), queued[0].source), ("u", 2));
+    // Not a change: the flag is not set (changed-on-device).
+    assert_eq!(
+        rec(&s, 1, "u", ev(t + 9, MemberOp::Upsert, false, Cod)),
+        Recorded::Foreign
+    );
+    assert_eq!(s.head("g").unwrap(), 2);
+    // A one-way row is no register.
+    assert_eq!(s.with(|c| row(c, "g", "nobody")).unwrap(), None);
+}
+
+#[test]
+fn old_deletes_of_users_without_history_are_history() {
+    use EchoDetection::ChangedOnDevice as Cod;
+    let (_t, s) = store();
+    s.with(|c| mark_started(c, "g")).unwrap();
+    let old = u32_time(now() - 86_400);
+    assert_eq!(
+        rec(&s, 1, "u", ev(old, MemberOp::Delete, true, Cod)),
+        Recorded::History
+    );
+    assert_eq!(s.head("g").unwrap(), 0);
+    // An old enroll is recorded (its state is read now), and an old
+    // delete of a user with history is ordered as any change.
+    assert_eq!(
+        rec(&s, 1, "v", ev(old, MemberOp::Upsert, true, Cod)),
+        Recorded::Won(1)
+    );
+    assert_eq!(
+        rec(&s, 2, "v", ev(old + 1, MemberOp::Delete, true, Cod)),
+        Recorded::Won(2)
+    );
+    // A delete since the start is a change.
+    assert_eq!(
+        rec(&s, 1, "w", ev(u32_time(now()), MemberOp::Delete, true, Cod)),
+        Recorded::Won(3)
+    );
+}
+
+#[test]
+fn times_far_ahead_are_ordered_at_the_bound() {
+    let (_t, s) = store();
+    let far = u32_time(now() + 86_400);
+    rec(
+        &s,
+        1,
+        "u",
+        ev(far, MemberOp::Upsert, true, EchoDetection::ChangedOnDevice),
+    );
+    let r = s.with(|c| row(c, "g", "u")).unwrap().unwrap();
+    assert!(i64::from(r.version.stamp.time) <= now() + 10);
+    // A change a minute later (in the daemon's time) wins over it.
+    let later = u32_time(now() + 60);
+    assert_eq!(
+        rec(
+            &s,
+            2,
+            "u",
+            ev(
+                later,
+                MemberOp::Delete,
+                true,
+                EchoDetection::ChangedOnDevice
+            )
+        ),
+        Recorded::Won(2)
+    );
+}
+
+#[test]
+fn own_writes_are_echoes_once_each() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    let t = past();
+    expect(&s, &[1, 2], "u", MemberOp::Upsert);
+    expect(&s, &[1], "u", MemberOp::Upsert);
+    assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 3);
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+        Recorded::Echo
+    );
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+        Recorded::Echo
+    );
+    // The third event at 1 is a change.
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+        Recorded::Won(1)
+    );
+    // A delete is not the echo of an enroll; a change clears what was
+    // expected there.
+    assert_eq!(
+        rec(&s, 2, "u", ev(t + 1, MemberOp::Delete, false, Own)),
+        Recorded::Won(2)
+    );
+    assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 0);
+    // A failed write is not expected any more.
+    expect(&s, &[3], "v", MemberOp::Delete);
+    s.with(|c| {
+        let tx = c.transaction()?;
+        unexpect_own_writes(&tx, "g", &[3], &["v".to_owned()], MemberOp::Delete)?;
+        tx.commit()?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        rec(&s, 3, "v", ev(t, MemberOp::Delete, false, Own)),
+        Recorded::Won(3)
+    );
+}
+
+#[test]
+fn an_echo_overtakes_an_unanswered_write_of_the_other_kind() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    let t = past();
+    // A delete of a user member 1 did not hold (no event), then an
+    // enroll (its echo comes): the delete is no longer expected, so
+    // a real delete there later is a change.
+    expect(&s, &[1], "u", MemberOp::Delete);
+    expect(&s, &[1], "u", MemberOp::Upsert);
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+        Recorded::Echo
+    );
+    assert_eq!(
+        rec(&s, 1, "u", ev(t + 1, MemberOp::Delete, false, Own)),
+        Recorded::Won(1)
+    );
+}
+
+#[test]
+fn expected_writes_expire() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    expect(&s, &[1], "u", MemberOp::Upsert);
+    s.with(|c| {
+        c.execute("UPDATE own_write SET expires_at = ?1", [now() - 1])?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        rec(&s, 1, "u", ev(past(), MemberOp::Upsert, false, Own)),
+        Recorded::Won(1)
+    );
+    assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 0);
+}
+
+#[test]
+fn observing_switches_to_the_flag_once_seen() {
+    use EchoDetection::Observe;
+    let (_t, s) = store();
+    let t = past();
+    // Not seen yet: own writes decide.
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Observe)),
+        Recorded::Won(1)
+    );
+    assert_eq!(s.with(|c| echo_observed(c, "g")).unwrap(), None);
+    assert_eq!(
+        rec(&s, 2, "u", ev(t + 1, MemberOp::Upsert, true, Observe)),
+        Recorded::Won(2)
+    );
+    assert_eq!(
+        s.with(|c| echo_observed(c, "g")).unwrap().map(|(d, _)| d),
+        Some(2)
+    );
+    assert_eq!(
+        s.with(|c| echo_in_force(c, "g", Observe)).unwrap(),
+        InForce::ChangedOnDevice
+    );
+    // From now on an unflagged event is not a change.
+    assert_eq!(
+        rec(&s, 1, "u", ev(t + 2, MemberOp::Delete, false, Observe)),
+        Recorded::Foreign
+    );
+}
+
+proptest! {
+    // Each case is a database on disk (synchronous = FULL).
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The store's registers follow the pure rules (`order::merge`) for
+    /// any sequence of members' changes.
+    #[test]
+    fn registers_match_the_rules(
+        events in proptest::collection::vec((1u32..4, 0u8..3, 0u32..20, any::<bool>()), 0..40)
+    ) {
+        let (_t, s) = store();
+        let base = past();
+        let mut model: BTreeMap<String, Version> = BTreeMap::new();
+        for (device, user, time, deleted) in events {
+            let user = format!("u{user}");
+            let op = if deleted { MemberOp::Delete } else { MemberOp::Upsert };
+            rec(&s, device, &user, ev(base + time, op, true, EchoDetection::ChangedOnDevice));
+            let incoming = Version { stamp: Stamp { time: base + time, device }, deleted };
+            if let Merge::Replace(v) = order::merge(model.get(&user), incoming) {
+                model.insert(user, v);
+            }
+        }
+        let got: BTreeMap<String, Version> = s
+            .with(|c| all_rows(c, "g"))
+            .unwrap()
+            .into_iter()
+            .map(|(u, r)| (u, r.version))
+            .collect();
+        prop_assert_eq!(got, model);
+    }
+}
