@@ -1,7 +1,8 @@
 //! The durable state: one SQLite database (WAL, `synchronous=FULL`, mode
-//! 0600 in a 0700 directory) holding per-device checkpoints, the compacted
-//! change journal, target cursors, quarantine, reconcile requests and device
-//! status for the CLI.
+//! 0600 in a 0700 directory) holding per-device checkpoints (with their
+//! trails: the events realtime moved them past, until a read verifies
+//! them), the compacted change journal, target cursors, quarantine,
+//! reconcile requests and device status for the CLI.
 //!
 //! Every step that advances a checkpoint or a cursor commits in the same
 //! transaction as what it covers. The store holds user IDs, never user

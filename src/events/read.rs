@@ -139,6 +139,9 @@ impl Expected<'_> {
                         "event {id} is not the event seen under that ID before (the checkpoint was moved past it)"
                     )));
                 }
+                // IDs are a per-device counter (WIRE.md B5): a log that
+                // holds IDs on both sides of an expected event but not the
+                // event itself is another log.
                 Err(_) if id < last.id => {
                     return Ok(Some(format!(
                         "the log skips event {id}, which was delivered"
@@ -229,6 +232,10 @@ pub fn classify(
 /// The newest part of `trail` that a page of `max` records always covers
 /// with room to spare, so a page never ends before the checkpoint.
 fn fitting(trail: &[Mark], max: u32) -> &[Mark] {
+    if max == 0 {
+        // "As many as possible" (WIRE.md B3).
+        return trail;
+    }
     let room = usize::try_from(max / 2).unwrap_or(usize::MAX);
     &trail[trail.len().saturating_sub(room)..]
 }
