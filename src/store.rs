@@ -1,7 +1,8 @@
 //! The durable state: one SQLite database (WAL, `synchronous=FULL`, mode
-//! 0600 in a 0700 directory) holding per-device checkpoints, the compacted
-//! change journal, target cursors, quarantine, reconcile requests and device
-//! status for the CLI.
+//! 0600 in a 0700 directory) holding per-device checkpoints (with their
+//! trails: the events realtime moved them past, until a read verifies
+//! them), the compacted change journal, target cursors, quarantine,
+//! reconcile requests and device status for the CLI.
 //!
 //! Every step that advances a checkpoint or a cursor commits in the same
 //! transaction as what it covers. The store holds user IDs, never user
@@ -338,6 +339,20 @@ const MIGRATIONS: &[&str] = &[
         measured_at INTEGER NOT NULL
     );
     ",
+    // 6: the trail of each checkpoint: the events realtime moved it past
+    // since a read last found the log as expected, oldest first, written in
+    // the transaction that moves the checkpoint. The next read (a restart's
+    // catch-up too) must find each of them unchanged, so a log reset without
+    // a reboot whose next event passed for the continuation is still seen
+    // (WIRE.md §5.5).
+    "
+    CREATE TABLE checkpoint_trail (
+        device_id INTEGER NOT NULL,
+        event_id  INTEGER NOT NULL,
+        anchor    TEXT,
+        PRIMARY KEY (device_id, event_id)
+    );
+    ",
 ];
 
 /// The state store. Cheap to clone; calls run on the blocking pool.
@@ -659,8 +674,53 @@ pub fn checkpoint(conn: &Connection, device: u32) -> Result<Option<u32>, StoreEr
         .optional()?)
 }
 
+/// Seeds a checkpoint without an anchor (import); any trail it had is
+/// dropped, as it led to another checkpoint.
 pub fn set_checkpoint(conn: &Connection, device: u32, event_id: u32) -> Result<(), StoreError> {
+    clear_trail(conn, device)?;
     set_checkpoint_anchored(conn, device, event_id, None)
+}
+
+/// One event of a checkpoint trail: (event, anchor).
+pub type TrailRow = (u32, Option<String>);
+
+/// Every device's checkpoint trail, oldest first.
+pub fn trails(conn: &Connection) -> Result<BTreeMap<u32, Vec<TrailRow>>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT device_id, event_id, anchor FROM checkpoint_trail ORDER BY device_id, event_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?, r.get(2)?))
+    })?;
+    let mut out: BTreeMap<u32, Vec<TrailRow>> = BTreeMap::new();
+    for row in rows {
+        let (device, event, anchor) = row?;
+        out.entry(device).or_default().push((event, anchor));
+    }
+    Ok(out)
+}
+
+/// Adds an event to a device's checkpoint trail.
+pub fn add_to_trail(
+    conn: &Connection,
+    device: u32,
+    event_id: u32,
+    anchor: Option<&str>,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO checkpoint_trail (device_id, event_id, anchor) VALUES (?1, ?2, ?3)",
+        params![i64::from(device), i64::from(event_id), anchor],
+    )?;
+    Ok(())
+}
+
+/// Empties a device's checkpoint trail (a read found the log as expected).
+pub fn clear_trail(conn: &Connection, device: u32) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM checkpoint_trail WHERE device_id = ?1",
+        [i64::from(device)],
+    )?;
+    Ok(())
 }
 
 pub fn set_checkpoint_anchored(
@@ -1429,6 +1489,24 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn trails_are_kept_per_device_until_cleared_or_replaced_by_an_import() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let conn = store.lock();
+        set_checkpoint_anchored(&conn, 1, 12, Some("t/2000/0/u")).unwrap();
+        add_to_trail(&conn, 1, 11, Some("t/1000/0/")).unwrap();
+        add_to_trail(&conn, 1, 10, None).unwrap();
+        add_to_trail(&conn, 2, 5, Some("x")).unwrap();
+        let all = trails(&conn).unwrap();
+        assert_eq!(all[&1], vec![(10, None), (11, Some("t/1000/0/".into()))]);
+        clear_trail(&conn, 1).unwrap();
+        assert!(!trails(&conn).unwrap().contains_key(&1));
+        // An imported checkpoint starts without a trail.
+        set_checkpoint(&conn, 2, 40).unwrap();
+        assert!(trails(&conn).unwrap().is_empty());
     }
 
     #[test]

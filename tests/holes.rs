@@ -646,3 +646,145 @@ async fn a_delete_all_at_one_source_keeps_the_others_users() {
     assert!(sim.holds(t, "b1"), "b's user stays");
     daemon.stop().await;
 }
+
+/// In one step of the simulator, so no log read can come between: a
+/// database reset of `device` without a reboot (users and log gone, IDs
+/// restart, WIRE.md §5.5) whose reset event and every event up to the old
+/// newest ID the gateway's queue drops (B10): `dropped` (an enroll, say),
+/// then access events up to that ID. Then realtime delivers `delivered`,
+/// whose new ID is the old newest + 1: it looks like the next event.
+fn reset_behind_the_next_event(
+    sim: &Simulator,
+    device: u32,
+    dropped: Option<&str>,
+    delivered: Option<&str>,
+) {
+    sim.with_model(|m| {
+        let old_newest = m.newest_event_id(device).expect("a log before the reset");
+        m.set_drop_fraction(Some(device), 1.0);
+        m.database_reset(device).unwrap();
+        if let Some(user) = dropped {
+            m.device_enroll(device, user).unwrap();
+        }
+        while m.newest_event_id(device) < Some(old_newest) {
+            m.device_event(device, codes::VERIFY_SUCCESS, "").unwrap();
+        }
+        assert_eq!(m.newest_event_id(device), Some(old_newest), "all dropped");
+        m.set_drop_fraction(Some(device), 0.0);
+        let id = match delivered {
+            Some(user) => m.device_enroll(device, user).unwrap(),
+            None => m.device_event(device, codes::VERIFY_SUCCESS, "").unwrap(),
+        };
+        assert_eq!(id, old_newest + 1);
+    });
+}
+
+/// Users enrolled at `source` before the daemon starts, with exact copies
+/// at `target`: the daemon's first start reads no log but by its first
+/// sight and writes nothing, so nothing reads a log afterwards unless an
+/// event asks for it.
+fn presynced(sim: &Simulator, source: u32, target: u32, users: &[&str]) {
+    for u in users {
+        sim.enroll_on_device(source, u).unwrap();
+        let raw = sim.user_bytes(source, u).unwrap();
+        sim.put_raw_on_device(target, raw).unwrap();
+    }
+}
+
+async fn live_and_reconciled(dir: &std::path::Path, live: &[u32], targets: &[u32]) {
+    eventually("devices live, first reconciles done", || async {
+        let st = open_store(dir);
+        let statuses = st.device_statuses().unwrap();
+        let results = st.with(|c| usersync::store::reconcile_results(c)).unwrap();
+        live.iter()
+            .all(|d| statuses.iter().any(|r| r.device == *d && r.state == "live"))
+            && targets
+                .iter()
+                .all(|t| results.iter().any(|r| r.target == *t))
+    })
+    .await;
+}
+
+/// A database reset without a reboot, at a source and at a target, whose
+/// reset event and following events up to the checkpoint realtime all
+/// dropped, and whose next event arrived as checkpoint + 1: realtime takes
+/// it for the continuation. The tail check that follows it must still see
+/// the reset (the log no longer holds the events before it): the source's
+/// users the reset deleted leave the doors, the one enrolled among the
+/// dropped events reaches them, and the target is repopulated.
+#[tokio::test]
+async fn a_reset_whose_next_event_passes_for_the_continuation_is_found_by_the_tail_check() {
+    let sim = sim(5).await;
+    let ids = sim.device_ids();
+    let (s1, t1, s2, t2, spare) = (ids[0], ids[1], ids[2], ids[3], ids[4]);
+    presynced(&sim, s1, t1, &["a", "b"]);
+    presynced(&sim, s2, t2, &["x", "y"]);
+    let dir = tempfile::tempdir().unwrap();
+    let groups = group("g1", &[s1], &[t1], "prune = true") + &group("g2", &[s2], &[t2], "");
+    // Setting the scene: no check of the daemon's own reads a log (the
+    // settling checks after the catch-ups come an hour later).
+    let mut quiet = config_with(&sim, dir.path(), &groups);
+    quiet.sync.tail_check_delay = Duration::from_secs(3600);
+    quiet.sync.idle_check_interval = Duration::from_secs(3600);
+    quiet.devices.remove(&spare);
+    let daemon = Reloadable::start(quiet);
+    live_and_reconciled(dir.path(), &[s1, t1, s2, t2], &[t1, t2]).await;
+
+    // Tail checks a second after each event from now on. The reload adds
+    // a device: once it has a checkpoint, the event consumer works with the
+    // new configuration (the settling checks already set stay an hour away).
+    let mut checks = config_with(&sim, dir.path(), &groups);
+    checks.sync.idle_check_interval = Duration::from_secs(3600);
+    daemon.reload(checks).await;
+    eventually("the consumer has the new configuration", || async {
+        open_store(dir.path()).checkpoint(spare).unwrap().is_some()
+    })
+    .await;
+
+    reset_behind_the_next_event(&sim, s1, Some("c"), Some("d"));
+    reset_behind_the_next_event(&sim, t2, None, None);
+    eventually("the doors hold what the desks hold", || async {
+        sim.users(t1) == sim.users(s1) && sim.users(t2) == sim.users(s2)
+    })
+    .await;
+    assert_eq!(sim.users(t1).keys().collect::<Vec<_>>(), ["c", "d"]);
+    assert_eq!(sim.users(t2).keys().collect::<Vec<_>>(), ["x", "y"]);
+    daemon.stop().await;
+}
+
+/// The same reset, with the daemon killed after it took the next event
+/// for the continuation and before any check: what it took is stored with
+/// the checkpoint, so the catch-up after the restart still sees the reset.
+#[tokio::test]
+async fn a_reset_passed_off_as_the_next_event_is_seen_after_a_restart() {
+    let sim = sim(2).await;
+    let ids = sim.device_ids();
+    let (src, dst) = (ids[0], ids[1]);
+    presynced(&sim, src, dst, &["a", "b"]);
+    let dir = tempfile::tempdir().unwrap();
+    let g = group("g", &[src], &[dst], "prune = true");
+    let mut quiet = config_with(&sim, dir.path(), &g);
+    quiet.sync.tail_check_delay = Duration::from_secs(3600);
+    quiet.sync.idle_check_interval = Duration::from_secs(3600);
+    let daemon = Daemon::start(quiet);
+    live_and_reconciled(dir.path(), &[src, dst], &[dst]).await;
+    let before = open_store(dir.path()).checkpoint(src).unwrap();
+    assert_eq!(before, sim.newest_event_id(src));
+
+    reset_behind_the_next_event(&sim, src, Some("c"), Some("d"));
+    eventually("realtime took the event as the next one", || async {
+        open_store(dir.path()).checkpoint(src).unwrap() == sim.newest_event_id(src)
+    })
+    .await;
+    // As a kill -9 leaves it.
+    daemon.task.abort();
+    let _ = daemon.task.await;
+
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &g));
+    eventually("the door holds what the desk holds", || async {
+        sim.users(dst) == sim.users(src)
+    })
+    .await;
+    assert_eq!(sim.users(dst).keys().collect::<Vec<_>>(), ["c", "d"]);
+    daemon.stop().await;
+}

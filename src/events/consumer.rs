@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::read::{self, PAGE, Read, ReadError, Search};
-use super::{Checkpoint, Effects, apply_effects, codes, effects, ship};
+use super::{Anchor, Checkpoint, Effects, Mark, TRAIL_MAX, apply_effects, codes, effects, ship};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::device::{Board, CatchUpRequest, Phase};
@@ -84,6 +84,10 @@ struct Pass {
 #[derive(Debug)]
 struct Track {
     checkpoint: Checkpoint,
+    /// The events realtime moved the checkpoint past since a read last
+    /// found the log as expected, oldest first (see [`Mark`]); at most
+    /// [`TRAIL_MAX`]. Empty after every read that ends well.
+    trail: Vec<Mark>,
     /// The newest event ID seen (realtime or read), for the lag and to know
     /// a read is due.
     newest: u32,
@@ -127,6 +131,39 @@ fn follow_up(sync: &crate::config::SyncConfig, step: usize) -> Option<Duration> 
         .filter(|d| *d < sync.idle_check_interval)
 }
 
+/// The stored trail rows that lead to `checkpoint`: the newest run of
+/// consecutive events ending just before it, at most [`TRAIL_MAX`] (the
+/// rows are written in the transaction that moves the checkpoint, so all of
+/// them, unless an operator's import replaced the checkpoint).
+fn trail_to(checkpoint: &Checkpoint, rows: &[store::TrailRow]) -> Vec<Mark> {
+    let Checkpoint::At { event, .. } = checkpoint else {
+        return Vec::new();
+    };
+    let mut next = *event;
+    let mut kept: Vec<Mark> = Vec::new();
+    for (id, anchor) in rows.iter().rev() {
+        if kept.len() == TRAIL_MAX || next == 0 || *id != next - 1 {
+            break;
+        }
+        next = *id;
+        kept.push(Mark {
+            event: *id,
+            anchor: anchor.clone().map(Anchor),
+        });
+    }
+    kept.reverse();
+    kept
+}
+
+/// Staged changes to a device's stored trail.
+#[derive(Debug, Default)]
+struct TrailWrite {
+    /// Drop the stored trail first.
+    clear: bool,
+    /// Then add these.
+    add: Vec<Mark>,
+}
+
 /// The result of one read task.
 struct Fetched {
     device: u32,
@@ -141,6 +178,7 @@ struct Fetched {
 struct Staged {
     fx: Effects,
     checkpoints: BTreeMap<u32, Checkpoint>,
+    trails: BTreeMap<u32, TrailWrite>,
     events: BTreeMap<u32, u64>,
     searches_done: Vec<u32>,
     replies: Vec<(Reply, Result<(), String>)>,
@@ -149,6 +187,7 @@ struct Staged {
 impl Staged {
     fn is_empty(&self) -> bool {
         self.checkpoints.is_empty()
+            && self.trails.is_empty()
             && self.fx.changes.is_empty()
             && self.fx.reconciles.is_empty()
             && self.fx.diverged.is_empty()
@@ -216,7 +255,10 @@ impl Consumer {
 
     /// Loads the checkpoints of the configured devices from the store.
     async fn load(&mut self) -> Result<(), StoreError> {
-        let rows = self.store.run(|c| store::anchored_checkpoints(c)).await?;
+        let (rows, trails) = self
+            .store
+            .run(|c| Ok((store::anchored_checkpoints(c)?, store::trails(c)?)))
+            .await?;
         self.tracks.clear();
         self.queue.clear();
         self.reads.abort_all();
@@ -225,14 +267,33 @@ impl Consumer {
         let n = devices.len().max(1) as u32;
         for (i, device) in devices.into_iter().enumerate() {
             let checkpoint = Checkpoint::from_row(rows.get(&device).cloned());
-            self.add_track(device, checkpoint, i as u32, n);
+            let stored = trails.get(&device).map_or(&[][..], Vec::as_slice);
+            let trail = trail_to(&checkpoint, stored);
+            if trail.len() != stored.len() {
+                // Rows that do not lead to the checkpoint go.
+                self.staged.trails.insert(
+                    device,
+                    TrailWrite {
+                        clear: true,
+                        add: trail.clone(),
+                    },
+                );
+            }
+            self.add_track(device, checkpoint, trail, i as u32, n);
         }
         Ok(())
     }
 
     /// Idle checks are spread over the interval so a big site never checks
     /// every device at once.
-    fn add_track(&mut self, device: u32, checkpoint: Checkpoint, slot: u32, slots: u32) {
+    fn add_track(
+        &mut self,
+        device: u32,
+        checkpoint: Checkpoint,
+        trail: Vec<Mark>,
+        slot: u32,
+        slots: u32,
+    ) {
         let spread = self.config.sync.idle_check_interval.mul_f64(
             f64::from(slot + 1) / f64::from(slots), // never 0: first checks are not all now
         );
@@ -241,6 +302,7 @@ impl Consumer {
             device,
             Track {
                 checkpoint,
+                trail,
                 newest,
                 reading: Reading::Idle,
                 pass: None,
@@ -297,7 +359,7 @@ impl Consumer {
         // stale: the device is searched as on first sight.
         let n = added.len() as u32;
         for (i, d) in added.into_iter().enumerate() {
-            self.add_track(d, Checkpoint::Unseen, i as u32, n);
+            self.add_track(d, Checkpoint::Unseen, Vec::new(), i as u32, n);
         }
     }
 
@@ -361,7 +423,11 @@ impl Consumer {
             );
             return;
         }
-        let Checkpoint::At { event: cp, .. } = t.checkpoint else {
+        let Checkpoint::At {
+            event: cp,
+            anchor: ref cp_anchor,
+        } = t.checkpoint
+        else {
             self.request_read(device, None, false);
             return;
         };
@@ -391,8 +457,29 @@ impl Consumer {
         }
         t.newest = t.newest.max(ev.id);
         if ev.id == cp.wrapping_add(1) {
+            if t.trail.len() >= TRAIL_MAX {
+                // Realtime alone has moved the checkpoint on TRAIL_MAX
+                // times (a device too busy for its debounced tail check):
+                // a read verifies the trail and takes this event.
+                tracing::debug!(
+                    device_id = device,
+                    checkpoint = cp,
+                    "trail full; reading the device log"
+                );
+                self.request_read(device, None, false);
+                return;
+            }
+            // Accepted as the continuation, but only a read can tell it
+            // from the first event of a log reset whose earlier events
+            // were all dropped: the checkpoint it replaces joins the trail.
+            let mark = Mark {
+                event: cp,
+                anchor: cp_anchor.clone(),
+            };
+            t.trail.push(mark.clone());
             t.delivered_unread = t.delivered_unread.saturating_sub(1);
             t.tail_at = Some(now + delay);
+            self.staged.trails.entry(device).or_default().add.push(mark);
             self.stage(device, vec![ev], Effects::default());
             return;
         }
@@ -491,13 +578,14 @@ impl Consumer {
                 p.replay |= t.checkpoint == Checkpoint::Reset;
             }
             let from = t.checkpoint.clone();
+            let trail = t.trail.clone();
             let client = self.client.clone();
             let store = self.store.clone();
             self.reads.spawn(async move {
                 // A panic in a read (a bug) fails this pass, not the device
                 // forever: its track must hear back.
                 let result =
-                    std::panic::AssertUnwindSafe(read_once(&client, &store, device, &from))
+                    std::panic::AssertUnwindSafe(read_once(&client, &store, device, &from, &trail))
                         .catch_unwind()
                         .await
                         .unwrap_or_else(|_| Err(ReadError::Panicked { device }));
@@ -633,6 +721,16 @@ impl Consumer {
                 );
                 t.newest = t.newest.max(checkpoint.event());
                 t.checkpoint = checkpoint.clone();
+                // A trail stored from an earlier time in the configuration
+                // leads elsewhere.
+                t.trail.clear();
+                self.staged.trails.insert(
+                    device,
+                    TrailWrite {
+                        clear: true,
+                        add: Vec::new(),
+                    },
+                );
                 self.staged.checkpoints.insert(device, checkpoint);
                 self.staged.searches_done.push(device);
                 self.update_lag(device);
@@ -651,6 +749,7 @@ impl Consumer {
                 tracing::warn!(device_id = device, checkpoint = t.checkpoint.event(), why = %why, "the device's log was reset; reading it from its oldest event and reconciling");
                 t.checkpoint = Checkpoint::Reset;
                 t.newest = 0;
+                self.forget_trail(device);
                 let mut fx = Effects::default();
                 fx.reconcile_device(&config, device, &format!("device log reset: {why}"));
                 self.staged.checkpoints.insert(device, Checkpoint::Reset);
@@ -659,6 +758,9 @@ impl Consumer {
                 Ok(Ok(true))
             }
             Read::Next { events, more } => {
+                // The log held every event of the trail: it is the log the
+                // checkpoint was moved along.
+                self.forget_trail(device);
                 Ok(self.advance(device, events, more, Effects::default()))
             }
             Read::Lost {
@@ -673,6 +775,7 @@ impl Consumer {
                     oldest,
                     "the device's log no longer holds the events after the checkpoint (ring buffer overwritten); reconciling"
                 );
+                self.forget_trail(device);
                 let mut fx = Effects::default();
                 fx.reconcile_device(
                     &config,
@@ -686,6 +789,25 @@ impl Consumer {
                 Ok(self.advance(device, events, more, fx))
             }
         }
+    }
+
+    /// Empties a device's trail: a read judged the log against it.
+    fn forget_trail(&mut self, device: u32) {
+        let Some(t) = self.tracks.get_mut(&device) else {
+            return;
+        };
+        if t.trail.is_empty() && !self.staged.trails.contains_key(&device) {
+            // Nothing stored (the normal case: nothing to write).
+            return;
+        }
+        t.trail.clear();
+        self.staged.trails.insert(
+            device,
+            TrailWrite {
+                clear: true,
+                add: Vec::new(),
+            },
+        );
     }
 
     /// Stages `events` read after the checkpoint. Returns whether to read
@@ -800,6 +922,7 @@ impl Consumer {
         let fx = Arc::new(staged.fx);
         let recorded = Arc::clone(&fx);
         let checkpoints: BTreeMap<u32, Checkpoint> = staged.checkpoints;
+        let trails = staged.trails;
         let searches = staged.searches_done;
         self.store
             .run(move |c| {
@@ -811,6 +934,15 @@ impl Consumer {
                     }
                     if let Some(n) = newest.get(device) {
                         store::set_newest(&tx, *device, *n)?;
+                    }
+                }
+                for (device, write) in &trails {
+                    if write.clear {
+                        store::clear_trail(&tx, *device)?;
+                    }
+                    for m in &write.add {
+                        let anchor = m.anchor.as_ref().map(|a| a.0.as_str());
+                        store::add_to_trail(&tx, *device, m.event, anchor)?;
                     }
                 }
                 for d in &searches {
@@ -852,6 +984,7 @@ async fn read_once(
     store: &Store,
     device: u32,
     from: &Checkpoint,
+    trail: &[Mark],
 ) -> Result<Read, ReadError> {
     match from {
         Checkpoint::Unseen => {
@@ -874,7 +1007,7 @@ async fn read_once(
                 }
             }
         }
-        other => read::read_after(client, device, other, PAGE).await,
+        other => read::read_after(client, device, other, trail, PAGE).await,
     }
 }
 
@@ -1021,5 +1154,44 @@ impl Effects {
         self.diverged.extend(other.diverged);
         self.drift.extend(other.drift);
         self.warnings.extend(other.warnings);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(ids: &[u32]) -> Vec<store::TrailRow> {
+        ids.iter().map(|id| (*id, Some(format!("a{id}")))).collect()
+    }
+
+    fn at(event: u32) -> Checkpoint {
+        Checkpoint::At {
+            event,
+            anchor: None,
+        }
+    }
+
+    fn events(trail: &[Mark]) -> Vec<u32> {
+        trail.iter().map(|m| m.event).collect()
+    }
+
+    #[test]
+    fn a_stored_trail_counts_only_where_it_leads_to_the_checkpoint() {
+        assert_eq!(events(&trail_to(&at(10), &rows(&[7, 8, 9]))), [7, 8, 9]);
+        assert_eq!(
+            trail_to(&at(10), &rows(&[9]))[0].anchor,
+            Some(Anchor("a9".into()))
+        );
+        // A run broken before the checkpoint keeps its newest part.
+        assert_eq!(events(&trail_to(&at(10), &rows(&[3, 8, 9]))), [8, 9]);
+        // Rows of another checkpoint, or of none, lead nowhere.
+        assert!(trail_to(&at(10), &rows(&[7, 8])).is_empty());
+        assert!(trail_to(&Checkpoint::Reset, &rows(&[7, 8])).is_empty());
+        assert!(trail_to(&Checkpoint::Unseen, &rows(&[7, 8])).is_empty());
+        let long: Vec<u32> = (1..=200).collect();
+        let kept = trail_to(&at(201), &rows(&long));
+        assert_eq!(kept.len(), TRAIL_MAX);
+        assert_eq!(kept.last().map(|m| m.event), Some(200));
     }
 }

@@ -14,7 +14,10 @@
 //! checkpoint event itself, unchanged. If it does not, the device's ring
 //! buffer overwrote events we never saw, or its log was reset (cleared,
 //! factory reset: IDs may restart, WIRE.md §5.5), and the affected groups are
-//! reconciled ([`read`] judges every answer a gateway may give).
+//! reconciled ([`read`] judges every answer a gateway may give). Events
+//! realtime moved the checkpoint past are kept as its trail ([`Mark`]) until
+//! a read finds them in the log: the read starts at the oldest of them, so
+//! a reset whose next event arrived as `checkpoint + 1` is still seen.
 //!
 //! Device calls never run inside the consumer's loop: reads are tasks, at
 //! most `[sync] device_concurrency` at a time, whose results come back to
@@ -92,6 +95,28 @@ impl Checkpoint {
             }
         }
     }
+}
+
+/// How many times realtime may move a device's checkpoint on before a read
+/// verifies the trail: the event that would make the trail longer is left
+/// to a read instead (a device busy enough never to get its debounced tail
+/// check pays one read per this many events; quieter ones none extra).
+pub const TRAIL_MAX: usize = 64;
+
+/// An event the checkpoint was moved past by realtime alone, which no read
+/// has yet found in the log: its ID and what it looked like. The next read
+/// starts at the oldest such event and must find each one there unchanged.
+///
+/// Realtime's `checkpoint + 1` is no proof of continuation: a log reset
+/// without a reboot (a database reset; IDs restart, WIRE.md §5.5) whose
+/// reset event and every event up to the checkpoint the gateway's queue
+/// dropped (B10) delivers its next event as exactly that ID. Reading from
+/// the new checkpoint would verify it against the new log and never see
+/// the reset; the events before it, read back, are others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub event: u32,
+    pub anchor: Option<Anchor>,
 }
 
 /// The fingerprint of an event, to recognise the checkpoint event later:

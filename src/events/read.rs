@@ -16,7 +16,7 @@
 
 use tonic::Code;
 
-use super::{Anchor, Checkpoint};
+use super::{Anchor, Checkpoint, Mark};
 use crate::gateway::{GatewayClient, GatewayError};
 use crate::proto::gsdk::event::EventLog;
 use crate::store::{self, Store};
@@ -55,6 +55,15 @@ pub enum ReadError {
         "GetLog(device {device}, start {start}) answered events before the start and not the checkpoint itself"
     )]
     BeforeStart { device: u32, start: u32 },
+    #[error(
+        "GetLog(device {device}, start {start}) answered a full page that ends at event {end}, before the checkpoint {checkpoint}"
+    )]
+    ShortOfCheckpoint {
+        device: u32,
+        start: u32,
+        end: u32,
+        checkpoint: u32,
+    },
     #[error("search for the newest event of device {device}: {reason}")]
     Search { device: u32, reason: String },
     #[error("reading the log of device {device} panicked (a bug); retrying later")]
@@ -102,37 +111,140 @@ pub fn follows(id: u32, cp: u32) -> bool {
     id > cp || cp - id > u32::MAX / 2
 }
 
-/// Judges `page`, the answer to `GetLog(start = checkpoint, max)`. Pure.
+/// What the daemon expects the log to hold, ascending: the events
+/// realtime moved the checkpoint past since a read last found the log as
+/// expected (the trail, oldest first), then the checkpoint event itself.
+/// A read starts at the first of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    pub trail: &'a [Mark],
+    pub checkpoint: u32,
+    pub anchor: Option<&'a Anchor>,
+}
+
+impl Expected<'_> {
+    /// Where the read starts: the oldest event not yet found in the log.
+    pub fn start(&self) -> u32 {
+        self.trail.first().map_or(self.checkpoint, |m| m.event)
+    }
+
+    fn marks(&self) -> impl Iterator<Item = (u32, Option<&Anchor>)> {
+        self.trail
+            .iter()
+            .map(|m| (m.event, m.anchor.as_ref()))
+            .chain(std::iter::once((self.checkpoint, self.anchor)))
+    }
+
+    /// Why `page` (ascending, no ID below `page[0]` expected to be
+    /// there) shows that the log is not the one the expected events came
+    /// from, if it does: an expected event it covers is missing or another
+    /// event carries its ID. `Ok(None)`: every expected event it covers is
+    /// there, unchanged. `Err`: a full page ends before the checkpoint
+    /// (the page cannot tell).
+    fn contradiction(
+        &self,
+        device: u32,
+        page: &[EventLog],
+        more: bool,
+    ) -> Result<Option<String>, ReadError> {
+        let r = log_order(self.start());
+        let (Some(first), Some(last)) = (page.first(), page.last()) else {
+            return Ok(Some(format!(
+                "the log holds no event at or after {}",
+                self.start()
+            )));
+        };
+        for (id, anchor) in self.marks().filter(|(id, _)| r(*id) >= r(first.id)) {
+            match page.binary_search_by_key(&r(id), |e| r(e.id)) {
+                Ok(i) if anchor.is_none_or(|a| a.matches(&page[i])) => {}
+                Ok(_) if id == self.checkpoint => {
+                    return Ok(Some(format!(
+                        "event {id} is not the checkpoint event any more"
+                    )));
+                }
+                Ok(_) => {
+                    return Ok(Some(format!(
+                        "event {id} is not the event seen under that ID before (the checkpoint was moved past it)"
+                    )));
+                }
+                // IDs are a per-device counter (WIRE.md B5): a log that
+                // holds IDs on both sides of an expected event but not the
+                // event itself is another log.
+                Err(_) if r(id) < r(last.id) => {
+                    return Ok(Some(format!(
+                        "the log skips event {id}, which was delivered"
+                    )));
+                }
+                Err(_) if more => {
+                    return Err(ReadError::ShortOfCheckpoint {
+                        device,
+                        start: self.start(),
+                        end: last.id,
+                        checkpoint: self.checkpoint,
+                    });
+                }
+                Err(_) => {
+                    return Ok(Some(format!(
+                        "the log ends at event {}, before the checkpoint {}",
+                        last.id, self.checkpoint
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Judges `page`, the answer to `GetLog(start = expected.start(), max)`.
+/// Pure.
+///
+/// Every expected event the page covers must be there, unchanged: a log
+/// reset without a reboot (WIRE.md §5.5) whose first events realtime
+/// dropped and whose next one carried the ID after the checkpoint passed
+/// for the continuation; the events before it, read back from the new log,
+/// are others.
 pub fn classify(
     device: u32,
-    checkpoint: u32,
-    anchor: Option<&Anchor>,
+    expected: Expected<'_>,
     page: Vec<EventLog>,
     max: u32,
 ) -> Result<Read, ReadError> {
     let more = page.len() >= max as usize;
-    let page = ordered(page);
-    let Some(first) = page.first() else {
+    let start = expected.start();
+    let checkpoint = expected.checkpoint;
+    let r = log_order(start);
+    let mut page = ordered(page);
+    // In log order from the start: the same as ID order unless the page
+    // holds a wrap past 2^32.
+    page.sort_by_key(|e| r(e.id));
+    let Some(first_id) = page.first().map(|e| e.id) else {
         // Start past the newest record: the log holds nothing at or after
-        // the checkpoint, so its IDs restarted below it (or it is empty).
+        // the start, so its IDs restarted below it (or it is empty).
         return Ok(Read::Reset {
-            why: format!("the log holds no event at or after the checkpoint {checkpoint}"),
+            why: format!("the log holds no event at or after {start}"),
         });
     };
-    let first_id = first.id;
-    let verified = |ev: &EventLog| anchor.is_none_or(|a| a.matches(ev));
-    if first_id == checkpoint {
-        if !verified(first) {
-            return Ok(Read::Reset {
-                why: format!("event {checkpoint} is not the checkpoint event any more"),
-            });
+    if r(first_id) < 0 {
+        // Records before the start: not what B1 says. Accept the page only
+        // if, from the start on, it holds every expected event unchanged,
+        // and take what follows the checkpoint.
+        let from = page.partition_point(|e| r(e.id) < 0);
+        let rest = page.split_off(from);
+        let held = rest.first().is_some_and(|e| e.id == start)
+            && matches!(expected.contradiction(device, &rest, more), Ok(None));
+        if !held {
+            return Err(ReadError::BeforeStart { device, start });
         }
-        let events = page.into_iter().skip(1).collect();
+        let events = rest
+            .into_iter()
+            .filter(|e| r(e.id) > r(checkpoint))
+            .collect();
         return Ok(Read::Next { events, more });
     }
-    if first_id > checkpoint {
-        // Clamped to the oldest record. If that is checkpoint + 1 only the
-        // checkpoint event itself was overwritten: nothing was lost.
+    if r(first_id) > r(checkpoint) {
+        // Clamped to the oldest record, past every expected event: nothing
+        // to verify. If that is checkpoint + 1 only the expected events
+        // were overwritten (or cleared; IDs go on, §5.5): nothing was lost.
         if first_id == checkpoint.wrapping_add(1) {
             return Ok(Read::Next { events: page, more });
         }
@@ -142,31 +254,52 @@ pub fn classify(
             first_lost: checkpoint.wrapping_add(1),
         });
     }
-    // Records before the start: not what B1 says. Accept the page only if
-    // it holds the verified checkpoint event, and take what follows it.
-    match page.iter().position(|e| e.id == checkpoint) {
-        Some(i) if verified(&page[i]) => Ok(Read::Next {
-            events: page.into_iter().skip(i + 1).collect(),
-            more,
-        }),
-        _ => Err(ReadError::BeforeStart {
-            device,
-            start: checkpoint,
-        }),
+    // From the start, or clamped to an oldest record at or before the
+    // checkpoint (the ring overwrote the trail's oldest events): every
+    // expected event from there on must be in the page, unchanged.
+    if let Some(why) = expected.contradiction(device, &page, more)? {
+        return Ok(Read::Reset { why });
     }
+    let events = page
+        .into_iter()
+        .filter(|e| r(e.id) > r(checkpoint))
+        .collect();
+    Ok(Read::Next { events, more })
 }
 
-/// Reads what follows `checkpoint` on `device`: one `GetLog`, or, when the
-/// gateway answers `OUT_OF_RANGE` (WIRE.md §5.4), a look at the oldest
-/// record to tell an overwritten ring (oldest past the checkpoint) from a
-/// reset log (oldest at or below it: the start was past the newest).
+/// Where an event ID lies in a log read from `start`: its distance from
+/// the start, negative before it. The same order as the IDs' while they
+/// stay within 2^31 of the start; across a wrap past 2^32 (WIRE.md §5.5)
+/// the IDs after the wrap come after those before it.
+fn log_order(start: u32) -> impl Fn(u32) -> i64 {
+    move |id| i64::from(id.wrapping_sub(start) as i32)
+}
+
+/// The newest part of `trail` that a page of `max` records always covers
+/// with room to spare, so a page never ends before the checkpoint.
+fn fitting(trail: &[Mark], max: u32) -> &[Mark] {
+    if max == 0 {
+        // "As many as possible" (WIRE.md B3).
+        return trail;
+    }
+    let room = usize::try_from(max / 2).unwrap_or(usize::MAX);
+    &trail[trail.len().saturating_sub(room)..]
+}
+
+/// Reads what follows `checkpoint` on `device`, from the oldest event of
+/// `trail` (the events realtime moved the checkpoint past since a read last
+/// found the log as expected; empty: from the checkpoint): one `GetLog`,
+/// or, when the gateway answers `OUT_OF_RANGE` (WIRE.md §5.4), a look at
+/// the oldest record to tell an overwritten ring (oldest past the start)
+/// from a reset log (oldest at or below it: the start was past the newest).
 pub async fn read_after(
     client: &GatewayClient,
     device: u32,
     checkpoint: &Checkpoint,
+    trail: &[Mark],
     max: u32,
 ) -> Result<Read, ReadError> {
-    let (cp, anchor) = match checkpoint {
+    let expected = match checkpoint {
         Checkpoint::Unseen => {
             return Err(ReadError::Search {
                 device,
@@ -180,23 +313,28 @@ pub async fn read_after(
             let more = page.len() >= max as usize;
             return Ok(Read::Next { events: page, more });
         }
-        Checkpoint::At { event, anchor } => (*event, anchor.as_ref()),
+        Checkpoint::At { event, anchor } => Expected {
+            trail: fitting(trail, max),
+            checkpoint: *event,
+            anchor: anchor.as_ref(),
+        },
     };
-    match client.get_log(device, cp, max).await {
-        Ok(page) => classify(device, cp, anchor, page, max),
+    let start = expected.start();
+    match client.get_log(device, start, max).await {
+        Ok(page) => classify(device, expected, page, max),
         Err(e) if out_of_range(&e) => {
             let oldest = client.get_log(device, 0, 1).await?;
             match oldest.first() {
                 None => Ok(Read::Reset {
                     why: "the log is empty".into(),
                 }),
-                Some(o) if o.id > cp => {
+                Some(o) if o.id > start => {
                     let page = client.get_log(device, o.id, max).await?;
-                    classify(device, cp, anchor, page, max)
+                    classify(device, expected, page, max)
                 }
                 Some(o) => Ok(Read::Reset {
                     why: format!(
-                        "the gateway says the checkpoint {cp} is out of range while the oldest event is {}: IDs restarted",
+                        "the gateway says event {start} is out of range while the oldest event is {}: IDs restarted",
                         o.id
                     ),
                 }),
@@ -311,10 +449,18 @@ mod tests {
         Anchor::of(&ev(id, 0x1000))
     }
 
+    fn exp(checkpoint: u32, anchor: &Anchor) -> Expected<'_> {
+        Expected {
+            trail: &[],
+            checkpoint,
+            anchor: Some(anchor),
+        }
+    }
+
     #[test]
     fn the_checkpoint_event_confirms_the_page() {
         let page = vec![ev(10, 0x1000), ev(11, 0x2000), ev(12, 0x1000)];
-        let r = classify(1, 10, Some(&at(10)), page, 3).unwrap();
+        let r = classify(1, exp(10, &at(10)), page, 3).unwrap();
         assert_eq!(
             r,
             Read::Next {
@@ -328,7 +474,7 @@ mod tests {
     fn another_event_under_the_checkpoint_id_is_a_reset() {
         let page = vec![ev(10, 0x4502)];
         assert!(matches!(
-            classify(1, 10, Some(&at(10)), page, 8).unwrap(),
+            classify(1, exp(10, &at(10)), page, 8).unwrap(),
             Read::Reset { .. }
         ));
     }
@@ -338,23 +484,23 @@ mod tests {
         // A reset log refilled past the checkpoint with a similar event.
         let mut other = ev(10, 0x1000);
         other.timestamp += 3600;
-        let r = classify(1, 10, Some(&at(10)), vec![other, ev(11, 0x1000)], 8).unwrap();
+        let r = classify(1, exp(10, &at(10)), vec![other, ev(11, 0x1000)], 8).unwrap();
         assert!(matches!(r, Read::Reset { .. }), "{r:?}");
     }
 
     #[test]
     fn empty_answer_is_a_reset() {
         assert!(matches!(
-            classify(1, 10, Some(&at(10)), vec![], 8).unwrap(),
+            classify(1, exp(10, &at(10)), vec![], 8).unwrap(),
             Read::Reset { .. }
         ));
     }
 
     #[test]
     fn clamped_to_a_later_oldest_is_lost_unless_only_the_checkpoint_went() {
-        let r = classify(1, 10, Some(&at(10)), vec![ev(11, 0x1000)], 8).unwrap();
+        let r = classify(1, exp(10, &at(10)), vec![ev(11, 0x1000)], 8).unwrap();
         assert!(matches!(r, Read::Next { .. }), "{r:?}");
-        let r = classify(1, 10, Some(&at(10)), vec![ev(15, 0x1000)], 8).unwrap();
+        let r = classify(1, exp(10, &at(10)), vec![ev(15, 0x1000)], 8).unwrap();
         assert_eq!(
             r,
             Read::Lost {
@@ -370,11 +516,44 @@ mod tests {
         // The bug this replaces: a fallback read from the oldest record
         // returned events below the checkpoint and passed as "nothing lost".
         let page = vec![ev(1, 0x1000), ev(2, 0x1000), ev(3, 0x2000)];
-        assert!(classify(1, 10, Some(&at(10)), page, 3).is_err());
+        assert!(classify(1, exp(10, &at(10)), page, 3).is_err());
         // Holding the verified checkpoint event: what follows it counts.
         let page = vec![ev(9, 0x1000), ev(10, 0x1000), ev(11, 0x2000)];
         assert_eq!(
-            classify(1, 10, Some(&at(10)), page, 8).unwrap(),
+            classify(1, exp(10, &at(10)), page, 8).unwrap(),
+            Read::Next {
+                events: vec![ev(11, 0x2000)],
+                more: false
+            }
+        );
+    }
+
+    fn marks(ids: &[u32]) -> Vec<Mark> {
+        ids.iter()
+            .map(|id| Mark {
+                event: *id,
+                anchor: Some(at(*id)),
+            })
+            .collect()
+    }
+
+    fn with_trail<'a>(trail: &'a [Mark], checkpoint: u32, anchor: &'a Anchor) -> Expected<'a> {
+        Expected {
+            trail,
+            checkpoint,
+            anchor: Some(anchor),
+        }
+    }
+
+    #[test]
+    fn a_trail_found_unchanged_confirms_the_page() {
+        let trail = marks(&[8, 9]);
+        let a10 = at(10);
+        let e = with_trail(&trail, 10, &a10);
+        assert_eq!(e.start(), 8);
+        let page = vec![ev(8, 0x1000), ev(9, 0x1000), ev(10, 0x1000), ev(11, 0x2000)];
+        assert_eq!(
+            classify(1, e, page, 8).unwrap(),
             Read::Next {
                 events: vec![ev(11, 0x2000)],
                 more: false
@@ -396,11 +575,59 @@ mod tests {
             ev(1, 0x2000),
             ev(2, 0x1000),
         ];
-        let Read::Next { events, .. } = classify(1, max - 1, Some(&at(max - 1)), page, 8).unwrap()
+        let anchor = at(max - 1);
+        let Read::Next { events, .. } =
+            classify(1, exp(max - 1, &anchor), page.clone(), 8).unwrap()
         else {
             panic!()
         };
         assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), [max, 1, 2]);
+        // A trail across the wrap is found in the log's order too.
+        let trail = [Mark {
+            event: max - 1,
+            anchor: Some(at(max - 1)),
+        }];
+        let cp = Anchor::of(&ev(max, 0x2000));
+        let expected = Expected {
+            trail: &trail,
+            checkpoint: max,
+            anchor: Some(&cp),
+        };
+        let Read::Next { events, .. } = classify(1, expected, page.clone(), 8).unwrap() else {
+            panic!()
+        };
+        assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
+        let one = Anchor::of(&ev(1, 0x2000));
+        let past = [
+            Mark {
+                event: max - 1,
+                anchor: Some(at(max - 1)),
+            },
+            Mark {
+                event: max,
+                anchor: Some(cp.clone()),
+            },
+        ];
+        let expected = Expected {
+            trail: &past,
+            checkpoint: 1,
+            anchor: Some(&one),
+        };
+        let Read::Next { events, .. } = classify(1, expected, page.clone(), 8).unwrap() else {
+            panic!()
+        };
+        assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), [2]);
+        // The same trail, another event under an ID past the wrap: a reset.
+        let other = Anchor::of(&ev(1, 0x1000));
+        let expected = Expected {
+            trail: &past,
+            checkpoint: 1,
+            anchor: Some(&other),
+        };
+        assert!(matches!(
+            classify(1, expected, page, 8).unwrap(),
+            Read::Reset { .. }
+        ));
         assert!(follows(1, max) && follows(max, max - 1) && !follows(5, 10) && follows(11, 10));
         // Not a wrap: a shuffled page is still put in order.
         let page = vec![ev(12, 0x1000), ev(10, 0x1000), ev(11, 0x1000)];
@@ -410,9 +637,80 @@ mod tests {
     }
 
     #[test]
+    fn a_reset_whose_next_event_passed_for_the_continuation_is_a_reset() {
+        // Realtime moved the checkpoint from 10 to 11, but 11 came from a
+        // log reset whose events 1..=10 were all dropped: 11 itself reads
+        // back unchanged, event 10 does not.
+        let trail = marks(&[10]);
+        let mut new11 = ev(11, 0x2000);
+        new11.user_id = "new".into();
+        let anchor = Anchor::of(&new11);
+        let mut reset = ev(10, 0x1000);
+        reset.timestamp += 60;
+        let page = vec![reset, new11.clone(), ev(12, 0x1000)];
+        let r = classify(1, with_trail(&trail, 11, &anchor), page.clone(), 8).unwrap();
+        assert!(matches!(r, Read::Reset { .. }), "{r:?}");
+        // Read from the checkpoint alone, as before the trail: unseen.
+        let from_checkpoint = page.into_iter().skip(1).collect();
+        let r = classify(1, exp(11, &anchor), from_checkpoint, 8).unwrap();
+        assert!(matches!(r, Read::Next { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn a_log_that_ends_or_skips_inside_the_trail_is_a_reset() {
+        let trail = marks(&[8, 9]);
+        let ends = vec![ev(8, 0x1000), ev(9, 0x1000)];
+        let r = classify(1, with_trail(&trail, 10, &at(10)), ends, 8).unwrap();
+        assert!(matches!(r, Read::Reset { .. }), "{r:?}");
+        let skips = vec![ev(8, 0x1000), ev(10, 0x1000), ev(11, 0x1000)];
+        let r = classify(1, with_trail(&trail, 10, &at(10)), skips, 8).unwrap();
+        assert!(matches!(r, Read::Reset { .. }), "{r:?}");
+        // A full page that ends before the checkpoint cannot tell.
+        let full = vec![ev(8, 0x1000), ev(9, 0x1000)];
+        assert!(matches!(
+            classify(1, with_trail(&trail, 10, &at(10)), full, 2),
+            Err(ReadError::ShortOfCheckpoint { .. })
+        ));
+    }
+
+    #[test]
+    fn a_ring_that_overwrote_part_of_the_trail_verifies_the_rest() {
+        let trail = marks(&[7, 8, 9]);
+        // Clamped to 9: 9 and 10 are checked, 11 follows.
+        let page = vec![ev(9, 0x1000), ev(10, 0x1000), ev(11, 0x1000)];
+        let r = classify(1, with_trail(&trail, 10, &at(10)), page, 8).unwrap();
+        assert_eq!(
+            r,
+            Read::Next {
+                events: vec![ev(11, 0x1000)],
+                more: false
+            }
+        );
+        let mut other = ev(10, 0x1000);
+        other.user_id = "x".into();
+        let page = vec![ev(9, 0x1000), other];
+        let r = classify(1, with_trail(&trail, 10, &at(10)), page, 8).unwrap();
+        assert!(matches!(r, Read::Reset { .. }), "{r:?}");
+        // Everything up to the checkpoint gone (a cleared log goes on at
+        // checkpoint + 1): nothing lost; further on: lost.
+        let r = classify(1, with_trail(&trail, 10, &at(10)), vec![ev(11, 0x4200)], 8).unwrap();
+        assert!(matches!(r, Read::Next { .. }), "{r:?}");
+        let r = classify(1, with_trail(&trail, 10, &at(10)), vec![ev(13, 0x4200)], 8).unwrap();
+        assert!(matches!(r, Read::Lost { first_lost: 11, .. }), "{r:?}");
+    }
+
+    #[test]
+    fn a_long_trail_is_cut_to_what_a_page_covers() {
+        let trail = marks(&[1, 2, 3, 4, 5, 6]);
+        assert_eq!(fitting(&trail, 8).len(), 4);
+        assert_eq!(fitting(&trail, 8)[0].event, 3);
+        assert_eq!(fitting(&trail, PAGE).len(), 6);
+    }
+
+    #[test]
     fn pages_out_of_order_are_put_in_order() {
         let page = vec![ev(12, 0x1000), ev(10, 0x1000), ev(11, 0x1000)];
-        let Read::Next { events, .. } = classify(1, 10, Some(&at(10)), page, 8).unwrap() else {
+        let Read::Next { events, .. } = classify(1, exp(10, &at(10)), page, 8).unwrap() else {
             panic!()
         };
         assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), [11, 12]);

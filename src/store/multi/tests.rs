@@ -1,4 +1,3 @@
-
 use super::super::{ChangeKind, Store, pending};
 use super::*;
 use proptest::prelude::*;
