@@ -156,6 +156,7 @@ pub async fn run_with(
     let parts = Parts {
         config: RwLock::new(Arc::clone(&config)),
         gateway_changes: Mutex::new(Vec::new()),
+        registered: Mutex::new(std::collections::BTreeMap::new()),
         config_changed: Notify::new(),
         config_tx,
         realtime: realtime_tx,

@@ -1019,8 +1019,12 @@ async fn read_once(
 pub async fn run(mut consumer: Consumer, mut inbox: Inbox, cancel: CancellationToken) {
     let backoff = Backoff::gateway();
     let mut failures = 0u32;
+    let mut last_failure: Option<Instant> = None;
     consumer.health.set_consumer_active(true);
     loop {
+        // The newest configuration: one a reload brought while a commit
+        // failed was marked seen, and is not announced again.
+        consumer.config = Arc::clone(&inbox.config.borrow_and_update());
         let result = match consumer.load().await {
             Ok(()) => {
                 if failures > 0 {
@@ -1037,6 +1041,12 @@ pub async fn run(mut consumer: Consumer, mut inbox: Inbox, cancel: CancellationT
         match result {
             Ok(()) => break,
             Err(e) => {
+                // Delays grow over a spell of failures, not over the
+                // daemon's life: a failure long after the last starts over.
+                if last_failure.is_some_and(|at| at.elapsed() >= FAILURE_SPELL) {
+                    failures = 0;
+                }
+                last_failure = Some(Instant::now());
                 let delay = backoff.delay(failures);
                 failures = failures.saturating_add(1);
                 tracing::error!(error = %e, retry_in = ?delay, "event consumer cannot write its state; retrying from the stored checkpoints");
@@ -1051,6 +1061,10 @@ pub async fn run(mut consumer: Consumer, mut inbox: Inbox, cancel: CancellationT
     consumer.reads.abort_all();
     consumer.health.set_consumer_active(false);
 }
+
+/// Store failures further apart than this are separate spells (their
+/// retry delays start over).
+const FAILURE_SPELL: Duration = Duration::from_secs(600);
 
 /// Sleeps `d`, beating so the watchdog sees a consumer that waits on
 /// purpose, not a stalled one.
@@ -1136,8 +1150,12 @@ impl Consumer {
             Next::Config(config) => {
                 // What was staged under the old configuration is committed
                 // first: its effects name the old groups.
-                self.commit().await?;
+                // The configuration is taken even when that commit fails:
+                // the consumer then starts over from the stored checkpoints
+                // (`run`), under the configuration the supervisor runs.
+                let committed = self.commit().await;
                 self.set_config(config);
+                committed?;
             }
             Next::CatchUp(req) => self.catch_up(req),
             Next::Fetched(f) => self.fetched(f).await?,

@@ -230,6 +230,18 @@ pub fn effects(config: &Config, device: u32, events: &[EventLog]) -> Effects {
                 }
                 if source {
                     for g in config.groups.iter().filter(|g| g.sources.contains(&device)) {
+                        // Without prune the reconcile finds an enroll, not
+                        // a delete: say so where the operator looks.
+                        if !g.prune {
+                            fx.diverged.push(Divergence {
+                                group: g.name.clone(),
+                                why: format!(
+                                    "source {device}'s event {} ({what}) has {why}: if it deleted a user, the \
+                                     targets keep it until `usersync reconcile --group {} --prune`",
+                                    ev.id, g.name
+                                ),
+                            });
+                        }
                         for t in &g.targets {
                             fx.reconciles.push(ReconcileRequest {
                                 group: g.name.clone(),
@@ -473,6 +485,9 @@ targets = [2, 3]
                 "{bad:?}"
             );
             assert_eq!(fx.warnings.len(), 1, "{bad:?}");
+            // Without prune a delete it made would stay: the group says so.
+            assert_eq!(fx.diverged.len(), 1, "{bad:?}");
+            assert!(fx.diverged[0].why.contains("--prune"), "{:?}", fx.diverged);
             // At a target: a warning, nothing else.
             let fx = effects(&c, 2, &[ev(4, 0x2400, bad)]);
             assert!(fx.changes.is_empty() && fx.reconciles.is_empty() && fx.drift.is_empty());

@@ -122,10 +122,10 @@ fn apply_list(
 /// the devices, then route status changes until something breaks.
 pub(super) async fn session(parts: &Parts, delay: Duration) -> Result<(), SessionError> {
     tokio::time::sleep(delay).await;
-    // Every device of the configuration read next is registered below:
-    // reload changes queued before it are done by that. (Cleared first, so
-    // a reload in between is made twice rather than never; registering is
-    // idempotent.)
+    // Registrations are made right below from what this daemon registered
+    // before and the configuration read next: reload changes queued before
+    // it are done by that. (Cleared first, so a reload in between is made
+    // twice rather than never; registering and forgetting are idempotent.)
     parts
         .gateway_changes
         .lock()
@@ -145,7 +145,16 @@ pub(super) async fn session(parts: &Parts, delay: Duration) -> Result<(), Sessio
     // Let the stream tasks hand their requests to the channel before any
     // device is registered (see the module doc).
     tokio::task::yield_now().await;
+    // A device removed or re-addressed while no session was up is still
+    // registered at a gateway that kept running: forgotten first.
+    let stale: Vec<u32> = registered(parts)
+        .iter()
+        .filter(|(id, was)| config.devices.get(id) != Some(*was))
+        .map(|(id, _)| *id)
+        .collect();
+    forget(parts, stale).await?;
     register(client, config.devices.values().map(connect_info).collect()).await?;
+    *parts.registered.lock().unwrap_or_else(|e| e.into_inner()) = config.devices.clone();
     let list = client.get_device_list().await?;
     tracing::info!(devices = list.len(), "gateway session up");
     {
@@ -209,13 +218,21 @@ pub(super) async fn session(parts: &Parts, delay: Duration) -> Result<(), Sessio
                         _ => {}
                     }
                 }
-                if !gone.is_empty() {
-                    client.delete_async_connection(gone).await?;
-                }
+                // On an error the session starts over, and its start makes
+                // the registrations from `registered` and the configuration.
+                forget(parts, gone).await?;
                 let infos: Vec<AsyncConnectInfo> =
                     added.iter().filter_map(|id| new.devices.get(id)).map(connect_info).collect();
                 if !infos.is_empty() {
                     register(client, infos).await?;
+                    {
+                        let mut held = parts.registered.lock().unwrap_or_else(|e| e.into_inner());
+                        for id in &added {
+                            if let Some(d) = new.devices.get(id) {
+                                held.insert(*id, d.clone());
+                            }
+                        }
+                    }
                     // Their status may already be "connected"; ask.
                     let list = client.get_device_list().await?;
                     apply_list(parts, &added, &list, false);
@@ -261,6 +278,52 @@ async fn register(
                 tracing::error!(device_id = id, error = %e, "the gateway refused to register the device; check its address and port in the configuration");
             }
         }
+    }
+    Ok(())
+}
+
+fn registered(parts: &Parts) -> std::collections::BTreeMap<u32, crate::config::DeviceConfig> {
+    parts
+        .registered
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// Forgets devices at the gateway (`DeleteAsyncConnection`). A refusal
+/// that is not transient (a device the gateway does not hold: WIRE.md
+/// says nothing of it) is tried device by device and logged, never fatal
+/// to the session: a device that cannot be forgotten costs a registration,
+/// not a reconnect of every device.
+async fn forget(parts: &Parts, ids: Vec<u32>) -> Result<(), GatewayError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let client = &parts.client;
+    let done = |ids: &[u32]| {
+        let mut held = parts.registered.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            held.remove(id);
+        }
+    };
+    let e = match client.delete_async_connection(ids.clone()).await {
+        Ok(()) => {
+            done(&ids);
+            return Ok(());
+        }
+        Err(e) if e.disposition() == crate::gateway::Disposition::Transient => return Err(e),
+        Err(e) => e,
+    };
+    tracing::warn!(error = %e, "the gateway refused to forget the devices at once; forgetting them one by one");
+    for id in ids {
+        match client.delete_async_connection(vec![id]).await {
+            Ok(()) => {}
+            Err(e) if e.disposition() == crate::gateway::Disposition::Transient => return Err(e),
+            Err(e) => {
+                tracing::warn!(device_id = id, error = %e, "the gateway refused to forget the device; taking it as not registered");
+            }
+        }
+        done(&[id]);
     }
     Ok(())
 }

@@ -46,6 +46,9 @@ pub(super) struct Parts {
     /// Device changes of reloads the gateway session has yet to make
     /// (register, forget); `config_changed` wakes it.
     pub(super) gateway_changes: Mutex<Vec<Change>>,
+    /// The devices this daemon registered with the gateway, as registered:
+    /// what a session forgets when the configuration no longer has them.
+    pub(super) registered: Mutex<std::collections::BTreeMap<u32, crate::config::DeviceConfig>>,
     pub(super) config_changed: Notify,
     /// Tells the event consumer.
     pub(super) config_tx: watch::Sender<Arc<Config>>,
