@@ -52,6 +52,10 @@ pub struct MemberEvent {
     pub max_skew: u32,
     /// The event's ID, for the log.
     pub event: u32,
+    /// Read from the member's log from its oldest record after a reset
+    /// (`Checkpoint::Reset`, the consumer's replay pass): history read
+    /// again, not known to follow the member's recorded changes.
+    pub replayed: bool,
 }
 
 /// How long a write of the daemon is expected to come back as an event
@@ -84,8 +88,9 @@ pub enum Recorded {
     Echo,
     /// Not a change in this mode (another SDK client's write).
     Foreign,
-    /// A delete from before the group first ran, of a user with no
-    /// recorded change: history read again, not a change.
+    /// Read again from a reset log and not newer than the register (or a
+    /// delete of a user with no recorded change): history, not a change;
+    /// the reconcile the reset asked for covers the member.
     History,
 }
 
@@ -165,23 +170,22 @@ pub fn record(
     // A log read again from its start (a reset, maybe taken for one
     // wrongly) replays deletes of long ago; one of a user the group never
     // saw change could delete a user enrolled elsewhere since. The
-    // reconcile such a read asks for decides instead.
-    if incoming.deleted
-        && stored.is_none()
-        && started_at(tx, group)?.is_some_and(|s| i64::from(time) + i64::from(ev.max_skew) < s)
-    {
+    // reconcile such a read asks for decides instead. Only a replayed
+    // event is history: a live delete counts whatever the member's clock
+    // says (a clock behind, or a delete made while the daemon was down).
+    if ev.replayed && incoming.deleted && stored.is_none() {
         tracing::warn!(
             group,
             device_id = device,
             user_id = user,
             event_id = ev.event,
             change_time = time,
-            "delete from before the group first ran, of a user with no recorded change: taken for history read again, not spread \
-             (if the member's clock is behind, set it)"
+            "delete read again from a reset log, of a user with no recorded change: taken for history, not spread \
+             (the reconcile the reset asked for decides)"
         );
         return Ok(Recorded::History);
     }
-    match order::merge(stored.as_ref().map(|r| &r.version), incoming) {
+    match order::merge(stored.as_ref().map(|r| &r.version), incoming, ev.replayed) {
         Merge::Replace(v) => {
             let seq = head(tx, group)? + 1;
             tx.execute(
@@ -210,6 +214,22 @@ pub fn record(
             let Some(winner) = stored else {
                 return Ok(Recorded::Older);
             };
+            if ev.replayed {
+                // Read again, not a change made now: the member is not set
+                // back on its account (the reset's reconcile covers it).
+                tracing::info!(
+                    group,
+                    user_id = user,
+                    device_id = device,
+                    event_id = ev.event,
+                    change_time = time,
+                    deleted = incoming.deleted,
+                    winner_device = winner.version.stamp.device,
+                    winner_time = winner.version.stamp.time,
+                    "change read again from a reset log, not newer than the one recorded: history, ignored"
+                );
+                return Ok(Recorded::History);
+            }
             tracing::warn!(
                 group,
                 user_id = user,

@@ -16,6 +16,15 @@ fn ev(time: u32, op: MemberOp, on_device: bool, echo: EchoDetection) -> MemberEv
         echo,
         max_skew: 10,
         event: 1,
+        replayed: false,
+    }
+}
+
+/// The same event read again from a reset log.
+fn replayed(e: MemberEvent) -> MemberEvent {
+    MemberEvent {
+        replayed: true,
+        ..e
     }
 }
 
@@ -89,13 +98,23 @@ fn registers_order_changes_and_set_losers_back() {
 }
 
 #[test]
-fn old_deletes_of_users_without_history_are_history() {
+fn replayed_deletes_of_users_without_history_are_history() {
     use EchoDetection::ChangedOnDevice as Cod;
     let (_t, s) = store();
     s.with(|c| mark_started(c, "g")).unwrap();
     let old = u32_time(now() - 86_400);
     assert_eq!(
-        rec(&s, 1, "u", ev(old, MemberOp::Delete, true, Cod)),
+        rec(&s, 1, "u", replayed(ev(old, MemberOp::Delete, true, Cod))),
+        Recorded::History
+    );
+    // Even a recent one: read again, it is not known to be news.
+    assert_eq!(
+        rec(
+            &s,
+            1,
+            "u",
+            replayed(ev(past(), MemberOp::Delete, true, Cod))
+        ),
         Recorded::History
     );
     assert_eq!(s.head("g").unwrap(), 0);
@@ -113,6 +132,73 @@ fn old_deletes_of_users_without_history_are_history() {
     assert_eq!(
         rec(&s, 1, "w", ev(u32_time(now()), MemberOp::Delete, true, Cod)),
         Recorded::Won(3)
+    );
+}
+
+/// Finding 1: an old delete read again from a member's reset log must not
+/// become the winner over that member's later enroll.
+#[test]
+fn a_replayed_old_delete_does_not_beat_the_same_members_enroll() {
+    use EchoDetection::ChangedOnDevice as Cod;
+    let (_t, s) = store();
+    s.with(|c| mark_started(c, "g")).unwrap();
+    let t = past();
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, true, Cod)),
+        Recorded::Won(1)
+    );
+    let old = u32_time(now() - 365 * 86_400);
+    assert_eq!(
+        rec(&s, 1, "u", replayed(ev(old, MemberOp::Delete, true, Cod))),
+        Recorded::History
+    );
+    // The enroll itself read again: not newer either.
+    assert_eq!(
+        rec(&s, 1, "u", replayed(ev(t, MemberOp::Upsert, true, Cod))),
+        Recorded::History
+    );
+    let r = s.with(|c| row(c, "g", "u")).unwrap().unwrap();
+    assert_eq!(
+        (r.seq, r.version.deleted, r.version.stamp.time),
+        (1, false, t)
+    );
+    assert_eq!(s.head("g").unwrap(), 1);
+    // Nothing queued for the member on account of history.
+    assert!(
+        s.with(|c| pending(c, "g", 1, 10, &[1, 2]))
+            .unwrap()
+            .is_empty()
+    );
+    // A replayed change that is newer than the register still wins.
+    assert_eq!(
+        rec(&s, 1, "u", replayed(ev(t + 5, MemberOp::Delete, true, Cod))),
+        Recorded::Won(2)
+    );
+    // Live, the same member's log order still decides.
+    assert_eq!(
+        rec(&s, 1, "u", ev(t + 1, MemberOp::Upsert, true, Cod)),
+        Recorded::Won(3)
+    );
+}
+
+/// Finding 2 (4a/b): a live delete is a change whatever the member's
+/// clock says, and whenever it was made.
+#[test]
+fn a_live_delete_at_a_member_whose_clock_is_behind_is_a_change() {
+    use EchoDetection::ChangedOnDevice as Cod;
+    let (_t, s) = store();
+    s.with(|c| mark_started(c, "g")).unwrap();
+    let behind = u32_time(now() - 365 * 86_400);
+    assert_eq!(
+        rec(&s, 2, "u", ev(behind, MemberOp::Delete, true, Cod)),
+        Recorded::Won(1)
+    );
+    assert!(
+        s.with(|c| row(c, "g", "u"))
+            .unwrap()
+            .unwrap()
+            .version
+            .deleted
     );
 }
 
@@ -274,7 +360,7 @@ proptest! {
             let op = if deleted { MemberOp::Delete } else { MemberOp::Upsert };
             rec(&s, device, &user, ev(base + time, op, true, EchoDetection::ChangedOnDevice));
             let incoming = Version { stamp: Stamp { time: base + time, device }, deleted };
-            if let Merge::Replace(v) = order::merge(model.get(&user), incoming) {
+            if let Merge::Replace(v) = order::merge(model.get(&user), incoming, false) {
                 model.insert(user, v);
             }
         }

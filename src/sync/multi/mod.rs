@@ -78,6 +78,8 @@ pub fn change_of(config: &Config, device: u32, ev: &EventLog) -> Option<Change> 
             echo: mm.echo,
             max_skew: u32::try_from(mm.max_clock_skew.as_secs()).unwrap_or(u32::MAX),
             event: ev.id,
+            // Set by the consumer for a pass read after a reset.
+            replayed: false,
         }),
     })
 }
