@@ -353,6 +353,22 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (device_id, event_id)
     );
     ",
+    // 7: echo detection `observe` decides per member: which members of a
+    // group reported changedOnDevice, and when. A member whose firmware
+    // never sets the flag stays on own writes (keyed by the group alone,
+    // one member's flag made every other member's changes foreign).
+    "
+    CREATE TABLE member_echo_by_member (
+        grp       TEXT    NOT NULL,
+        device_id INTEGER NOT NULL,
+        seen_at   INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id)
+    );
+    INSERT INTO member_echo_by_member (grp, device_id, seen_at)
+        SELECT grp, device_id, seen_at FROM member_echo;
+    DROP TABLE member_echo;
+    ALTER TABLE member_echo_by_member RENAME TO member_echo;
+    ",
 ];
 
 /// The state store. Cheap to clone; calls run on the blocking pool.
@@ -1507,6 +1523,34 @@ mod tests {
         // An imported checkpoint starts without a trail.
         set_checkpoint(&conn, 2, 40).unwrap();
         assert!(trails(&conn).unwrap().is_empty());
+    }
+
+    /// Migration 7 keeps the member that showed changedOnDevice under the
+    /// group-wide table, now one row per member.
+    #[test]
+    fn member_echo_is_keyed_by_member_after_migration_7() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for (i, sql) in MIGRATIONS.iter().take(6).enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap())
+                .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO member_echo (grp, device_id, seen_at) VALUES ('g', 2, 5)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new("mem"), Schema::Upgrade).unwrap();
+        assert_eq!(multi::echo_observed(&conn, "g").unwrap(), vec![(2, 5)]);
+        conn.execute(
+            "INSERT INTO member_echo (grp, device_id, seen_at) VALUES ('g', 3, 6)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(
+            multi::echo_observed(&conn, "g").unwrap(),
+            vec![(2, 5), (3, 6)]
+        );
     }
 
     #[test]

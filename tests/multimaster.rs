@@ -168,7 +168,7 @@ async fn every_member_accepts_changes_and_writes_never_echo() {
     let seen = store
         .with(|conn| usersync::store::multi::echo_observed(conn, "desks"))
         .unwrap();
-    assert!(seen.is_some());
+    assert!(!seen.is_empty());
     daemon.stop().await;
 }
 
@@ -390,7 +390,7 @@ async fn without_the_flag_own_writes_keep_echoes_out() {
         let seen = store
             .with(|conn| usersync::store::multi::echo_observed(conn, "desks"))
             .unwrap();
-        assert_eq!(seen, None, "{extra:?}");
+        assert!(seen.is_empty(), "{extra:?}");
         let regs = registers(&store);
         assert_eq!(regs["u"], (c, true));
         assert_eq!(regs["v"], (c, false));

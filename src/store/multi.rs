@@ -113,7 +113,9 @@ pub fn record(
         change.source,
     );
     let now = now();
-    let seen = echo_observed(tx, group)?.is_some();
+    // Observed per member: firmware that never sets the flag keeps its
+    // member on own writes, whatever the others report.
+    let seen = echo_seen_at(tx, group, device)?;
     let mode = order::in_force(ev.echo, seen, ev.on_device);
     if ev.echo == EchoDetection::Observe && !seen && ev.on_device {
         tx.execute(
@@ -124,7 +126,7 @@ pub fn record(
             group,
             device_id = device,
             event_id = ev.event,
-            "echo detection: member reported changedOnDevice; from now on only such events are changes (changed-on-device)"
+            "echo detection: member reported changedOnDevice; from now on only its events with the flag are changes (changed-on-device for this member)"
         );
     }
     let own = consume_own_write(tx, group, device, user, ev.op, now)?;
@@ -397,25 +399,36 @@ pub fn started_at(conn: &Connection, group: &str) -> Result<Option<i64>, StoreEr
         .optional()?)
 }
 
-/// When and where a member of the group first reported `changedOnDevice`
-/// (echo detection `Observe` then uses the flag): (device, unix time).
-pub fn echo_observed(conn: &Connection, group: &str) -> Result<Option<(u32, u64)>, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT device_id, seen_at FROM member_echo WHERE grp = ?1",
-            [group],
-            |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u64>(1)?)),
-        )
-        .optional()?)
+/// The members of the group that reported `changedOnDevice` (echo
+/// detection `Observe` then uses the flag for them): (device, unix time
+/// first seen), by device.
+pub fn echo_observed(conn: &Connection, group: &str) -> Result<Vec<(u32, u64)>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT device_id, seen_at FROM member_echo WHERE grp = ?1 ORDER BY device_id")?;
+    let rows = stmt.query_map([group], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u64>(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The detection in force for a group now.
+/// Whether `device` reported `changedOnDevice` in the group.
+fn echo_seen_at(conn: &Connection, group: &str, device: u32) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM member_echo WHERE grp = ?1 AND device_id = ?2",
+            params![group, i64::from(device)],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// The detection in force for a member of a group now.
 pub fn echo_in_force(
     conn: &Connection,
     group: &str,
+    device: u32,
     configured: EchoDetection,
 ) -> Result<InForce, StoreError> {
-    let seen = echo_observed(conn, group)?.is_some();
+    let seen = echo_seen_at(conn, group, device)?;
     Ok(order::in_force(configured, seen, false))
 }
 

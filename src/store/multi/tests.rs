@@ -313,31 +313,67 @@ fn expected_writes_expire() {
 }
 
 #[test]
-fn observing_switches_to_the_flag_once_seen() {
+fn observing_switches_a_member_to_the_flag_once_it_shows_it() {
     use EchoDetection::Observe;
     let (_t, s) = store();
     let t = past();
     // Not seen yet: own writes decide.
     assert_eq!(
-        rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Observe)),
+        rec(&s, 2, "u", ev(t, MemberOp::Upsert, false, Observe)),
         Recorded::Won(1)
     );
-    assert_eq!(s.with(|c| echo_observed(c, "g")).unwrap(), None);
+    assert_eq!(s.with(|c| echo_observed(c, "g")).unwrap(), vec![]);
     assert_eq!(
         rec(&s, 2, "u", ev(t + 1, MemberOp::Upsert, true, Observe)),
         Recorded::Won(2)
     );
     assert_eq!(
-        s.with(|c| echo_observed(c, "g")).unwrap().map(|(d, _)| d),
-        Some(2)
+        s.with(|c| echo_observed(c, "g"))
+            .unwrap()
+            .iter()
+            .map(|(d, _)| *d)
+            .collect::<Vec<_>>(),
+        vec![2]
     );
     assert_eq!(
-        s.with(|c| echo_in_force(c, "g", Observe)).unwrap(),
+        s.with(|c| echo_in_force(c, "g", 2, Observe)).unwrap(),
         InForce::ChangedOnDevice
     );
-    // From now on an unflagged event is not a change.
+    // From now on an unflagged event of member 2 is not a change.
     assert_eq!(
-        rec(&s, 1, "u", ev(t + 2, MemberOp::Delete, false, Observe)),
+        rec(&s, 2, "u", ev(t + 2, MemberOp::Delete, false, Observe)),
+        Recorded::Foreign
+    );
+}
+
+/// Finding 3: a member whose firmware never sets the flag keeps own-writes
+/// detection after another member showed the flag; its changes spread.
+#[test]
+fn observing_decides_per_member_with_mixed_firmware() {
+    use EchoDetection::Observe;
+    let (_t, s) = store();
+    let t = past();
+    assert_eq!(
+        rec(&s, 1, "a", ev(t, MemberOp::Upsert, true, Observe)),
+        Recorded::Won(1)
+    );
+    assert_eq!(
+        s.with(|c| echo_in_force(c, "g", 2, Observe)).unwrap(),
+        InForce::OwnWrites
+    );
+    assert_eq!(
+        rec(&s, 2, "b", ev(t + 5, MemberOp::Delete, false, Observe)),
+        Recorded::Won(2)
+    );
+    // Its echoes are still recognised by own writes.
+    expect(&s, &[2], "a", MemberOp::Upsert);
+    assert_eq!(
+        rec(&s, 2, "a", ev(t + 6, MemberOp::Upsert, false, Observe)),
+        Recorded::Echo
+    );
+    // Member 1 stays on the flag.
+    assert_eq!(
+        rec(&s, 1, "b", ev(t + 7, MemberOp::Upsert, false, Observe)),
         Recorded::Foreign
     );
 }

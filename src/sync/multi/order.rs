@@ -94,9 +94,10 @@ pub enum InForce {
     OwnWrites,
 }
 
-/// Which detection applies: the configured one, or for [`EchoDetection::Observe`]
-/// changed-on-device once any member reported the flag (`seen`, or this
-/// event), own writes before.
+/// Which detection applies to a member's event: the configured one, or for
+/// [`EchoDetection::Observe`] changed-on-device once that member reported
+/// the flag (`seen`, or this event), own writes before (and for good at a
+/// member whose firmware never sets it).
 pub fn in_force(configured: EchoDetection, seen: bool, on_device: bool) -> InForce {
     match configured {
         EchoDetection::ChangedOnDevice => InForce::ChangedOnDevice,
