@@ -152,7 +152,26 @@ pub fn record(
         "DELETE FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3",
         params![group, i64::from(device), user],
     )?;
-    let (time, bounded) = order::bound(ev.time, u32_time(now), ev.max_skew);
+    // A member whose clock is measured ahead by more than the bound has
+    // its event times taken back by the measured skew first: the bound
+    // below is by the time the event is read, so an event read late (the
+    // member was offline, a gap backfilled) would otherwise keep most of
+    // its lead and beat a later change made elsewhere meanwhile.
+    let corrected = match clock_skew_of(tx, device)? {
+        Some(skew) if skew > i64::from(ev.max_skew) => {
+            tracing::debug!(
+                group,
+                device_id = device,
+                event_id = ev.event,
+                event_time = ev.time,
+                skew_secs = skew,
+                "event time taken back by the member's measured clock skew"
+            );
+            u32_time(i64::from(ev.time) - skew)
+        }
+        _ => ev.time,
+    };
+    let (time, bounded) = order::bound(corrected, u32_time(now), ev.max_skew);
     if bounded {
         tracing::warn!(
             group,
@@ -501,6 +520,17 @@ pub fn set_clock_skew(conn: &Connection, device: u32, skew_secs: i64) -> Result<
         params![i64::from(device), skew_secs, now()],
     )?;
     Ok(())
+}
+
+/// A device's last measured clock skew (seconds, positive: ahead).
+fn clock_skew_of(conn: &Connection, device: u32) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT skew_secs FROM device_clock WHERE device_id = ?1",
+            [i64::from(device)],
+            |r| r.get(0),
+        )
+        .optional()?)
 }
 
 pub fn clock_skews(conn: &Connection) -> Result<Vec<ClockSkew>, StoreError> {

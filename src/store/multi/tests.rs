@@ -232,6 +232,56 @@ fn times_far_ahead_are_ordered_at_the_bound() {
     );
 }
 
+/// Finding 4: an event read late from a member whose clock is measured a
+/// day ahead is ordered by its time less the skew, so it does not beat a
+/// later delete made elsewhere.
+#[test]
+fn a_late_event_of_a_member_measured_ahead_loses_to_a_later_delete() {
+    use EchoDetection::ChangedOnDevice as Cod;
+    let (_t, s) = store();
+    let n = now();
+    s.with(|c| set_clock_skew(c, 2, 86_400)).unwrap();
+    assert_eq!(
+        rec(
+            &s,
+            1,
+            "u",
+            ev(u32_time(n - 1800), MemberOp::Delete, true, Cod)
+        ),
+        Recorded::Won(1)
+    );
+    // Made an hour ago at member 2 (its clock a day ahead), read now.
+    assert_eq!(
+        rec(
+            &s,
+            2,
+            "u",
+            ev(u32_time(n - 3600 + 86_400), MemberOp::Upsert, true, Cod)
+        ),
+        Recorded::Older
+    );
+    let r = s.with(|c| row(c, "g", "u")).unwrap().unwrap();
+    assert!(r.version.deleted);
+    // A change it makes later than the delete (in true time) still wins.
+    assert_eq!(
+        rec(
+            &s,
+            2,
+            "v",
+            ev(u32_time(n - 60 + 86_400), MemberOp::Upsert, true, Cod)
+        ),
+        Recorded::Won(2)
+    );
+    let r = s.with(|c| row(c, "g", "v")).unwrap().unwrap();
+    assert!(i64::from(r.version.stamp.time) <= n);
+    // A skew within the bound is left alone.
+    s.with(|c| set_clock_skew(c, 3, 5)).unwrap();
+    let t = past();
+    rec(&s, 3, "w", ev(t, MemberOp::Upsert, true, Cod));
+    let r = s.with(|c| row(c, "g", "w")).unwrap().unwrap();
+    assert_eq!(r.version.stamp.time, t);
+}
+
 #[test]
 fn own_writes_are_echoes_once_each() {
     use EchoDetection::OwnWrites as Own;
