@@ -345,6 +345,39 @@ fn an_echo_overtakes_an_unanswered_write_of_the_other_kind() {
     );
 }
 
+/// Finding 5: the echo of an enroll does not wipe the expectation of a
+/// delete made after it.
+#[test]
+fn an_echo_keeps_a_later_write_of_the_other_kind_expected() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    let t = past();
+    expect(&s, &[1], "u", MemberOp::Upsert);
+    expect(&s, &[1], "u", MemberOp::Delete);
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+        Recorded::Echo
+    );
+    assert_eq!(
+        rec(&s, 1, "u", ev(t + 1, MemberOp::Delete, false, Own)),
+        Recorded::Echo
+    );
+    assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 0);
+    // Delete, enroll, delete: the enroll's echo overtakes only the first.
+    expect(&s, &[1], "v", MemberOp::Delete);
+    expect(&s, &[1], "v", MemberOp::Upsert);
+    expect(&s, &[1], "v", MemberOp::Delete);
+    assert_eq!(
+        rec(&s, 1, "v", ev(t, MemberOp::Upsert, false, Own)),
+        Recorded::Echo
+    );
+    assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 1);
+    assert_eq!(
+        rec(&s, 1, "v", ev(t + 1, MemberOp::Delete, false, Own)),
+        Recorded::Echo
+    );
+}
+
 #[test]
 fn expected_writes_expire() {
     use EchoDetection::OwnWrites as Own;
