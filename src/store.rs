@@ -353,6 +353,48 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (device_id, event_id)
     );
     ",
+    // 7: echo detection `observe` decides per member: which members of a
+    // group reported changedOnDevice, and when. A member whose firmware
+    // never sets the flag stays on own writes (keyed by the group alone,
+    // one member's flag made every other member's changes foreign).
+    "
+    CREATE TABLE member_echo_by_member (
+        grp       TEXT    NOT NULL,
+        device_id INTEGER NOT NULL,
+        seen_at   INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id)
+    );
+    INSERT INTO member_echo_by_member (grp, device_id, seen_at)
+        SELECT grp, device_id, seen_at FROM member_echo;
+    DROP TABLE member_echo;
+    ALTER TABLE member_echo_by_member RENAME TO member_echo;
+    ",
+    // 8: one row per own write expected, in the order they were made
+    // (`seq`): an echo overtakes only the other operation's writes made
+    // before it, not a later one still to come back (a count per operation
+    // could not tell them apart). Counts carried over as that many rows.
+    "
+    CREATE TABLE own_write_each (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        grp        TEXT    NOT NULL,
+        device_id  INTEGER NOT NULL,
+        user_id    TEXT    NOT NULL,
+        op         INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    WITH RECURSIVE n(i) AS (
+        SELECT 1 UNION ALL
+        SELECT i + 1 FROM n WHERE i < (SELECT COALESCE(MAX(pending), 0) FROM own_write)
+    )
+    INSERT INTO own_write_each (grp, device_id, user_id, op, expires_at)
+        SELECT o.grp, o.device_id, o.user_id, o.op, o.expires_at
+        FROM own_write o JOIN n ON n.i <= o.pending
+        ORDER BY o.expires_at;
+    DROP TABLE own_write;
+    ALTER TABLE own_write_each RENAME TO own_write;
+    CREATE INDEX own_write_by_user ON own_write (grp, device_id, user_id, op, seq);
+    CREATE INDEX own_write_by_expiry ON own_write (expires_at);
+    ",
 ];
 
 /// The state store. Cheap to clone; calls run on the blocking pool.
@@ -1507,6 +1549,54 @@ mod tests {
         // An imported checkpoint starts without a trail.
         set_checkpoint(&conn, 2, 40).unwrap();
         assert!(trails(&conn).unwrap().is_empty());
+    }
+
+    /// Migration 7 keeps the member that showed changedOnDevice under the
+    /// group-wide table, now one row per member.
+    #[test]
+    fn member_echo_is_keyed_by_member_after_migration_7() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for (i, sql) in MIGRATIONS.iter().take(6).enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap())
+                .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO member_echo (grp, device_id, seen_at) VALUES ('g', 2, 5)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new("mem"), Schema::Upgrade).unwrap();
+        assert_eq!(multi::echo_observed(&conn, "g").unwrap(), vec![(2, 5)]);
+        conn.execute(
+            "INSERT INTO member_echo (grp, device_id, seen_at) VALUES ('g', 3, 6)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(
+            multi::echo_observed(&conn, "g").unwrap(),
+            vec![(2, 5), (3, 6)]
+        );
+    }
+
+    /// Migration 8 turns each counted own write into a row of its own.
+    #[test]
+    fn own_writes_are_one_row_each_after_migration_8() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for (i, sql) in MIGRATIONS.iter().take(7).enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap())
+                .unwrap();
+        }
+        let later = now() + 600;
+        conn.execute(
+            "INSERT INTO own_write (grp, device_id, user_id, op, pending, expires_at)
+             VALUES ('g', 1, 'u', 0, 3, ?1), ('g', 2, 'v', 1, 1, ?1)",
+            [later],
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new("mem"), Schema::Upgrade).unwrap();
+        assert_eq!(multi::own_writes_expected(&conn, "g").unwrap(), 4);
     }
 
     #[test]

@@ -859,6 +859,13 @@ impl Consumer {
             t.checkpoint == Checkpoint::Reset || t.pass.as_ref().is_some_and(|p| p.replay)
         });
         if replay {
+            // A member's user events read again are history, not news:
+            // they win only if newer than the register (`store::multi`).
+            for c in &mut fx.changes {
+                if let store::ChangeKind::Member(m) = &mut c.kind {
+                    m.replayed = true;
+                }
+            }
             // A log read from its oldest record after a reset: a delete-all
             // in it may be history (a reset taken for one wrongly), and the
             // reset already asked for a reconcile of every target.

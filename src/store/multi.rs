@@ -52,6 +52,10 @@ pub struct MemberEvent {
     pub max_skew: u32,
     /// The event's ID, for the log.
     pub event: u32,
+    /// Read from the member's log from its oldest record after a reset
+    /// (`Checkpoint::Reset`, the consumer's replay pass): history read
+    /// again, not known to follow the member's recorded changes.
+    pub replayed: bool,
 }
 
 /// How long a write of the daemon is expected to come back as an event
@@ -84,8 +88,9 @@ pub enum Recorded {
     Echo,
     /// Not a change in this mode (another SDK client's write).
     Foreign,
-    /// A delete from before the group first ran, of a user with no
-    /// recorded change: history read again, not a change.
+    /// Read again from a reset log and not newer than the register (or a
+    /// delete of a user with no recorded change): history, not a change;
+    /// the reconcile the reset asked for covers the member.
     History,
 }
 
@@ -108,7 +113,9 @@ pub fn record(
         change.source,
     );
     let now = now();
-    let seen = echo_observed(tx, group)?.is_some();
+    // Observed per member: firmware that never sets the flag keeps its
+    // member on own writes, whatever the others report.
+    let seen = echo_seen_at(tx, group, device)?;
     let mode = order::in_force(ev.echo, seen, ev.on_device);
     if ev.echo == EchoDetection::Observe && !seen && ev.on_device {
         tx.execute(
@@ -119,7 +126,7 @@ pub fn record(
             group,
             device_id = device,
             event_id = ev.event,
-            "echo detection: member reported changedOnDevice; from now on only such events are changes (changed-on-device)"
+            "echo detection: member reported changedOnDevice; from now on only its events with the flag are changes (changed-on-device for this member)"
         );
     }
     let own = consume_own_write(tx, group, device, user, ev.op, now)?;
@@ -145,7 +152,26 @@ pub fn record(
         "DELETE FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3",
         params![group, i64::from(device), user],
     )?;
-    let (time, bounded) = order::bound(ev.time, u32_time(now), ev.max_skew);
+    // A member whose clock is measured ahead by more than the bound has
+    // its event times taken back by the measured skew first: the bound
+    // below is by the time the event is read, so an event read late (the
+    // member was offline, a gap backfilled) would otherwise keep most of
+    // its lead and beat a later change made elsewhere meanwhile.
+    let corrected = match clock_skew_of(tx, device)? {
+        Some(skew) if skew > i64::from(ev.max_skew) => {
+            tracing::debug!(
+                group,
+                device_id = device,
+                event_id = ev.event,
+                event_time = ev.time,
+                skew_secs = skew,
+                "event time taken back by the member's measured clock skew"
+            );
+            u32_time(i64::from(ev.time) - skew)
+        }
+        _ => ev.time,
+    };
+    let (time, bounded) = order::bound(corrected, u32_time(now), ev.max_skew);
     if bounded {
         tracing::warn!(
             group,
@@ -165,23 +191,22 @@ pub fn record(
     // A log read again from its start (a reset, maybe taken for one
     // wrongly) replays deletes of long ago; one of a user the group never
     // saw change could delete a user enrolled elsewhere since. The
-    // reconcile such a read asks for decides instead.
-    if incoming.deleted
-        && stored.is_none()
-        && started_at(tx, group)?.is_some_and(|s| i64::from(time) + i64::from(ev.max_skew) < s)
-    {
+    // reconcile such a read asks for decides instead. Only a replayed
+    // event is history: a live delete counts whatever the member's clock
+    // says (a clock behind, or a delete made while the daemon was down).
+    if ev.replayed && incoming.deleted && stored.is_none() {
         tracing::warn!(
             group,
             device_id = device,
             user_id = user,
             event_id = ev.event,
             change_time = time,
-            "delete from before the group first ran, of a user with no recorded change: taken for history read again, not spread \
-             (if the member's clock is behind, set it)"
+            "delete read again from a reset log, of a user with no recorded change: taken for history, not spread \
+             (the reconcile the reset asked for decides)"
         );
         return Ok(Recorded::History);
     }
-    match order::merge(stored.as_ref().map(|r| &r.version), incoming) {
+    match order::merge(stored.as_ref().map(|r| &r.version), incoming, ev.replayed) {
         Merge::Replace(v) => {
             let seq = head(tx, group)? + 1;
             tx.execute(
@@ -210,6 +235,22 @@ pub fn record(
             let Some(winner) = stored else {
                 return Ok(Recorded::Older);
             };
+            if ev.replayed {
+                // Read again, not a change made now: the member is not set
+                // back on its account (the reset's reconcile covers it).
+                tracing::info!(
+                    group,
+                    user_id = user,
+                    device_id = device,
+                    event_id = ev.event,
+                    change_time = time,
+                    deleted = incoming.deleted,
+                    winner_device = winner.version.stamp.device,
+                    winner_time = winner.version.stamp.time,
+                    "change read again from a reset log, not newer than the one recorded: history, ignored"
+                );
+                return Ok(Recorded::History);
+            }
             tracing::warn!(
                 group,
                 user_id = user,
@@ -377,25 +418,36 @@ pub fn started_at(conn: &Connection, group: &str) -> Result<Option<i64>, StoreEr
         .optional()?)
 }
 
-/// When and where a member of the group first reported `changedOnDevice`
-/// (echo detection `Observe` then uses the flag): (device, unix time).
-pub fn echo_observed(conn: &Connection, group: &str) -> Result<Option<(u32, u64)>, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT device_id, seen_at FROM member_echo WHERE grp = ?1",
-            [group],
-            |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u64>(1)?)),
-        )
-        .optional()?)
+/// The members of the group that reported `changedOnDevice` (echo
+/// detection `Observe` then uses the flag for them): (device, unix time
+/// first seen), by device.
+pub fn echo_observed(conn: &Connection, group: &str) -> Result<Vec<(u32, u64)>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT device_id, seen_at FROM member_echo WHERE grp = ?1 ORDER BY device_id")?;
+    let rows = stmt.query_map([group], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u64>(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The detection in force for a group now.
+/// Whether `device` reported `changedOnDevice` in the group.
+fn echo_seen_at(conn: &Connection, group: &str, device: u32) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM member_echo WHERE grp = ?1 AND device_id = ?2",
+            params![group, i64::from(device)],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// The detection in force for a member of a group now.
 pub fn echo_in_force(
     conn: &Connection,
     group: &str,
+    device: u32,
     configured: EchoDetection,
 ) -> Result<InForce, StoreError> {
-    let seen = echo_observed(conn, group)?.is_some();
+    let seen = echo_seen_at(conn, group, device)?;
     Ok(order::in_force(configured, seen, false))
 }
 
@@ -468,6 +520,17 @@ pub fn set_clock_skew(conn: &Connection, device: u32, skew_secs: i64) -> Result<
         params![i64::from(device), skew_secs, now()],
     )?;
     Ok(())
+}
+
+/// A device's last measured clock skew (seconds, positive: ahead).
+fn clock_skew_of(conn: &Connection, device: u32) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT skew_secs FROM device_clock WHERE device_id = ?1",
+            [i64::from(device)],
+            |r| r.get(0),
+        )
+        .optional()?)
 }
 
 pub fn clock_skews(conn: &Connection) -> Result<Vec<ClockSkew>, StoreError> {

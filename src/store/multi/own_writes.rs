@@ -5,8 +5,9 @@
 use super::*;
 
 /// Remembers that the daemon is about to write `users` (`op`) to
-/// `devices`, so the events they log are known as its own. Forgets what
-/// expired, and the oldest beyond [`OWN_WRITES_MAX`].
+/// `devices`, so the events they log are known as its own: one row per
+/// write, in the order they are made. Forgets what expired, and the oldest
+/// beyond [`OWN_WRITES_MAX`].
 pub fn expect_own_writes(
     tx: &Transaction<'_>,
     group: &str,
@@ -17,10 +18,8 @@ pub fn expect_own_writes(
     let now = now();
     tx.execute("DELETE FROM own_write WHERE expires_at <= ?1", [now])?;
     let mut stmt = tx.prepare(
-        "INSERT INTO own_write (grp, device_id, user_id, op, pending, expires_at)
-         VALUES (?1, ?2, ?3, ?4, 1, ?5)
-         ON CONFLICT (grp, device_id, user_id, op) DO UPDATE
-         SET pending = pending + 1, expires_at = ?5",
+        "INSERT INTO own_write (grp, device_id, user_id, op, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for d in devices {
         for u in users {
@@ -40,8 +39,8 @@ pub fn expect_own_writes(
     )?;
     if kept > OWN_WRITES_MAX {
         tx.execute(
-            "DELETE FROM own_write WHERE grp = ?1 AND rowid IN (
-                SELECT rowid FROM own_write WHERE grp = ?1 ORDER BY expires_at LIMIT ?2)",
+            "DELETE FROM own_write WHERE grp = ?1 AND seq IN (
+                SELECT seq FROM own_write WHERE grp = ?1 ORDER BY seq LIMIT ?2)",
             params![group, kept - OWN_WRITES_MAX],
         )?;
     }
@@ -49,7 +48,7 @@ pub fn expect_own_writes(
 }
 
 /// Whether the event matches a write of the daemon still expected; if so,
-/// that write is no longer expected.
+/// the oldest such write is no longer expected.
 pub(super) fn consume_own_write(
     tx: &Transaction<'_>,
     group: &str,
@@ -58,66 +57,32 @@ pub(super) fn consume_own_write(
     op: MemberOp,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let pending: Option<i64> = tx
-        .query_row(
-            "SELECT pending FROM own_write
-             WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4 AND expires_at > ?5",
-            params![group, i64::from(device), user, op.code(), now],
-            |r| r.get(0),
-        )
-        .optional()?;
-    match pending {
-        // An earlier write of the other operation that never came back
-        // (a delete of a user the member did not hold logs nothing) is
-        // overtaken by this one: the member logs our writes in order.
-        Some(_) => {
+    let matched: Option<i64> = tx.query_row(
+        "SELECT MIN(seq) FROM own_write
+         WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4 AND expires_at > ?5",
+        params![group, i64::from(device), user, op.code(), now],
+        |r| r.get(0),
+    )?;
+    match matched {
+        // Writes of the other operation made before this one that never
+        // came back (a delete of a user the member did not hold logs
+        // nothing) are overtaken by it: the member logs our writes in
+        // order. Ones made after it are still to come.
+        Some(seq) => {
             tx.execute(
-                "DELETE FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op != ?4",
-                params![group, i64::from(device), user, op.code()],
+                "DELETE FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3
+                 AND ((op != ?4 AND seq < ?5) OR seq = ?5)",
+                params![group, i64::from(device), user, op.code(), seq],
             )?;
-            take_one(tx, group, device, user, op)?;
             Ok(true)
         }
         None => Ok(false),
     }
 }
 
-/// One expected write of (device, user, op) fewer.
-pub(super) fn take_one(
-    tx: &Connection,
-    group: &str,
-    device: u32,
-    user: &str,
-    op: MemberOp,
-) -> Result<(), StoreError> {
-    let pending: Option<i64> = tx
-        .query_row(
-            "SELECT pending FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4",
-            params![group, i64::from(device), user, op.code()],
-            |r| r.get(0),
-        )
-        .optional()?;
-    match pending {
-        Some(n) if n > 1 => {
-            tx.execute(
-                "UPDATE own_write SET pending = pending - 1
-                 WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4",
-                params![group, i64::from(device), user, op.code()],
-            )?;
-        }
-        Some(_) => {
-            tx.execute(
-                "DELETE FROM own_write WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4",
-                params![group, i64::from(device), user, op.code()],
-            )?;
-        }
-        None => {}
-    }
-    Ok(())
-}
-
 /// Writes that did not happen (the call failed for these devices) are no
-/// longer expected: a change made there later must not pass for one.
+/// longer expected: a change made there later must not pass for one. The
+/// newest expectation of each is the failed write's.
 pub fn unexpect_own_writes(
     tx: &Transaction<'_>,
     group: &str,
@@ -125,9 +90,14 @@ pub fn unexpect_own_writes(
     users: &[String],
     op: MemberOp,
 ) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare(
+        "DELETE FROM own_write WHERE seq = (
+            SELECT MAX(seq) FROM own_write
+            WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4)",
+    )?;
     for d in devices {
         for u in users {
-            take_one(tx, group, *d, u, op)?;
+            stmt.execute(params![group, i64::from(*d), u, op.code()])?;
         }
     }
     Ok(())
@@ -136,7 +106,7 @@ pub fn unexpect_own_writes(
 /// Own writes still expected in a group.
 pub fn own_writes_expected(conn: &Connection, group: &str) -> Result<u64, StoreError> {
     Ok(conn.query_row(
-        "SELECT COALESCE(SUM(pending), 0) FROM own_write WHERE grp = ?1 AND expires_at > ?2",
+        "SELECT COUNT(*) FROM own_write WHERE grp = ?1 AND expires_at > ?2",
         params![group, now()],
         |r| r.get::<_, u64>(0),
     )?)

@@ -16,6 +16,15 @@ fn ev(time: u32, op: MemberOp, on_device: bool, echo: EchoDetection) -> MemberEv
         echo,
         max_skew: 10,
         event: 1,
+        replayed: false,
+    }
+}
+
+/// The same event read again from a reset log.
+fn replayed(e: MemberEvent) -> MemberEvent {
+    MemberEvent {
+        replayed: true,
+        ..e
     }
 }
 
@@ -89,13 +98,23 @@ fn registers_order_changes_and_set_losers_back() {
 }
 
 #[test]
-fn old_deletes_of_users_without_history_are_history() {
+fn replayed_deletes_of_users_without_history_are_history() {
     use EchoDetection::ChangedOnDevice as Cod;
     let (_t, s) = store();
     s.with(|c| mark_started(c, "g")).unwrap();
     let old = u32_time(now() - 86_400);
     assert_eq!(
-        rec(&s, 1, "u", ev(old, MemberOp::Delete, true, Cod)),
+        rec(&s, 1, "u", replayed(ev(old, MemberOp::Delete, true, Cod))),
+        Recorded::History
+    );
+    // Even a recent one: read again, it is not known to be news.
+    assert_eq!(
+        rec(
+            &s,
+            1,
+            "u",
+            replayed(ev(past(), MemberOp::Delete, true, Cod))
+        ),
         Recorded::History
     );
     assert_eq!(s.head("g").unwrap(), 0);
@@ -113,6 +132,73 @@ fn old_deletes_of_users_without_history_are_history() {
     assert_eq!(
         rec(&s, 1, "w", ev(u32_time(now()), MemberOp::Delete, true, Cod)),
         Recorded::Won(3)
+    );
+}
+
+/// Finding 1: an old delete read again from a member's reset log must not
+/// become the winner over that member's later enroll.
+#[test]
+fn a_replayed_old_delete_does_not_beat_the_same_members_enroll() {
+    use EchoDetection::ChangedOnDevice as Cod;
+    let (_t, s) = store();
+    s.with(|c| mark_started(c, "g")).unwrap();
+    let t = past();
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, true, Cod)),
+        Recorded::Won(1)
+    );
+    let old = u32_time(now() - 365 * 86_400);
+    assert_eq!(
+        rec(&s, 1, "u", replayed(ev(old, MemberOp::Delete, true, Cod))),
+        Recorded::History
+    );
+    // The enroll itself read again: not newer either.
+    assert_eq!(
+        rec(&s, 1, "u", replayed(ev(t, MemberOp::Upsert, true, Cod))),
+        Recorded::History
+    );
+    let r = s.with(|c| row(c, "g", "u")).unwrap().unwrap();
+    assert_eq!(
+        (r.seq, r.version.deleted, r.version.stamp.time),
+        (1, false, t)
+    );
+    assert_eq!(s.head("g").unwrap(), 1);
+    // Nothing queued for the member on account of history.
+    assert!(
+        s.with(|c| pending(c, "g", 1, 10, &[1, 2]))
+            .unwrap()
+            .is_empty()
+    );
+    // A replayed change that is newer than the register still wins.
+    assert_eq!(
+        rec(&s, 1, "u", replayed(ev(t + 5, MemberOp::Delete, true, Cod))),
+        Recorded::Won(2)
+    );
+    // Live, the same member's log order still decides.
+    assert_eq!(
+        rec(&s, 1, "u", ev(t + 1, MemberOp::Upsert, true, Cod)),
+        Recorded::Won(3)
+    );
+}
+
+/// Finding 2 (4a/b): a live delete is a change whatever the member's
+/// clock says, and whenever it was made.
+#[test]
+fn a_live_delete_at_a_member_whose_clock_is_behind_is_a_change() {
+    use EchoDetection::ChangedOnDevice as Cod;
+    let (_t, s) = store();
+    s.with(|c| mark_started(c, "g")).unwrap();
+    let behind = u32_time(now() - 365 * 86_400);
+    assert_eq!(
+        rec(&s, 2, "u", ev(behind, MemberOp::Delete, true, Cod)),
+        Recorded::Won(1)
+    );
+    assert!(
+        s.with(|c| row(c, "g", "u"))
+            .unwrap()
+            .unwrap()
+            .version
+            .deleted
     );
 }
 
@@ -144,6 +230,56 @@ fn times_far_ahead_are_ordered_at_the_bound() {
         ),
         Recorded::Won(2)
     );
+}
+
+/// Finding 4: an event read late from a member whose clock is measured a
+/// day ahead is ordered by its time less the skew, so it does not beat a
+/// later delete made elsewhere.
+#[test]
+fn a_late_event_of_a_member_measured_ahead_loses_to_a_later_delete() {
+    use EchoDetection::ChangedOnDevice as Cod;
+    let (_t, s) = store();
+    let n = now();
+    s.with(|c| set_clock_skew(c, 2, 86_400)).unwrap();
+    assert_eq!(
+        rec(
+            &s,
+            1,
+            "u",
+            ev(u32_time(n - 1800), MemberOp::Delete, true, Cod)
+        ),
+        Recorded::Won(1)
+    );
+    // Made an hour ago at member 2 (its clock a day ahead), read now.
+    assert_eq!(
+        rec(
+            &s,
+            2,
+            "u",
+            ev(u32_time(n - 3600 + 86_400), MemberOp::Upsert, true, Cod)
+        ),
+        Recorded::Older
+    );
+    let r = s.with(|c| row(c, "g", "u")).unwrap().unwrap();
+    assert!(r.version.deleted);
+    // A change it makes later than the delete (in true time) still wins.
+    assert_eq!(
+        rec(
+            &s,
+            2,
+            "v",
+            ev(u32_time(n - 60 + 86_400), MemberOp::Upsert, true, Cod)
+        ),
+        Recorded::Won(2)
+    );
+    let r = s.with(|c| row(c, "g", "v")).unwrap().unwrap();
+    assert!(i64::from(r.version.stamp.time) <= n);
+    // A skew within the bound is left alone.
+    s.with(|c| set_clock_skew(c, 3, 5)).unwrap();
+    let t = past();
+    rec(&s, 3, "w", ev(t, MemberOp::Upsert, true, Cod));
+    let r = s.with(|c| row(c, "g", "w")).unwrap().unwrap();
+    assert_eq!(r.version.stamp.time, t);
 }
 
 #[test]
@@ -209,6 +345,39 @@ fn an_echo_overtakes_an_unanswered_write_of_the_other_kind() {
     );
 }
 
+/// Finding 5: the echo of an enroll does not wipe the expectation of a
+/// delete made after it.
+#[test]
+fn an_echo_keeps_a_later_write_of_the_other_kind_expected() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    let t = past();
+    expect(&s, &[1], "u", MemberOp::Upsert);
+    expect(&s, &[1], "u", MemberOp::Delete);
+    assert_eq!(
+        rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Own)),
+        Recorded::Echo
+    );
+    assert_eq!(
+        rec(&s, 1, "u", ev(t + 1, MemberOp::Delete, false, Own)),
+        Recorded::Echo
+    );
+    assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 0);
+    // Delete, enroll, delete: the enroll's echo overtakes only the first.
+    expect(&s, &[1], "v", MemberOp::Delete);
+    expect(&s, &[1], "v", MemberOp::Upsert);
+    expect(&s, &[1], "v", MemberOp::Delete);
+    assert_eq!(
+        rec(&s, 1, "v", ev(t, MemberOp::Upsert, false, Own)),
+        Recorded::Echo
+    );
+    assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 1);
+    assert_eq!(
+        rec(&s, 1, "v", ev(t + 1, MemberOp::Delete, false, Own)),
+        Recorded::Echo
+    );
+}
+
 #[test]
 fn expected_writes_expire() {
     use EchoDetection::OwnWrites as Own;
@@ -227,31 +396,67 @@ fn expected_writes_expire() {
 }
 
 #[test]
-fn observing_switches_to_the_flag_once_seen() {
+fn observing_switches_a_member_to_the_flag_once_it_shows_it() {
     use EchoDetection::Observe;
     let (_t, s) = store();
     let t = past();
     // Not seen yet: own writes decide.
     assert_eq!(
-        rec(&s, 1, "u", ev(t, MemberOp::Upsert, false, Observe)),
+        rec(&s, 2, "u", ev(t, MemberOp::Upsert, false, Observe)),
         Recorded::Won(1)
     );
-    assert_eq!(s.with(|c| echo_observed(c, "g")).unwrap(), None);
+    assert_eq!(s.with(|c| echo_observed(c, "g")).unwrap(), vec![]);
     assert_eq!(
         rec(&s, 2, "u", ev(t + 1, MemberOp::Upsert, true, Observe)),
         Recorded::Won(2)
     );
     assert_eq!(
-        s.with(|c| echo_observed(c, "g")).unwrap().map(|(d, _)| d),
-        Some(2)
+        s.with(|c| echo_observed(c, "g"))
+            .unwrap()
+            .iter()
+            .map(|(d, _)| *d)
+            .collect::<Vec<_>>(),
+        vec![2]
     );
     assert_eq!(
-        s.with(|c| echo_in_force(c, "g", Observe)).unwrap(),
+        s.with(|c| echo_in_force(c, "g", 2, Observe)).unwrap(),
         InForce::ChangedOnDevice
     );
-    // From now on an unflagged event is not a change.
+    // From now on an unflagged event of member 2 is not a change.
     assert_eq!(
-        rec(&s, 1, "u", ev(t + 2, MemberOp::Delete, false, Observe)),
+        rec(&s, 2, "u", ev(t + 2, MemberOp::Delete, false, Observe)),
+        Recorded::Foreign
+    );
+}
+
+/// Finding 3: a member whose firmware never sets the flag keeps own-writes
+/// detection after another member showed the flag; its changes spread.
+#[test]
+fn observing_decides_per_member_with_mixed_firmware() {
+    use EchoDetection::Observe;
+    let (_t, s) = store();
+    let t = past();
+    assert_eq!(
+        rec(&s, 1, "a", ev(t, MemberOp::Upsert, true, Observe)),
+        Recorded::Won(1)
+    );
+    assert_eq!(
+        s.with(|c| echo_in_force(c, "g", 2, Observe)).unwrap(),
+        InForce::OwnWrites
+    );
+    assert_eq!(
+        rec(&s, 2, "b", ev(t + 5, MemberOp::Delete, false, Observe)),
+        Recorded::Won(2)
+    );
+    // Its echoes are still recognised by own writes.
+    expect(&s, &[2], "a", MemberOp::Upsert);
+    assert_eq!(
+        rec(&s, 2, "a", ev(t + 6, MemberOp::Upsert, false, Observe)),
+        Recorded::Echo
+    );
+    // Member 1 stays on the flag.
+    assert_eq!(
+        rec(&s, 1, "b", ev(t + 7, MemberOp::Upsert, false, Observe)),
         Recorded::Foreign
     );
 }
@@ -274,7 +479,7 @@ proptest! {
             let op = if deleted { MemberOp::Delete } else { MemberOp::Upsert };
             rec(&s, device, &user, ev(base + time, op, true, EchoDetection::ChangedOnDevice));
             let incoming = Version { stamp: Stamp { time: base + time, device }, deleted };
-            if let Merge::Replace(v) = order::merge(model.get(&user), incoming) {
+            if let Merge::Replace(v) = order::merge(model.get(&user), incoming, false) {
                 model.insert(user, v);
             }
         }

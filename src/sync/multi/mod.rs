@@ -78,6 +78,8 @@ pub fn change_of(config: &Config, device: u32, ev: &EventLog) -> Option<Change> 
             echo: mm.echo,
             max_skew: u32::try_from(mm.max_clock_skew.as_secs()).unwrap_or(u32::MAX),
             event: ev.id,
+            // Set by the consumer for a pass read after a reset.
+            replayed: false,
         }),
     })
 }
@@ -221,11 +223,12 @@ impl Applier {
             (Some(EchoDetection::OwnWrites), _) => {
                 tracing::info!(group = %name, "echo detection: own-writes (configured): events matching the daemon's own writes are ignored")
             }
-            (_, Some((device, at))) => {
-                tracing::info!(group = %name, device_id = device, seen_at = at, "echo detection: changed-on-device (a member reported changedOnDevice)")
+            (_, observed) if observed.is_empty() => {
+                tracing::info!(group = %name, "echo detection: own-writes for each member until it reports changedOnDevice (echo_detection not set)")
             }
-            (_, None) => {
-                tracing::info!(group = %name, "echo detection: own-writes until a member reports changedOnDevice (echo_detection not set)")
+            (_, observed) => {
+                let flagged: Vec<u32> = observed.iter().map(|(d, _)| *d).collect();
+                tracing::info!(group = %name, members = ?flagged, "echo detection: changed-on-device for the members that reported changedOnDevice, own-writes for the others")
             }
         }
         Ok(())

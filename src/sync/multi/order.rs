@@ -43,9 +43,23 @@ pub enum Merge {
 /// went back, and keeps the greater time (it happened after the earlier
 /// one), so its clock going back cannot make it lose to a change it
 /// followed.
-pub fn merge(stored: Option<&Version>, incoming: Version) -> Merge {
+///
+/// A `replayed` change (read again from a log's oldest record after a
+/// reset) is not known to follow anything: its place in the log says
+/// nothing about the register, which may hold a later change of the same
+/// member. It wins only if its (time, device) is strictly newer; otherwise
+/// an old delete read again would become the winner and be applied to
+/// every member.
+pub fn merge(stored: Option<&Version>, incoming: Version, replayed: bool) -> Merge {
     match stored {
         None => Merge::Replace(incoming),
+        Some(s) if replayed => {
+            if incoming.stamp > s.stamp {
+                Merge::Replace(incoming)
+            } else {
+                Merge::Keep
+            }
+        }
         Some(s) if s.stamp.device == incoming.stamp.device => Merge::Replace(Version {
             stamp: Stamp {
                 time: s.stamp.time.max(incoming.stamp.time),
@@ -80,9 +94,10 @@ pub enum InForce {
     OwnWrites,
 }
 
-/// Which detection applies: the configured one, or for [`EchoDetection::Observe`]
-/// changed-on-device once any member reported the flag (`seen`, or this
-/// event), own writes before.
+/// Which detection applies to a member's event: the configured one, or for
+/// [`EchoDetection::Observe`] changed-on-device once that member reported
+/// the flag (`seen`, or this event), own writes before (and for good at a
+/// member whose firmware never sets it).
 pub fn in_force(configured: EchoDetection, seen: bool, on_device: bool) -> InForce {
     match configured {
         EchoDetection::ChangedOnDevice => InForce::ChangedOnDevice,
@@ -132,26 +147,26 @@ mod tests {
     #[test]
     fn later_wins_then_higher_device() {
         let a = v(100, 1, false);
-        assert_eq!(merge(None, a), Merge::Replace(a));
+        assert_eq!(merge(None, a, false), Merge::Replace(a));
         assert_eq!(
-            merge(Some(&a), v(101, 2, false)),
+            merge(Some(&a), v(101, 2, false), false),
             Merge::Replace(v(101, 2, false))
         );
-        assert_eq!(merge(Some(&a), v(99, 2, false)), Merge::Keep);
+        assert_eq!(merge(Some(&a), v(99, 2, false), false), Merge::Keep);
         // The same second: the higher device ID wins, both ways round.
         assert_eq!(
-            merge(Some(&a), v(100, 2, true)),
+            merge(Some(&a), v(100, 2, true), false),
             Merge::Replace(v(100, 2, true))
         );
-        assert_eq!(merge(Some(&v(100, 2, true)), a), Merge::Keep);
+        assert_eq!(merge(Some(&v(100, 2, true)), a, false), Merge::Keep);
     }
 
     #[test]
     fn a_tombstone_is_not_undone_by_an_older_enroll() {
         let deleted = v(200, 1, true);
-        assert_eq!(merge(Some(&deleted), v(150, 2, false)), Merge::Keep);
+        assert_eq!(merge(Some(&deleted), v(150, 2, false), false), Merge::Keep);
         assert_eq!(
-            merge(Some(&deleted), v(201, 2, false)),
+            merge(Some(&deleted), v(201, 2, false), false),
             Merge::Replace(v(201, 2, false))
         );
     }
@@ -160,7 +175,27 @@ mod tests {
     fn one_member_in_log_order_even_if_its_clock_went_back() {
         let first = v(200, 1, false);
         assert_eq!(
-            merge(Some(&first), v(150, 1, true)),
+            merge(Some(&first), v(150, 1, true), false),
+            Merge::Replace(v(200, 1, true))
+        );
+    }
+
+    #[test]
+    fn a_replayed_change_wins_only_if_strictly_newer() {
+        // The register holds member 1's enroll at 1000; its log, read again
+        // from the oldest record, yields its delete of long ago.
+        let enrolled = v(1_000, 1, false);
+        assert_eq!(merge(Some(&enrolled), v(200, 1, true), true), Merge::Keep);
+        // The same change read again (equal stamp) is not newer either.
+        assert_eq!(merge(Some(&enrolled), v(1_000, 1, true), true), Merge::Keep);
+        assert_eq!(merge(Some(&enrolled), v(900, 2, true), true), Merge::Keep);
+        // A replayed change that is newer wins, as any change.
+        assert_eq!(
+            merge(Some(&enrolled), v(1_001, 1, true), true),
+            Merge::Replace(v(1_001, 1, true))
+        );
+        assert_eq!(
+            merge(None, v(200, 1, true), true),
             Merge::Replace(v(200, 1, true))
         );
     }
@@ -275,7 +310,7 @@ mod tests {
                 *cursors.get_mut(&device).unwrap() += 1;
                 let incoming = Version { stamp: Stamp { time: e.time, device }, deleted: e.deleted };
                 holds.insert((device, e.user), incoming);
-                match merge(registers.get(&e.user), incoming) {
+                match merge(registers.get(&e.user), incoming, false) {
                     Merge::Replace(v) => {
                         registers.insert(e.user, v);
                     }
