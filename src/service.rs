@@ -175,9 +175,7 @@ pub fn reloading() {
 /// Users waiting to reach targets: journal rows past each cursor plus
 /// reconcile queues.
 pub fn pending(conn: &rusqlite::Connection) -> Result<u64, store::StoreError> {
-    let behind: u64 = store::backlog(conn)?.values().sum();
-    let queued: u64 = store::pending_counts(conn)?.values().sum();
-    Ok(behind + queued)
+    store::pending_total(conn)
 }
 
 /// The file in the state directory where the daemon keeps its health for

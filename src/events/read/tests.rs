@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn ev(id: u32, code: u32) -> EventLog {
