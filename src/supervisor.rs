@@ -138,7 +138,8 @@ pub async fn run_with(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let store = Store::open(&config.state_dir)?;
+    // The integrity check of every page runs after READY=1 (see below).
+    let store = Store::open_unchecked(&config.state_dir)?;
     let client = GatewayClient::new(&config.gateway.settings())?;
     let board = Board::new(config.devices.keys().copied());
     let metrics = Arc::new(Metrics::new());
@@ -190,6 +191,27 @@ pub async fn run_with(
     for g in dropped {
         tracing::info!(group = %g, "group no longer configured: its state is dropped");
     }
+    tracing::info!(
+        devices = config.devices.len(),
+        groups = config.groups.len(),
+        gateway = %config.gateway.address,
+        api = %config.gateway.api,
+        state = %store.path().display(),
+        "usersync started"
+    );
+    // Config and state are loaded: ready, without waiting for the gateway,
+    // and before one task per device is spawned (60 ms for 10,000 devices,
+    // and the tasks' first store writes would compete with it).
+    service::ready();
+    // The integrity check of every page of the state, off the start's
+    // critical path: it runs while the daemon starts its work, and a state
+    // database found unusable still stops it with the error naming the
+    // file (exit 1), just after READY=1 instead of before.
+    let mut integrity = {
+        let store = store.clone();
+        tokio::spawn(async move { store.check().await })
+    };
+    let mut integrity_checked = false;
     let mut tasks = Tasks {
         set: JoinSet::new(),
         kinds: HashMap::new(),
@@ -240,16 +262,6 @@ pub async fn run_with(
             }
         });
     }
-    tracing::info!(
-        devices = config.devices.len(),
-        groups = config.groups.len(),
-        gateway = %config.gateway.address,
-        api = %config.gateway.api,
-        state = %store.path().display(),
-        "usersync started"
-    );
-    // Config and state are loaded: ready, without waiting for the gateway.
-    service::ready();
 
     let backoff = Backoff::gateway();
     let mut attempt = 0u32;
@@ -276,6 +288,14 @@ pub async fn run_with(
                     let _ = r.done.send(summary);
                 }
                 _ = beat.tick() => health.beat_main(),
+                r = &mut integrity, if !integrity_checked => {
+                    integrity_checked = true;
+                    let r = r.unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+                    if let Err(e) = r {
+                        fatal = Some(e.into());
+                        break None;
+                    }
+                }
                 r = &mut session => break Some(r),
             }
         };

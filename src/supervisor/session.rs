@@ -101,10 +101,15 @@ fn apply_list(
     list: &[crate::proto::gsdk::connect::DeviceInfo],
     only_changed: bool,
 ) {
+    // One pass over the list (it was searched once per device: a million
+    // comparisons every poll interval at 1,000 devices).
+    let connected: std::collections::HashSet<u32> = list
+        .iter()
+        .filter(|d| is_connected(d.status))
+        .map(|d| d.device_id)
+        .collect();
     for id in ids {
-        let up = list
-            .iter()
-            .any(|d| d.device_id == *id && is_connected(d.status));
+        let up = connected.contains(id);
         let phase = parts.board.phase(*id);
         let known_down = phase == crate::device::Phase::Disconnected;
         if only_changed && up != known_down {
