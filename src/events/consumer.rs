@@ -1144,8 +1144,12 @@ async fn serve(
             };
             consumer.handle(next).await?;
         }
-        consumer.commit().await?;
+        // Reads start from the staged checkpoints before the commit: the
+        // next page of a long log is on its way while this one's fsync runs
+        // (its result is handled after the commit). A failed commit aborts
+        // them with everything else (`load`).
         consumer.start_reads();
+        consumer.commit().await?;
         consumer.health.beat_consumer();
     }
 }
