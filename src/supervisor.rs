@@ -187,7 +187,16 @@ pub async fn run_with(
             tx.commit()?;
             Ok(dropped)
         })
-        .await?;
+        .await;
+    // A page the integrity check would have found, hit first here: the
+    // check says so, naming the file.
+    let dropped = match dropped {
+        Ok(d) => d,
+        Err(e) => {
+            store.check().await?;
+            return Err(e.into());
+        }
+    };
     for g in dropped {
         tracing::info!(group = %g, "group no longer configured: its state is dropped");
     }

@@ -473,3 +473,49 @@ async fn corrupt_state_is_an_error_not_a_reset() {
     let err = usersync::run(cfg, signals).await.unwrap_err();
     assert!(err.to_string().contains("state.db"), "{err}");
 }
+
+/// The integrity check of every page runs after READY=1 (it reads the
+/// whole file): a database whose header is sound and whose pages are not
+/// still stops the daemon with an error naming the file.
+#[tokio::test]
+async fn a_state_failing_its_integrity_check_stops_the_daemon() {
+    use usersync::store::{self, Change, ChangeKind, Store};
+    let sim = sim(Api::V1_8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, dir.path(), "");
+    {
+        let s = Store::open(&cfg.state_dir).unwrap();
+        s.with(|c| {
+            let tx = c.transaction()?;
+            for i in 0..3000 {
+                let change = Change {
+                    group: "gone".into(),
+                    user_id: format!("{i:08}"),
+                    source: 1,
+                    kind: ChangeKind::User,
+                };
+                store::record_change(&tx, &change)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .unwrap();
+    }
+    // Closing the last connection folded the WAL into the file. Page 1
+    // (header and schema) stays; the b-tree header of the last page goes.
+    let db = cfg.state_dir.join(store::DB_FILE);
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page = usize::from(u16::from_be_bytes([bytes[16], bytes[17]]));
+    let last = bytes.len() / page - 1;
+    assert!(last > 1, "a database of one page");
+    for b in &mut bytes[last * page..last * page + 64] {
+        *b = 0x5a;
+    }
+    std::fs::write(&db, bytes).unwrap();
+    let run = usersync::run(cfg, usersync::Shutdown::default());
+    let err = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the daemon stops by itself")
+        .unwrap_err();
+    assert!(err.to_string().contains("state.db"), "{err}");
+}
