@@ -263,25 +263,10 @@ impl Store {
     /// not a usable database is an error naming the file, never a silent
     /// reset.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Store::open_as(dir, Schema::Upgrade, Check::Now)
+        Store::open_as(dir, Schema::Upgrade)
     }
 
-    /// [`Store::open`] without the integrity check of every page (the
-    /// daemon's start: it costs a read of the whole file, 60–90 ms for
-    /// 100,000 journal rows, before `READY=1`); the caller runs
-    /// [`Store::check`] right after. A schema upgrade is never done on an
-    /// unchecked file: then it is checked here.
-    pub fn open_unchecked(dir: &Path) -> Result<Store, StoreError> {
-        Store::open_as(dir, Schema::Upgrade, Check::Later)
-    }
-
-    /// The integrity check [`Store::open_unchecked`] left out.
-    pub async fn check(&self) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        self.run(move |c| quick_check(c, &path)).await
-    }
-
-    fn open_as(dir: &Path, schema: Schema, check: Check) -> Result<Store, StoreError> {
+    fn open_as(dir: &Path, schema: Schema) -> Result<Store, StoreError> {
         prepare_dir(dir)?;
         let path = dir.join(DB_FILE);
         prepare_file(&path)?;
@@ -292,10 +277,7 @@ impl Store {
         // Every statement is prepared once and kept: parsing SQL was 40 %
         // of the daemon's CPU when it replayed a long log.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        let upgrade = schema_version(&conn).map_err(unusable)? < known_version();
-        if check == Check::Now || upgrade {
-            quick_check(&conn, &path)?;
-        }
+        quick_check(&conn, &path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(unusable)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -333,7 +315,7 @@ impl Store {
                 path,
             });
         }
-        Store::open_as(dir, Schema::Require, Check::Now)
+        Store::open_as(dir, Schema::Require)
     }
 
     pub fn path(&self) -> &Path {
@@ -452,14 +434,6 @@ fn open_error(path: &Path, e: &rusqlite::Error) -> StoreError {
 
 /// Statements kept prepared per connection (the daemon uses about 40).
 const STATEMENT_CACHE: usize = 64;
-
-/// When opening checks the integrity of every page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Check {
-    Now,
-    /// The caller runs [`Store::check`] itself.
-    Later,
-}
 
 fn schema_version(conn: &Connection) -> Result<i64, rusqlite::Error> {
     conn.pragma_query_value(None, "user_version", |r| r.get(0))

@@ -138,8 +138,11 @@ pub async fn run_with(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    // The integrity check of every page runs after READY=1 (see below).
-    let store = Store::open_unchecked(&config.state_dir)?;
+    // The integrity check of every page runs before anything is written:
+    // deferred past READY=1, the start's own writes reached a damaged file
+    // before the check (the WAL folded into it), and an operator moving it
+    // aside no longer had the file as it was.
+    let store = Store::open(&config.state_dir)?;
     let client = GatewayClient::new(&config.gateway.settings())?;
     let board = Board::new(config.devices.keys().copied());
     let metrics = Arc::new(Metrics::new());
@@ -188,15 +191,7 @@ pub async fn run_with(
             Ok(dropped)
         })
         .await;
-    // A page the integrity check would have found, hit first here: the
-    // check says so, naming the file.
-    let dropped = match dropped {
-        Ok(d) => d,
-        Err(e) => {
-            store.check().await?;
-            return Err(e.into());
-        }
-    };
+    let dropped = dropped?;
     for g in dropped {
         tracing::info!(group = %g, "group no longer configured: its state is dropped");
     }
@@ -212,15 +207,6 @@ pub async fn run_with(
     // and before one task per device is spawned (60 ms for 10,000 devices,
     // and the tasks' first store writes would compete with it).
     service::ready();
-    // The integrity check of every page of the state, off the start's
-    // critical path: it runs while the daemon starts its work, and a state
-    // database found unusable still stops it with the error naming the
-    // file (exit 1), just after READY=1 instead of before.
-    let mut integrity = {
-        let store = store.clone();
-        tokio::spawn(async move { store.check().await })
-    };
-    let mut integrity_checked = false;
     let mut tasks = Tasks {
         set: JoinSet::new(),
         kinds: HashMap::new(),
@@ -297,14 +283,6 @@ pub async fn run_with(
                     let _ = r.done.send(summary);
                 }
                 _ = beat.tick() => health.beat_main(),
-                r = &mut integrity, if !integrity_checked => {
-                    integrity_checked = true;
-                    let r = r.unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
-                    if let Err(e) = r {
-                        fatal = Some(e.into());
-                        break None;
-                    }
-                }
                 r = &mut session => break Some(r),
             }
         };

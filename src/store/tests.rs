@@ -1,4 +1,3 @@
-
 use super::*;
 
 /// A file root creates in the state directory goes to the directory's
