@@ -115,11 +115,12 @@ async fn serve(
             },
             _ = tick.tick() => Next::Tick,
         };
-        consumer.handle(next).await?;
+        handle_in_order(consumer, inbox, next).await?;
         // Drain what is ready too, then commit once (group commit).
         for _ in 0..BURST {
             let next = if let Some(Ok(f)) = consumer.reads.try_join_next() {
-                Next::Fetched(f)
+                handle_in_order(consumer, inbox, Next::Fetched(f)).await?;
+                continue;
             } else if let Ok(req) = inbox.catch_ups.try_recv() {
                 Next::CatchUp(req)
             } else if let Ok(ev) = inbox.realtime.try_recv() {
@@ -169,4 +170,24 @@ impl Effects {
         self.drift.extend(other.drift);
         self.warnings.extend(other.warnings);
     }
+}
+
+/// Handles `next`; a read's result only after the realtime events already
+/// waiting (at most a burst of them). A read that finds events realtime
+/// delivered but the consumer had not handled yet would count them as
+/// dropped, and start follow-up reads of every device active lately.
+async fn handle_in_order(
+    consumer: &mut Consumer,
+    inbox: &mut Inbox,
+    next: Next,
+) -> Result<(), StoreError> {
+    if matches!(next, Next::Fetched(_)) {
+        for _ in 0..BURST {
+            match inbox.realtime.try_recv() {
+                Ok(ev) => consumer.handle(Next::Realtime(ev)).await?,
+                Err(_) => break,
+            }
+        }
+    }
+    consumer.handle(next).await
 }
