@@ -143,6 +143,45 @@ async fn dropped_realtime_events_are_backfilled() {
     daemon.stop().await;
 }
 
+/// Follow-up tail checks run only while drops were seen lately; a daemon
+/// killed and started again has seen none yet. Its first drops all
+/// trailing (nothing after them shows a gap) must still show within the
+/// follow-up checks, not at the idle check ten minutes later (fault seeds
+/// 100054 and 100323).
+#[tokio::test]
+async fn trailing_drops_after_a_restart_are_backfilled() {
+    let sim = sim(Api::V1_8, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, dir.path(), "");
+    let daemon = Daemon::start(cfg.clone());
+    let (src, targets) = split(&sim);
+    sim.drop_realtime(Some(src), 0.5);
+    for i in 0..10 {
+        sim.enroll_on_device(src, &format!("u{i}")).unwrap();
+    }
+    sim.drop_realtime(Some(src), 0.0);
+    sim.enroll_on_device(src, "before").unwrap();
+    wait_converged(&sim, src, &targets).await;
+    // Every event (the targets' own too) committed: the next daemon's
+    // catch-ups find nothing it would count as dropped.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // As a kill -9 leaves it.
+    daemon.task.abort();
+    let _ = daemon.task.await;
+    let daemon = Daemon::start(cfg);
+    // Live again (caught up) before the next event, which realtime
+    // delivers: the new daemon has seen no drop.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    sim.enroll_on_device(src, "after").unwrap();
+    wait_converged(&sim, src, &targets).await;
+    // Past the debounced tail check of the last delivered event.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sim.drop_realtime(Some(src), 1.0);
+    sim.enroll_on_device(src, "last").unwrap();
+    wait_converged(&sim, src, &targets).await;
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn gateway_restart_mid_stream() {
     let sim = sim(Api::V1_8, 3).await;

@@ -232,7 +232,8 @@ pub struct Consumer {
     relink: Relink,
     tracks: BTreeMap<u32, Track>,
     /// When drops were last seen anywhere (a realtime gap, or a check that
-    /// found events): follow-up checks run only while this is recent.
+    /// found events), or when the consumer (re)started: follow-up checks
+    /// run only while this is recent.
     last_drop: Option<Instant>,
     reads: JoinSet<Fetched>,
     queue: VecDeque<u32>,
@@ -269,6 +270,11 @@ impl Consumer {
         self.queue.clear();
         self.reads.abort_all();
         self.staged = Staged::default();
+        // A consumer (re)started knows nothing of the drops seen before
+        // (a daemon restart, a retry after a store failure): it takes them
+        // for recent, so the follow-up tail checks run. Otherwise trailing
+        // events all dropped after a restart show only to the idle check.
+        self.last_drop = Some(Instant::now());
         let devices: Vec<u32> = self.config.devices.keys().copied().collect();
         let n = devices.len().max(1) as u32;
         for (i, device) in devices.into_iter().enumerate() {
