@@ -2005,10 +2005,13 @@ fn window_rows(w: &Idle, devices: u32, label: &str) -> (Vec<Vec<String>>, Vec<He
         format!("{per_device_min:.3} ({} calls)", w.device_calls),
         "0",
         idle.then(|| {
+            // Judged as shown (a window a few ms over a minute must not
+            // make 1.000 pass for less than 1).
+            let shown = (per_device_min * 1000.0).round() / 1000.0;
             (
                 format!("< {IDLE_CALLS_PER_DEVICE_MIN}"),
-                per_device_min < IDLE_CALLS_PER_DEVICE_MIN,
-                per_device_min / IDLE_CALLS_PER_DEVICE_MIN,
+                shown < IDLE_CALLS_PER_DEVICE_MIN,
+                shown / IDLE_CALLS_PER_DEVICE_MIN,
             )
         }),
     );
@@ -2017,10 +2020,11 @@ fn window_rows(w: &Idle, devices: u32, label: &str) -> (Vec<Vec<String>>, Vec<He
         format!("{cpu:.2} %"),
         "—",
         idle.then(|| {
+            let shown = (cpu * 100.0).round() / 100.0;
             (
                 format!("< {IDLE_CPU_PERCENT} %"),
-                cpu < IDLE_CPU_PERCENT,
-                cpu / IDLE_CPU_PERCENT,
+                shown < IDLE_CPU_PERCENT,
+                shown / IDLE_CPU_PERCENT,
             )
         }),
     );
@@ -2614,7 +2618,7 @@ async fn replay(bin: &Path, a: &ReplayArgs) -> Result<Outcome> {
         daemon.wait_settled(Instant::now() + READY_DEADLINE).await?;
         let before = daemon.checkpoint(source).await.context("no checkpoint")?;
         let note = daemon.stop().await;
-        if !note.is_empty() {
+        if note.lines().any(|l| !l.starts_with("- kept ")) {
             bail!("the first run did not end cleanly:\n{note}");
         }
         daemon.store = None;
@@ -2764,7 +2768,7 @@ async fn replay(bin: &Path, a: &ReplayArgs) -> Result<Outcome> {
             String::new(),
         ],
         vec![
-            "device events written to the log (stderr)".into(),
+            "device events in the log when caught up (stderr)".into(),
             shipped.to_string(),
             String::new(),
             String::new(),
@@ -3058,7 +3062,6 @@ fn summary(jobs: &[Job], runs: &[Vec<Section>]) -> String {
             for p in &per_run {
                 row.push(p.map_or("—".into(), |h| h.value.clone()));
             }
-            row.push(h.reference.clone());
             let join = |f: &dyn Fn(&Headline) -> String| {
                 per_run
                     .iter()
@@ -3066,6 +3069,15 @@ fn summary(jobs: &[Job], runs: &[Vec<Section>]) -> String {
                     .collect::<Vec<_>>()
                     .join(" / ")
             };
+            // Floors measured in each run differ from run to run.
+            let same = per_run
+                .iter()
+                .all(|p| p.is_some_and(|o| o.reference == h.reference));
+            row.push(if same {
+                h.reference.clone()
+            } else {
+                join(&|h| h.reference.clone())
+            });
             row.push(if h.ratio.is_empty() {
                 String::new()
             } else {
@@ -3144,6 +3156,69 @@ fn write_report(
     Ok(())
 }
 
-/// What bounds the figures that miss their targets, found by profiling
-/// (see the module doc); printed after the summary.
-const NOTES: &str = "";
+/// What bounds the figures that miss (or scrape) their targets, found
+/// with `perf record` / `perf trace` on the daemon: written after the
+/// summary. Figures in it are from those profiles, not from this run.
+const NOTES: &str = "\
+### What bounds the targets that are missed
+
+Found with `perf record` and `perf trace` on the daemon; the commits of issue 10 (part 1) say what each fix \
+changed, measured A/B. The machine is shared (see the load averages above): a figure may move by a third \
+or more between runs, which is why each ran twice; the numbers below that are not in the tables come from \
+those profiles.
+
+* **burst, time.** The daemon makes the batch floor's calls (one `User.Get` and one `EnrollMulti` per \
+batch of 64: 1.00×), one batch after the other; a batch takes 65–100 ms here against the floor's 40 ms of \
+round trips (the table's time per batch). `perf trace` of the daemon's gateway socket: the Get is answered \
+22–23 ms after it is sent and its 1.2 MB take 6–9 ms to arrive; the EnrollMulti takes 7–10 ms to send and \
+is answered 30–33 ms later (20 ms of device latency, the rest the simulator storing 64 records on 10 \
+devices, logging 640 events and streaming them back, in this program's process on the same two cores); \
+between an answer and its next call the daemon spends 2–8 ms (store reads, the cursor's commit; one fsync \
+on this disk takes 0.3–18 ms). 1.2 × the floor leaves 8 ms per batch for everything but the round trips, \
+less than moving the records takes here. What would reach it: asking the source for batch k+1 while the \
+targets store batch k (different devices, so real readers work in parallel: one round trip less per \
+batch), a change to the applier's journal lane not made here. A second, read-only SQLite connection for \
+the appliers' reads, so that they never wait behind the event consumer's commits, was tried and measured \
+no better (A/B, 3 runs each: 64–77 ms vs 63–73 ms per batch); it is not in.
+* **replay, events per second.** Fixed: SQL was parsed for every statement (44 % of the daemon's CPU; now \
+prepared once) and each page waited for the previous page's commit before it was asked for (reads now \
+start before it): 150–180k → 320–520k events/s over this session's runs. Per page of 4096 events now: \
+2 ms of device latency, about 2 ms of the simulator's CPU (this process) to build and encode it, and the \
+daemon decoding the page (13 % of its samples), recording ~410 user changes with the checkpoint in one \
+transaction, and parking each change for the 10 targets (the source is not live while it catches up, so \
+the applier moves its changes to each target's pending lane). The daemon's CPU per page is about the \
+page's time: the CPU it gets bounds the rate, which meets the target on a quiet machine and misses it \
+under load. With `[log] events = \"user\"` each of the 100,000 user events is also formatted and written \
+to the log (stderr into a file here): 10–35 % fewer events per second. Under systemd the lines go to \
+journald instead, whose default rate limit (10,000 messages per 30 s per service) would drop most of such \
+a replay's lines: set `LogRateLimitIntervalSec=`/`LogRateLimitBurst=` in the unit where every event must \
+reach the journal.
+* **ready, 10,000 devices.** Fixed: the integrity check of every page (60–90 ms for 100,000 journal rows) \
+now runs right after `READY=1`, the names of stored groups come from index seeks instead of reading the \
+whole journal (10–45 ms), and `READY=1` no longer waits for one task per device to be spawned: 175–554 ms \
+→ 50–130 ms over this session's runs. What is left is reading the configuration: the 606 KiB of TOML \
+naming 10,000 devices take most of it (`usersync check-config` of the same file, in the table, parses and \
+checks it too). With 1,000 devices and the same 100,000 journal rows, `READY=1` comes in 9–30 ms.
+* **site at once, p99.** Measured while the first-start reconciles of 990 new targets run (each lists the \
+source's and its own users): changes wait behind them. Settled, the same figure meets its target.
+* **idle.** Fixed: tokio's blocking pool had grown to 60+ threads at the start (store calls; now at most 4): \
+threads 62–65 → 7, RSS 35–37 → 28–29 MiB. CPU: the STATUS line's pending count no longer builds a map of \
+every target every 2 s, and the device list is matched in one pass. In a quiet window the daemon calls no \
+device but for the idle sweep (one tail read per device per `idle_check_interval`, 600 s: 0.1 call per \
+device per minute) and uses 0.47 % of a core (a run of this session without the follow-up reads below); \
+what is left are timers: the event consumer's 100 ms tick looking at every device (10 wakeups a second, \
+the largest part of the idle samples; `src/events`), the appliers' poll for operator requests every 5 s \
+(10 groups, a few store reads each), the device list every 5 s, the STATUS line every 2 s. **A false \
+drop** makes the rest: a tail read that finds an event realtime has delivered but the consumer has not \
+handled yet (read results are preferred over realtime events when both are ready, and realtime takes one \
+hop more) counts it as dropped, and for the next 10 minutes every device active lately gets follow-up \
+reads 1 s, 5 s, 15 s and 60 s after its last event. The idle window opens 10 s after the changes, so it \
+holds the 60 s read of every device: 1,000 GetLog (exactly 1 per device per minute) and about 0.15 % of a \
+core more. Whether a run hits the race is chance; both runs above did. It is in `src/events` (being \
+changed by another hand) and is reported, not changed here.
+* **at 100 events/s** (no target): each access event costs a tail read of its device's log \
+`tail_check_delay` after the device's last realtime event (a dropped *last* event shows nowhere else): \
+60 × rate / devices = 6 calls per device per minute at 1,000 devices, and about twice that while a false \
+drop keeps the follow-up reads on (the 5 s read too, before the device's next event).
+
+";
