@@ -268,7 +268,9 @@ impl Consumer {
             .await?;
         self.tracks.clear();
         self.queue.clear();
-        self.reads.abort_all();
+        // A new set: finished results of the old one are dropped with it
+        // (abort_all would still hand them back, stale).
+        self.reads = JoinSet::new();
         self.staged = Staged::default();
         // A consumer (re)started knows nothing of the drops seen before
         // (a daemon restart, a retry after a store failure): it takes them

@@ -115,11 +115,15 @@ async fn serve(
             },
             _ = tick.tick() => Next::Tick,
         };
-        handle_in_order(consumer, inbox, next).await?;
+        // One budget of inputs per commit, realtime drained ahead of read
+        // results included.
+        let mut budget = BURST;
+        handle_in_order(consumer, inbox, next, &mut budget).await?;
         // Drain what is ready too, then commit once (group commit).
-        for _ in 0..BURST {
+        while budget > 0 {
+            budget -= 1;
             let next = if let Some(Ok(f)) = consumer.reads.try_join_next() {
-                handle_in_order(consumer, inbox, Next::Fetched(f)).await?;
+                handle_in_order(consumer, inbox, Next::Fetched(f), &mut budget).await?;
                 continue;
             } else if let Ok(req) = inbox.catch_ups.try_recv() {
                 Next::CatchUp(req)
@@ -173,18 +177,22 @@ impl Effects {
 }
 
 /// Handles `next`; a read's result only after the realtime events already
-/// waiting (at most a burst of them). A read that finds events realtime
+/// waiting (as many as the commit's `budget` of inputs leaves). A read that finds events realtime
 /// delivered but the consumer had not handled yet would count them as
 /// dropped, and start follow-up reads of every device active lately.
 async fn handle_in_order(
     consumer: &mut Consumer,
     inbox: &mut Inbox,
     next: Next,
+    budget: &mut usize,
 ) -> Result<(), StoreError> {
     if matches!(next, Next::Fetched(_)) {
-        for _ in 0..BURST {
+        while *budget > 0 {
             match inbox.realtime.try_recv() {
-                Ok(ev) => consumer.handle(Next::Realtime(ev)).await?,
+                Ok(ev) => {
+                    *budget -= 1;
+                    consumer.handle(Next::Realtime(ev)).await?;
+                }
                 Err(_) => break,
             }
         }
