@@ -60,6 +60,15 @@ impl Backoff {
     }
 }
 
+/// Waits until a retry is due: `at`, or forever when none is pending (a
+/// `select!` arm that never fires).
+pub async fn retry_at(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -78,7 +78,7 @@ impl<M: Monitoring> DeviceTask<M> {
                     op = None;
                     answer
                 }
-                _ = sleep_until(retry_at), if retry_at.is_some() => {
+                _ = crate::backoff::retry_at(retry_at), if retry_at.is_some() => {
                     retry_at = None;
                     Input::RetryElapsed
                 }
@@ -162,13 +162,6 @@ impl<M: Monitoring> DeviceTask<M> {
 async fn run_op(op: &mut Option<Operation>) -> Input {
     match op {
         Some(f) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

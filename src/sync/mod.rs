@@ -175,7 +175,7 @@ async fn idle(
         _ = cancel.cancelled() => Woke::Cancelled,
         _ = wake.notified() => Woke::Notified,
         r = board.changed() => if r.is_err() { Woke::Cancelled } else { Woke::Board },
-        _ = sleep_until(next_retry), if next_retry.is_some() => Woke::Retry,
+        _ = crate::backoff::retry_at(next_retry), if next_retry.is_some() => Woke::Retry,
         _ = tokio::time::sleep(poll) => Woke::Poll,
     }
 }
@@ -346,13 +346,6 @@ impl Applier {
 
     fn sources_live(&self) -> bool {
         self.group.sources.iter().all(|s| self.board.is_live(*s))
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
