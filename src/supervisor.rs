@@ -143,6 +143,9 @@ pub async fn run_with(
     // before the check (the WAL folded into it), and an operator moving it
     // aside no longer had the file as it was.
     let store = Store::open(&config.state_dir)?;
+    store
+        .run(|c| crate::store::multi::own_writes_restarted(c))
+        .await?;
     let client = GatewayClient::new(&config.gateway.settings())?;
     let board = Board::new(config.devices.keys().copied());
     let metrics = Arc::new(Metrics::new());

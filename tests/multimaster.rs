@@ -689,3 +689,106 @@ async fn a_live_delete_at_a_member_whose_clock_is_behind_spreads() {
     assert_eq!(registers(&store)["u"], (b, true));
     daemon.stop().await;
 }
+
+/// A write a member refused (quarantined there) logged nothing, so its
+/// echo never comes: the expectation ends with the next read of the
+/// member's log, and a change an administrator then makes to that user at
+/// that member is a change, not taken for the daemon's echo.
+#[tokio::test]
+async fn a_refused_write_leaves_no_expectation_to_swallow_a_later_change() {
+    let mut opts = SimOptions::with_devices(3);
+    opts.reconnect_delay = Duration::from_millis(20);
+    opts.model.policies.changed_on_device = ChangedOnDevice::Omitted;
+    let sim = common::sim_with(opts).await;
+    let m = sim.device_ids();
+    let (a, c) = (m[0], m[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let text = common::config_text(&sim, dir.path(), &group(&m, ""))
+        .replace("[sync]\n", "[sync]\nquarantine_after = 1\n");
+    let config = usersync::config::parse(&dir.path().join("usersync.toml"), &text).unwrap();
+    let daemon = Daemon::start(config);
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+
+    sim.reject(c, "u");
+    let u = record(&sim, "u", 0);
+    sim.put_raw_on_device(a, u.clone()).unwrap();
+    wait_everywhere(&sim, &m[..2], "u", Some(&u)).await;
+    eventually("the refused user quarantined at the member", || async {
+        store
+            .quarantine()
+            .unwrap()
+            .iter()
+            .any(|q| q.device == c && q.user_id == "u")
+    })
+    .await;
+    eventually("no own write expected any more", || async {
+        store
+            .with(|conn| usersync::store::multi::own_writes_expected(conn, "desks"))
+            .unwrap()
+            == 0
+    })
+    .await;
+
+    // The administrator enrolls the user at the member itself.
+    sim.accept(c, "u");
+    let at_c = record(&sim, "u", 1);
+    sim.put_raw_on_device(c, at_c.clone()).unwrap();
+    wait_everywhere(&sim, &m, "u", Some(&at_c)).await;
+    quiet(&sim, &store, &m).await;
+    assert_eq!(registers(&store)["u"], (c, false));
+    daemon.stop().await;
+}
+
+/// A member wiped while another member is offline is refilled from the
+/// reachable members at once (copies only), not when the offline one is
+/// back; the full reconcile follows its return.
+#[tokio::test]
+async fn a_reset_member_is_refilled_while_another_is_offline() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let mine = record(&sim, "made-at-a", 0);
+    let theirs = record(&sim, "made-at-b", 0);
+    sim.put_raw_on_device(a, mine.clone()).unwrap();
+    sim.put_raw_on_device(b, theirs.clone()).unwrap();
+    wait_everywhere(&sim, &m, "made-at-a", Some(&mine)).await;
+    wait_everywhere(&sim, &m, "made-at-b", Some(&theirs)).await;
+    quiet(&sim, &store, &m).await;
+
+    sim.set_offline(c).unwrap();
+    eventually("the daemon sees the member offline", || async {
+        store
+            .device_statuses()
+            .unwrap()
+            .iter()
+            .any(|d| d.device == c && d.state != "live")
+    })
+    .await;
+    sim.factory_reset(b).unwrap();
+    let reachable = [a, b];
+    wait_everywhere(&sim, &reachable, "made-at-a", Some(&mine)).await;
+    wait_everywhere(&sim, &reachable, "made-at-b", Some(&theirs)).await;
+    assert!(
+        !store.reconcile_requests().unwrap().is_empty(),
+        "the full reconcile waits for the offline member"
+    );
+
+    sim.set_online(c).unwrap();
+    eventually("the full reconcile done", || async {
+        store.reconcile_requests().unwrap().is_empty()
+    })
+    .await;
+    assert!(everywhere(&sim, &m, "made-at-a", Some(&mine)));
+    assert!(everywhere(&sim, &m, "made-at-b", Some(&theirs)));
+    assert_eq!(
+        registers(&store)["made-at-b"],
+        (b, false),
+        "the order is kept"
+    );
+    daemon.stop().await;
+}

@@ -68,8 +68,19 @@ enum Reading {
 /// Reads that follow each other until the device is caught up.
 #[derive(Debug, Default)]
 struct Pass {
-    /// Device tasks waiting for the end of the pass (catch-up).
+    /// Waiting for the end of the pass (a catch-up, a log read before a
+    /// write): each asked before the pass's current read started, so its
+    /// end covers every event logged before they asked.
     waiters: Vec<Reply>,
+    /// Asked while a read was in flight: that read may have passed the
+    /// log's end before they asked, so they wait for a read started after
+    /// (the next read of this pass, or a pass of their own).
+    late: Vec<Reply>,
+    /// The own-write tick and wall time (unix ms) when the pass's current
+    /// read started: the daemon's writes to the device finished before it
+    /// are in what it reads (`store::multi::expire_own_writes`).
+    read_tick: u64,
+    read_wall_ms: i64,
     /// Resets found in this pass; a second ends it with an error.
     resets: u32,
     /// Something arrived during a read that the read may have missed.
@@ -187,7 +198,18 @@ struct Staged {
     trails: BTreeMap<u32, TrailWrite>,
     events: BTreeMap<u32, u64>,
     searches_done: Vec<u32>,
+    own_writes_read: Vec<OwnWritesRead>,
     replies: Vec<(Reply, Result<(), String>)>,
+}
+
+/// A member's log read to its end by a read that started at `tick`
+/// (`store::multi::expire_own_writes`).
+#[derive(Debug)]
+struct OwnWritesRead {
+    group: String,
+    device: u32,
+    tick: u64,
+    wall_ms: i64,
 }
 
 impl Staged {
@@ -199,6 +221,7 @@ impl Staged {
             && self.fx.diverged.is_empty()
             && self.fx.drift.is_empty()
             && self.searches_done.is_empty()
+            && self.own_writes_read.is_empty()
             && self.replies.is_empty()
     }
 }
@@ -349,7 +372,7 @@ impl Consumer {
             if let Some(mut t) = self.tracks.remove(&d)
                 && let Some(pass) = t.pass.take()
             {
-                for w in pass.waiters {
+                for w in pass.waiters.into_iter().chain(pass.late) {
                     let _ = w.send(Err("device removed from the configuration".into()));
                 }
             }
@@ -522,6 +545,84 @@ mod tests {
             event,
             anchor: None,
         }
+    }
+
+    /// A consumer of one device (1, checkpoint 10) whose gateway is never
+    /// reached: reads are driven by hand through `fetched`.
+    async fn consumer(dir: &std::path::Path) -> Consumer {
+        let config = crate::config::parse(
+            &dir.join("usersync.toml"),
+            &format!(
+                "[gateway]\naddress = \"127.0.0.1:1\"\ntls = false\n[state]\ndir = \"{}\"\n\
+                 [[device]]\nid = 1\naddress = \"a\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let store = Store::open(dir).unwrap();
+        store.set_checkpoint(1, 10).unwrap();
+        let ctx = Context {
+            client: GatewayClient::new(&config.gateway.settings()).unwrap(),
+            store,
+            board: Board::new([1]),
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::default()),
+            relink: Arc::new(|_| {}),
+        };
+        let mut c = Consumer::new(ctx, Arc::new(config), Wakers::default());
+        c.load().await.unwrap();
+        c
+    }
+
+    fn at_end(c: &Consumer) -> Fetched {
+        Fetched {
+            device: 1,
+            from: c.tracks[&1].checkpoint.clone(),
+            result: Ok(Read::Next {
+                events: Vec::new(),
+                more: false,
+            }),
+        }
+    }
+
+    /// A log read before a write must cover every event logged before it
+    /// was asked for: a read already under way when it is asked may have
+    /// passed the log's end before, so only a read started after answers
+    /// it (else a change made at a member just then is overwritten).
+    #[tokio::test]
+    async fn a_catch_up_asked_during_a_read_waits_for_a_read_started_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = consumer(dir.path()).await;
+        // A read of device 1 is under way.
+        let t = c.tracks.get_mut(&1).unwrap();
+        t.reading = Reading::InFlight;
+        t.pass = Some(Pass::default());
+        let (early_tx, mut early) = oneshot::channel();
+        t.pass.as_mut().unwrap().waiters.push(early_tx);
+        let (tx, mut rx) = oneshot::channel();
+        c.request_read(1, Some(tx), true);
+        // It comes back at the log's end: it answers the waiter that asked
+        // before it started, not the one that asked during it.
+        let f = at_end(&c);
+        c.fetched(f).await.unwrap();
+        c.commit().await.unwrap();
+        assert_eq!(early.try_recv(), Ok(Ok(())));
+        assert!(
+            rx.try_recv().is_err(),
+            "answered by a read that began before it asked"
+        );
+        assert_eq!(
+            c.tracks[&1].reading,
+            Reading::Queued,
+            "a read of its own follows"
+        );
+        // That read starts (its task is left alone) and comes back.
+        c.start_reads();
+        assert_eq!(c.tracks[&1].reading, Reading::InFlight);
+        let f = at_end(&c);
+        c.fetched(f).await.unwrap();
+        c.commit().await.unwrap();
+        assert_eq!(rx.try_recv(), Ok(Ok(())));
     }
 
     fn events(trail: &[Mark]) -> Vec<u32> {

@@ -18,7 +18,10 @@ mod own_writes;
 mod tests;
 
 use own_writes::consume_own_write;
-pub use own_writes::{expect_own_writes, own_writes_expected, unexpect_own_writes};
+pub use own_writes::{
+    expect_own_writes, expire_own_writes, own_write_tick, own_writes_done, own_writes_expected,
+    own_writes_restarted, unexpect_own_writes,
+};
 
 /// What a member's user event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,11 +61,19 @@ pub struct MemberEvent {
     pub replayed: bool,
 }
 
-/// How long a write of the daemon is expected to come back as an event
-/// (realtime, or a tail check that reads a dropped one: seconds; the idle
-/// sweep of a quiet device: `idle_check_interval_secs`, 10 minutes by
-/// default).
-pub const OWN_WRITE_WINDOW_SECS: i64 = 900;
+/// How long an own write may stay expected at most, a bound for a member
+/// whose log is never read again (removed from the group while offline).
+/// Expectations end far sooner: when their echo comes, or when a read of
+/// the member's log that started after the write found none
+/// ([`expire_own_writes`]).
+pub const OWN_WRITE_MAX_SECS: i64 = 86_400;
+/// How long after a write's call returned a device may still be logging
+/// it: a read of its log started later than this without the echo ends
+/// the expectation. A device logs a user change as it makes it, before it
+/// answers; WIRE.md does not say so, and a read too soon would take a late
+/// echo for a change (harmless then: the same version, spread again, or a
+/// delete ordered last-writer-wins), so the margin.
+pub const OWN_WRITE_GRACE_MS: i64 = 2_000;
 /// Own writes remembered per group at most (oldest forgotten first).
 pub const OWN_WRITES_MAX: i64 = 200_000;
 

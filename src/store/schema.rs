@@ -223,4 +223,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX own_write_by_user ON own_write (grp, device_id, user_id, op, seq);
     CREATE INDEX own_write_by_expiry ON own_write (expires_at);
     ",
+    // 9: when each own write's call returned (`done_tick`, the process's
+    // own-write tick, 0 for a write of an earlier run; `done_at_ms`, unix
+    // ms): a read of the member's log that started after it and found no
+    // echo ends the expectation (`store::multi::expire_own_writes`).
+    // Rows carried over are taken as done when they were expected.
+    "
+    ALTER TABLE own_write ADD COLUMN done_tick INTEGER;
+    ALTER TABLE own_write ADD COLUMN done_at_ms INTEGER;
+    UPDATE own_write SET done_tick = 0, done_at_ms = (expires_at - 900) * 1000;
+    CREATE INDEX own_write_in_flight ON own_write (grp) WHERE done_tick IS NULL;
+    ",
 ];

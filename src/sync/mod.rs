@@ -130,6 +130,9 @@ struct Timers {
     reconcile: HashMap<u32, (u32, Instant)>,
     /// Targets whose pending rows could not go.
     pending: HashMap<u32, (u32, Instant)>,
+    /// Multi-master members written lately: when their logs are read to
+    /// end the expectations of writes that logged nothing.
+    confirm: HashMap<u32, (u32, Instant)>,
 }
 
 impl Timers {
@@ -140,6 +143,7 @@ impl Timers {
             .chain(self.source.values())
             .chain(self.reconcile.values())
             .chain(self.pending.values())
+            .chain(self.confirm.values())
             .map(|(_, at)| *at)
             .filter(|at| *at > now)
             .min()

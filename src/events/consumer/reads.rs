@@ -23,15 +23,20 @@ impl Consumer {
         };
         t.tail_at = None;
         let pass = t.pass.get_or_insert_with(Pass::default);
-        pass.waiters.extend(waiter);
         pass.settle |= settle;
         match t.reading {
             Reading::Idle => {
+                pass.waiters.extend(waiter);
                 t.reading = Reading::Queued;
                 self.queue.push_back(device);
             }
-            Reading::Queued => {}
-            Reading::InFlight => pass.again = true,
+            Reading::Queued => pass.waiters.extend(waiter),
+            // The read under way may have passed the log's end already: a
+            // waiter is answered only by a read that starts after it asked.
+            Reading::InFlight => {
+                pass.late.extend(waiter);
+                pass.again = true;
+            }
         }
     }
 
@@ -87,6 +92,11 @@ impl Consumer {
                 p.again = false;
                 p.started.get_or_insert_with(Instant::now);
                 p.replay |= t.checkpoint == Checkpoint::Reset;
+                // Asked before this read started: its end covers them.
+                let late = std::mem::take(&mut p.late);
+                p.waiters.extend(late);
+                p.read_tick = store::multi::own_write_tick();
+                p.read_wall_ms = store::now_ms();
             }
             let from = t.checkpoint.clone();
             let trail = t.trail.clone();
@@ -194,8 +204,31 @@ impl Consumer {
                     follow_up(&self.config.sync, t.ladder).filter(|_| dropping)
                 };
                 t.tail_at = next.map(|d| now + d);
+                // The daemon's writes to a member finished before this read
+                // started and still expected did not log what we expected
+                // (a delete of a user it lacked, a write it refused): no
+                // longer expected, so a real change there is not swallowed.
+                if let Some(g) = self
+                    .config
+                    .member_of(device)
+                    .filter(|g| g.multi_master().is_some() && pass.read_tick > 0)
+                {
+                    self.staged.own_writes_read.push(OwnWritesRead {
+                        group: g.name.clone(),
+                        device,
+                        tick: pass.read_tick,
+                        wall_ms: pass.read_wall_ms,
+                    });
+                }
                 for w in pass.waiters {
                     self.staged.replies.push((w, Ok(())));
+                }
+                if !pass.late.is_empty() {
+                    // Asked during the last read: a pass of their own.
+                    self.request_read(device, None, true);
+                    if let Some(p) = self.tracks.get_mut(&device).and_then(|t| t.pass.as_mut()) {
+                        p.waiters.extend(pass.late);
+                    }
                 }
             }
             Err(e) => {
@@ -204,7 +237,7 @@ impl Consumer {
                 t.tail_at = Some(Instant::now() + delay);
                 let pass = t.pass.take().unwrap_or_default();
                 tracing::warn!(device_id = device, error = %e, retry_in = ?delay, "reading the device log failed");
-                for w in pass.waiters {
+                for w in pass.waiters.into_iter().chain(pass.late) {
                     self.staged.replies.push((w, Err(e.clone())));
                 }
             }

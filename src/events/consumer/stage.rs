@@ -144,6 +144,7 @@ impl Consumer {
         let checkpoints: BTreeMap<u32, Checkpoint> = staged.checkpoints;
         let trails = staged.trails;
         let searches = staged.searches_done;
+        let own_writes_read = staged.own_writes_read;
         self.store
             .run(move |c| {
                 let tx = c.transaction()?;
@@ -167,6 +168,10 @@ impl Consumer {
                 }
                 for d in &searches {
                     store::clear_log_search(&tx, *d)?;
+                }
+                // After the events recorded above consumed their echoes.
+                for r in &own_writes_read {
+                    store::multi::expire_own_writes(&tx, &r.group, r.device, r.tick, r.wall_ms)?;
                 }
                 tx.commit()?;
                 Ok(())

@@ -1,8 +1,28 @@
 //! The daemon's own writes to members, remembered before they are made,
-//! so the events they log are known as echoes and not taken for changes
-//! (bounded in time and in number).
+//! so the events they log are known as echoes and not taken for changes.
+//!
+//! An expectation ends when its echo comes, or when a read of the member's
+//! log that started after the write's call returned (by the process's
+//! own-write tick, and by [`OWN_WRITE_GRACE_MS`] of wall time) reached the
+//! log's end without it: the write logged nothing (a delete of a user the
+//! member lacked, a write it refused). A leftover would swallow a real
+//! change of that user made at the member. Bounded in number, and in time
+//! by [`OWN_WRITE_MAX_SECS`] for a member never read again.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
+use crate::store::now_ms;
+
+/// Orders the calls of writes against the starts of log reads in this
+/// process; 0 is before every read of it (a write of an earlier run).
+static TICK: AtomicU64 = AtomicU64::new(1);
+
+/// The next own-write tick: taken when a write's call returned, and when
+/// a read of a device's log starts.
+pub fn own_write_tick() -> u64 {
+    TICK.fetch_add(1, Ordering::SeqCst)
+}
 
 /// Remembers that the daemon is about to write `users` (`op`) to
 /// `devices`, so the events they log are known as its own: one row per
@@ -28,7 +48,7 @@ pub fn expect_own_writes(
                 i64::from(*d),
                 u,
                 op.code(),
-                now + OWN_WRITE_WINDOW_SECS
+                now + OWN_WRITE_MAX_SECS
             ])?;
         }
     }
@@ -100,6 +120,62 @@ pub fn unexpect_own_writes(
             stmt.execute(params![group, i64::from(*d), u, op.code()])?;
         }
     }
+    Ok(())
+}
+
+/// The group's writes made so far have returned (whatever their outcome):
+/// stamped with `tick` and the wall time, so a later read of a member's
+/// log can end the ones that logged nothing. One applier writes a group at
+/// a time, so every write of the group not yet stamped has returned.
+/// Returns how many were stamped.
+pub fn own_writes_done(conn: &Connection, group: &str, tick: u64) -> Result<usize, StoreError> {
+    Ok(conn.execute(
+        "UPDATE own_write SET done_tick = ?2, done_at_ms = ?3 WHERE grp = ?1 AND done_tick IS NULL",
+        params![group, i64::try_from(tick).unwrap_or(i64::MAX), now_ms()],
+    )?)
+}
+
+/// `device`'s log was read to its end by a read that started at `tick`
+/// (wall time `wall_ms`), and the events it found are recorded: writes of
+/// the daemon to it that returned before that read (by the grace margin)
+/// and are still expected logged nothing, and are expected no more.
+/// Returns how many ended so.
+pub fn expire_own_writes(
+    conn: &Connection,
+    group: &str,
+    device: u32,
+    tick: u64,
+    wall_ms: i64,
+) -> Result<usize, StoreError> {
+    let n = conn.execute(
+        "DELETE FROM own_write WHERE grp = ?1 AND device_id = ?2
+         AND done_tick IS NOT NULL AND done_tick < ?3 AND done_at_ms <= ?4",
+        params![
+            group,
+            i64::from(device),
+            i64::try_from(tick).unwrap_or(i64::MAX),
+            wall_ms.saturating_sub(OWN_WRITE_GRACE_MS)
+        ],
+    )?;
+    if n > 0 {
+        tracing::debug!(
+            group,
+            device_id = device,
+            writes = n,
+            "own writes that logged no event at the member are no longer expected"
+        );
+    }
+    Ok(n)
+}
+
+/// At the daemon's start: every write remembered was made by an earlier
+/// run (the ones in flight when it stopped too), before any read of this
+/// one.
+pub fn own_writes_restarted(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE own_write SET done_tick = 0, done_at_ms = COALESCE(done_at_ms, ?1)",
+        [now_ms()],
+    )?;
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-use super::super::{ChangeKind, Store, pending};
+use super::super::{ChangeKind, Store, now_ms, pending};
 use super::*;
 use proptest::prelude::*;
 
@@ -392,6 +392,64 @@ fn expected_writes_expire() {
         rec(&s, 1, "u", ev(past(), MemberOp::Upsert, false, Own)),
         Recorded::Won(1)
     );
+    assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 0);
+}
+
+/// An expectation ends when a read of the member's log that started after
+/// the write returned (and after the grace) found no echo; not before: a
+/// read that started before the write returned, a write still in flight,
+/// another member's read, and a read within the grace leave it.
+#[test]
+fn a_read_after_the_write_ends_an_expectation_it_found_no_echo_of() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    let expected = |s: &Store| s.with(|c| own_writes_expected(c, "g")).unwrap();
+    let expire = |s: &Store, device: u32, tick: u64, wall: i64| {
+        s.with(|c| expire_own_writes(c, "g", device, tick, wall))
+            .unwrap()
+    };
+    let read_before = own_write_tick();
+    expect(&s, &[1, 2], "u", MemberOp::Delete);
+    // In flight: no read ends it.
+    assert_eq!(expire(&s, 1, own_write_tick(), now_ms() + 60_000), 0);
+    let done = own_write_tick();
+    assert_eq!(s.with(|c| own_writes_done(c, "g", done)).unwrap(), 2);
+    let wall = now_ms();
+    // A read that started before the write returned may not hold its echo.
+    assert_eq!(expire(&s, 1, read_before, wall + 60_000), 0);
+    // A read just after, within the grace: the device may still log it.
+    let after = own_write_tick();
+    assert_eq!(expire(&s, 1, after, wall), 0);
+    assert_eq!(expected(&s), 2);
+    // After the grace: member 1's ends, member 2's stays.
+    assert_eq!(expire(&s, 1, after, wall + OWN_WRITE_GRACE_MS + 1_000), 1);
+    assert_eq!(expected(&s), 1);
+    // So a delete made at member 1 now is a change.
+    assert_eq!(
+        rec(&s, 1, "u", ev(past(), MemberOp::Delete, false, Own)),
+        Recorded::Won(1)
+    );
+}
+
+/// A restart: every write remembered is from an earlier run, so the
+/// first read of this run ends those that never echoed.
+#[test]
+fn after_a_restart_the_first_read_ends_old_expectations() {
+    let (_t, s) = store();
+    expect(&s, &[1], "u", MemberOp::Upsert);
+    s.with(|c| own_writes_restarted(c)).unwrap();
+    let n = s
+        .with(|c| {
+            expire_own_writes(
+                c,
+                "g",
+                1,
+                own_write_tick(),
+                now_ms() + OWN_WRITE_GRACE_MS + 1_000,
+            )
+        })
+        .unwrap();
+    assert_eq!(n, 1);
     assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 0);
 }
 

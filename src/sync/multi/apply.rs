@@ -107,7 +107,6 @@ impl Applier {
                         .get(&r.user_id)
                         .is_none_or(|(_, at)| *at <= now)
                 })
-                .take(self.batch_limit)
                 .map(|r| match registers.get(&r.user_id) {
                     Some(reg) => MemberRow {
                         seq: 0,
@@ -128,6 +127,19 @@ impl Applier {
                         },
                     },
                 })
+                // A version whose member cannot answer now, or lost it,
+                // waits aside, so the rows behind it go on (a delete needs
+                // no member's record).
+                .filter(|r| {
+                    r.version.deleted
+                        || (self.source_ready(r.source)
+                            && self
+                                .multi
+                                .absent
+                                .get(&r.user_id)
+                                .is_none_or(|(_, at)| *at <= now))
+                })
+                .take(self.batch_limit)
                 .collect();
             if rows.is_empty() {
                 continue;
@@ -178,10 +190,38 @@ impl Applier {
         Ok(())
     }
 
+    /// Writes `rows` to `cohort` ([`Self::write_members`]), then stamps the
+    /// writes made as returned and has the members' logs read once the
+    /// grace has passed, so writes that logged nothing stop being expected.
+    pub(super) async fn apply_members(
+        &mut self,
+        cohort: &[u32],
+        lane: Lane,
+        rows: Vec<MemberRow>,
+    ) -> Result<bool, SyncError> {
+        let moved = self.write_members(cohort, lane, rows).await;
+        let (n, tick) = (self.group.name.clone(), store::multi::own_write_tick());
+        let stamped = self
+            .store
+            .run(move |c| store::multi::own_writes_done(c, &n, tick))
+            .await?;
+        if stamped == 0 {
+            return moved;
+        }
+        let due = Instant::now()
+            + std::time::Duration::from_millis(
+                u64::try_from(store::multi::OWN_WRITE_GRACE_MS).unwrap_or(0) + 100,
+            );
+        for m in cohort {
+            self.timers.confirm.insert(*m, (0, due));
+        }
+        moved
+    }
+
     /// Writes `rows` to `cohort`: each version to every member but the one
     /// it is read from, each delete to every member. Returns whether
     /// anything moved.
-    pub(super) async fn apply_members(
+    async fn write_members(
         &mut self,
         cohort: &[u32],
         lane: Lane,
@@ -255,8 +295,13 @@ impl Applier {
                     // or it was wiped (its reconcile follows). Never taken for
                     // a delete; waits.
                     Some(Fetched::Absent) => {
-                        tracing::warn!(group = %name, user_id = %r.user_id, source = src,
+                        let n = self.multi.absent.get(&r.user_id).map_or(0, |(n, _)| *n);
+                        let delay = self.backoff.delay(n);
+                        tracing::warn!(group = %name, user_id = %r.user_id, source = src, retry_in = ?delay,
                             "the member holding the winning version no longer holds it; its newer change or a reconcile settles it, the others keep what they hold");
+                        self.multi
+                            .absent
+                            .insert(r.user_id.clone(), (n.saturating_add(1), now + delay));
                         waiting.push(r);
                     }
                     _ => waiting.push(r),
@@ -411,6 +456,7 @@ impl Applier {
         if progressed {
             for r in &written {
                 self.source_poison.remove(&r.user_id);
+                self.multi.absent.remove(&r.user_id);
                 let action = if r.version.deleted {
                     "deleted"
                 } else {

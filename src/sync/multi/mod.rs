@@ -93,6 +93,10 @@ pub struct Links {
     pub clocks: Arc<ClockWatch>,
 }
 
+/// Requests (member, generation) served by a partial reconcile, and the
+/// members it reached.
+type PartialRun = (Vec<(u32, i64)>, Vec<u32>);
+
 /// A multi-master applier's own state.
 #[derive(Default)]
 pub(crate) struct State {
@@ -104,6 +108,13 @@ pub(crate) struct State {
     /// The skew stored last per member, to store only what changed.
     stored_skew: HashMap<u32, i64>,
     reconcile: Option<reconcile::Run>,
+    /// Users whose version the member it is read from no longer holds: by
+    /// user, (times seen so, when to look again). Their pending rows wait
+    /// aside meanwhile, so the rows behind them go on.
+    absent: HashMap<String, (u32, Instant)>,
+    /// The last partial reconcile: the requests it served (served again
+    /// in full once every member is reachable) and the members it reached.
+    partial: Option<PartialRun>,
 }
 
 impl Applier {
@@ -133,6 +144,7 @@ impl Applier {
             self.multi.initialized = true;
         }
         self.check_clocks().await?;
+        self.confirm_writes().await;
         // Reconcile chunks, parked and reconcile rows (pending) and journal
         // batches take turns, as in one-way groups.
         self.turn = (self.turn + 1) % 3;
@@ -285,6 +297,34 @@ impl Applier {
         Ok(())
     }
 
+    /// Has the logs of members written lately read once the grace after
+    /// their writes has passed: the reads end the expectations of writes
+    /// that logged nothing (`store::multi::expire_own_writes`), so a real
+    /// change of those users there is not taken for an echo. A member not
+    /// live is read by its catch-up when it is back.
+    async fn confirm_writes(&mut self) {
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .timers
+            .confirm
+            .iter()
+            .filter(|(m, (_, at))| *at <= now && self.board.is_live(**m))
+            .map(|(m, _)| *m)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let read = self.settle_logs(&due).await;
+        for m in due {
+            if read.contains(&m) {
+                self.timers.confirm.remove(&m);
+            } else if let Some((n, at)) = self.timers.confirm.get_mut(&m) {
+                *at = Instant::now() + self.backoff.delay(*n);
+                *n = n.saturating_add(1);
+            }
+        }
+    }
+
     /// Has the event consumer read `members`' logs up to now, so a change
     /// made at a member is in the journal before the member is written.
     /// Returns the members whose logs were read; the others back off.
@@ -292,6 +332,7 @@ impl Applier {
         let Some(links) = self.multi.links.clone() else {
             return members.to_vec();
         };
+        let started = Instant::now();
         let mut waits = Vec::new();
         for m in members {
             let (reply, rx) = oneshot::channel();
@@ -301,6 +342,11 @@ impl Applier {
                 .await
                 .is_err()
             {
+                // No event consumer (the daemon stops): nothing is written
+                // unread; the members wait as if they had failed.
+                for m in members {
+                    self.back_off(*m, "the event consumer is not running");
+                }
                 return Vec::new();
             }
             waits.push((*m, rx));
@@ -308,7 +354,19 @@ impl Applier {
         let mut read = Vec::new();
         for (m, rx) in waits {
             match tokio::time::timeout(SETTLE_TIMEOUT, rx).await {
-                Ok(Ok(Ok(()))) => read.push(m),
+                Ok(Ok(Ok(()))) => {
+                    // A read after the grace of the last write here also
+                    // confirmed it.
+                    if self
+                        .timers
+                        .confirm
+                        .get(&m)
+                        .is_some_and(|(_, at)| *at <= started)
+                    {
+                        self.timers.confirm.remove(&m);
+                    }
+                    read.push(m);
+                }
                 Ok(Ok(Err(e))) => {
                     self.back_off(m, &format!("its log could not be read before a write: {e}"))
                 }

@@ -21,6 +21,15 @@ use super::*;
 pub(super) struct Run {
     /// The requests it serves: (member, generation).
     requests: Vec<(u32, i64)>,
+    /// The members it reads and writes: every member, or (`partial`) the
+    /// reachable ones. A partial run only copies: a user with a history is
+    /// copied from where it is read (if reachable) to reachable members
+    /// that lack it, a tombstone deleted where reachable members hold it,
+    /// and a user with no history copied among them only where they
+    /// agree; what it cannot see (the unreachable members' versions) it
+    /// never decides. Its requests stay open for the full run.
+    reach: Vec<u32>,
+    partial: bool,
     reason: String,
     /// Each member's user IDs when it started.
     lists: BTreeMap<u32, BTreeSet<String>>,
@@ -78,28 +87,44 @@ impl Applier {
         }
         if requests.is_empty() {
             self.multi.reconcile = None;
+            self.multi.partial = None;
             return Ok(false);
         }
-        // The union needs every member's list.
         let now = Instant::now();
-        if !members.iter().all(|m| self.eligible(*m))
-            || self
-                .timers
-                .reconcile
-                .get(&0)
-                .is_some_and(|(_, at)| *at > now)
+        if self
+            .timers
+            .reconcile
+            .get(&0)
+            .is_some_and(|(_, at)| *at > now)
         {
             return Ok(false);
         }
+        // The union needs every member's list. With some unreachable, the
+        // reachable ones are reconciled among themselves, copies only
+        // (see [`Run::partial`]), and the full reconcile follows when every
+        // member is back: a member reset while another is offline is
+        // refilled now.
+        let reach: Vec<u32> = self.eligible_members();
         let serving: Vec<(u32, i64)> = requests.iter().map(|r| (r.target, r.generation)).collect();
+        if reach.len() < members.len() {
+            let asked_reachable = requests.iter().any(|r| reach.contains(&r.target));
+            let done_so = self
+                .multi
+                .partial
+                .as_ref()
+                .is_some_and(|(s, r)| *s == serving && *r == reach);
+            if reach.len() < 2 || !asked_reachable || done_so {
+                return Ok(false);
+            }
+        }
         let fresh = self
             .multi
             .reconcile
             .as_ref()
-            .is_none_or(|run| run.requests != serving);
+            .is_none_or(|run| run.requests != serving || run.reach != reach);
         if fresh {
             let mut lists = BTreeMap::new();
-            for m in &members {
+            for m in &reach {
                 let ids: BTreeSet<String> = self.client.user_ids(*m).await?.into_iter().collect();
                 lists.insert(*m, ids);
             }
@@ -110,15 +135,29 @@ impl Applier {
                 .await?;
             let mut users: BTreeSet<String> = lists.values().flatten().cloned().collect();
             users.extend(known.into_keys());
-            let reason = requests
+            let mut reason = requests
                 .iter()
                 .map(|r| format!("{}: {}", r.target, r.reason))
                 .collect::<Vec<_>>()
                 .join("; ");
-            tracing::info!(group = %name, reason = %reason, users = users.len(),
-                members = ?lists.iter().map(|(m, l)| (*m, l.len())).collect::<Vec<_>>(), "reconcile of the members started");
+            let unreachable: Vec<u32> = members
+                .iter()
+                .copied()
+                .filter(|m| !reach.contains(m))
+                .collect();
+            if unreachable.is_empty() {
+                tracing::info!(group = %name, reason = %reason, users = users.len(),
+                    members = ?lists.iter().map(|(m, l)| (*m, l.len())).collect::<Vec<_>>(), "reconcile of the members started");
+            } else {
+                tracing::info!(group = %name, reason = %reason, users = users.len(), unreachable = ?unreachable,
+                    members = ?lists.iter().map(|(m, l)| (*m, l.len())).collect::<Vec<_>>(),
+                    "reconcile of the reachable members started (copies only; the full reconcile follows when every member is back)");
+                reason = format!("{reason} (partial: members {unreachable:?} unreachable)");
+            }
             self.multi.reconcile = Some(Run {
                 requests: serving,
+                partial: !unreachable.is_empty(),
+                reach: reach.clone(),
                 reason,
                 lists,
                 users: users.into_iter().collect(),
@@ -153,7 +192,7 @@ impl Applier {
     /// differs.
     async fn reconcile_chunk(&mut self, run: &mut Run, chunk: &[String]) -> Result<(), SyncError> {
         let name = self.group.name.clone();
-        let members = self.members();
+        let members = run.reach.clone();
         // What each member holds of the chunk, read now (the lists are as
         // old as the reconcile).
         let mut held: BTreeMap<String, Held> = BTreeMap::new();
@@ -183,6 +222,16 @@ impl Applier {
                     for m in h.keys() {
                         queue.push((*m, u.clone(), reg.source));
                         *run.deleted.entry(*m).or_default() += 1;
+                    }
+                }
+                Some(reg) if !members.contains(&reg.source) => {
+                    // Read where it is unreachable now: the reachable
+                    // members that lack it get it once it answers (the
+                    // pending lane waits for it); what they hold is not
+                    // compared with a version not seen.
+                    for m in members.iter().filter(|m| !h.contains_key(m)) {
+                        queue.push((*m, u.clone(), reg.source));
+                        *run.missing.entry(*m).or_default() += 1;
                     }
                 }
                 Some(reg) => {
@@ -227,7 +276,7 @@ impl Applier {
                     let agree = h.values().all(|r| r.raw == first_raw);
                     let source = if agree {
                         first_holder
-                    } else if prune {
+                    } else if prune && !run.partial {
                         // Settled by member order (prune = true).
                         let Some(s) = members.iter().copied().find(|m| h.contains_key(m)) else {
                             continue;
@@ -283,7 +332,7 @@ impl Applier {
     /// group's conflicts.
     async fn finish_reconcile(&mut self, run: Run) -> Result<(), SyncError> {
         let name = self.group.name.clone();
-        let members = self.members();
+        let members = run.reach.clone();
         let finished_at = now_secs();
         let results: Vec<store::ReconcileResult> = members
             .iter()
@@ -301,6 +350,29 @@ impl Applier {
         let conflicts = run.conflicts.clone();
         let requests = run.requests.clone();
         let n = name.clone();
+        self.timers.reconcile.remove(&0);
+        if run.partial {
+            // Its requests stay open, and the conflicts it saw are a part
+            // of the picture: both wait for the full run.
+            self.store
+                .run(move |c| {
+                    let tx = c.transaction()?;
+                    for r in &results {
+                        store::record_reconcile_result(&tx, r)?;
+                    }
+                    tx.commit()?;
+                    Ok(())
+                })
+                .await?;
+            self.multi.partial = Some((run.requests.clone(), run.reach.clone()));
+            self.multi.reconcile = None;
+            let sum = |m: &BTreeMap<u32, u64>| m.values().sum::<u64>();
+            tracing::info!(group = %name, users = run.users.len(), reachable = ?run.reach, missing = sum(&run.missing),
+                different = sum(&run.different), deleted = sum(&run.deleted), conflicts_seen = run.conflicts.len(),
+                "reconcile of the reachable members done; the full reconcile follows when every member is back");
+            return Ok(());
+        }
+        self.multi.partial = None;
         self.store
             .run(move |c| {
                 let tx = c.transaction()?;
