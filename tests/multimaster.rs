@@ -792,3 +792,71 @@ async fn a_reset_member_is_refilled_while_another_is_offline() {
     );
     daemon.stop().await;
 }
+
+/// A member's log read again from its oldest record (a reset judged where
+/// there was none: the checkpoint lies beyond the log, as after a state
+/// directory restored from elsewhere) replays old changes: they are
+/// history, never news. A user enrolled and deleted at the member before
+/// the group first ran, and held by another member since, stays; a user
+/// deleted there and enrolled later elsewhere stays.
+#[tokio::test]
+async fn a_log_read_again_after_a_reset_replays_no_old_change() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    // Before the group first runs (A's clock behind, so these are older
+    // than the daemon's start whatever the second).
+    sim.set_clock_offset(a, -10);
+    sim.put_raw_on_device(a, record(&sim, "w", 0)).unwrap();
+    sim.delete_on_device(a, "w").unwrap();
+    sim.set_clock_offset(a, 0);
+    let w = record(&sim, "w", 1);
+    sim.put_raw_on_device(b, w.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(&sim, dir.path(), &group(&m, ""));
+    let daemon = Daemon::start(config.clone());
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    wait_everywhere(&sim, &m, "w", Some(&w)).await;
+    // After: deleted at A, enrolled later at B.
+    sim.put_raw_on_device(a, record(&sim, "x", 0)).unwrap();
+    sim.delete_on_device(a, "x").unwrap();
+    wait_everywhere(&sim, &m, "x", None).await;
+    sim.set_clock_offset(b, 5);
+    let x = record(&sim, "x", 1);
+    sim.put_raw_on_device(b, x.clone()).unwrap();
+    wait_everywhere(&sim, &m, "x", Some(&x)).await;
+    quiet(&sim, &store, &m).await;
+    let head = recorded(&store);
+    daemon.stop().await;
+
+    // A's checkpoint now lies beyond its log: the next start judges the
+    // log reset and reads it from its oldest record.
+    let beyond = sim.newest_event_id(a).unwrap() + 100;
+    store.set_checkpoint(a, beyond).unwrap();
+    let daemon = Daemon::start(config);
+    eventually(
+        "A's log read again and the reset's reconcile done",
+        || async {
+            store.checkpoint(a).ok().flatten() == sim.newest_event_id(a)
+                && store.reconcile_requests().unwrap().is_empty()
+        },
+    )
+    .await;
+    quiet(&sim, &store, &m).await;
+    assert!(
+        everywhere(&sim, &m, "w", Some(&w)),
+        "w deleted by a replayed old delete"
+    );
+    assert!(
+        everywhere(&sim, &m, "x", Some(&x)),
+        "x deleted by a replayed old delete"
+    );
+    assert_eq!(
+        recorded(&store),
+        head,
+        "nothing replayed was recorded as a change"
+    );
+    assert_eq!(registers(&store)["x"], (b, false));
+    daemon.stop().await;
+}

@@ -198,6 +198,22 @@ pub fn record(
         stamp: Stamp { time, device },
         deleted: ev.op == MemberOp::Delete,
     };
+    // A change read again that was made before the group first ran as
+    // multi-master was never a change of the group: the first start's
+    // reconcile took the members as they were (the union). Taken for news
+    // now, an old enroll and delete read back in turn would delete a user
+    // other members hold.
+    if ev.replayed && started_at(tx, group)?.is_some_and(|s| i64::from(time) < s) {
+        tracing::info!(
+            group,
+            device_id = device,
+            user_id = user,
+            event_id = ev.event,
+            change_time = time,
+            "change read again from a reset log, made before the group first ran: history, ignored"
+        );
+        return Ok(Recorded::History);
+    }
     let stored = row(tx, group, user)?;
     // A log read again from its start (a reset, maybe taken for one
     // wrongly) replays deletes of long ago; one of a user the group never

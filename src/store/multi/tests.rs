@@ -141,7 +141,15 @@ fn replayed_deletes_of_users_without_history_are_history() {
 fn a_replayed_old_delete_does_not_beat_the_same_members_enroll() {
     use EchoDetection::ChangedOnDevice as Cod;
     let (_t, s) = store();
-    s.with(|c| mark_started(c, "g")).unwrap();
+    // The group ran for two hours (the changes below are since).
+    s.with(|c| {
+        c.execute(
+            "INSERT INTO member_group (grp, started_at) VALUES ('g', ?1)",
+            [now() - 7200],
+        )?;
+        Ok(())
+    })
+    .unwrap();
     let t = past();
     assert_eq!(
         rec(&s, 1, "u", ev(t, MemberOp::Upsert, true, Cod)),
@@ -549,4 +557,38 @@ proptest! {
             .collect();
         prop_assert_eq!(got, model);
     }
+}
+
+/// Replayed changes made before the group first ran are history; live
+/// ones of that time are changes (a member offline since, its clock
+/// behind).
+#[test]
+fn replayed_changes_from_before_the_group_ran_are_history() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    s.with(|c| mark_started(c, "g")).unwrap();
+    let before = past();
+    assert_eq!(
+        rec(
+            &s,
+            1,
+            "u",
+            replayed(ev(before, MemberOp::Upsert, false, Own))
+        ),
+        Recorded::History
+    );
+    assert_eq!(
+        rec(
+            &s,
+            1,
+            "u",
+            replayed(ev(before + 1, MemberOp::Delete, false, Own))
+        ),
+        Recorded::History
+    );
+    assert_eq!(s.with(|c| head(c, "g")).unwrap(), 0);
+    assert_eq!(
+        rec(&s, 1, "u", ev(before + 2, MemberOp::Upsert, false, Own)),
+        Recorded::Won(1)
+    );
 }
