@@ -108,6 +108,29 @@ async fn ready(store: &Store, members: &[u32]) {
     .await;
 }
 
+/// A user enrolled at member `at` (its own content by `revision`), once
+/// every member holds it.
+async fn spread(sim: &Simulator, members: &[u32], at: u32, user: &str, revision: u32) -> Vec<u8> {
+    let raw = record(sim, user, revision);
+    sim.put_raw_on_device(at, raw.clone()).unwrap();
+    wait_everywhere(sim, members, user, Some(&raw)).await;
+    raw
+}
+
+/// A daemon running the group of `members` (`extra` added to it), its
+/// first start over (see [`ready`]); the directory holds its state.
+async fn running(
+    sim: &Simulator,
+    members: &[u32],
+    extra: &str,
+) -> (tempfile::TempDir, Daemon, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_with(sim, dir.path(), &group(members, extra)));
+    let store = state(dir.path()).await;
+    ready(&store, members).await;
+    (dir, daemon, store)
+}
+
 /// The journal's registers of the group: user → (origin, deleted).
 fn registers(store: &Store) -> BTreeMap<String, (u32, bool)> {
     store
@@ -149,12 +172,8 @@ async fn every_member_accepts_changes_and_writes_never_echo() {
         "a reconcile copies; it records no change"
     );
 
-    let carol = record(&sim, "carol", 1);
-    sim.put_raw_on_device(c, carol.clone()).unwrap();
-    wait_everywhere(&sim, &m, "carol", Some(&carol)).await;
-    let alice = record(&sim, "alice", 7);
-    sim.put_raw_on_device(b, alice.clone()).unwrap();
-    wait_everywhere(&sim, &m, "alice", Some(&alice)).await;
+    spread(&sim, &m, c, "carol", 1).await;
+    spread(&sim, &m, b, "alice", 7).await;
     sim.delete_on_device(a, "bob").unwrap();
     wait_everywhere(&sim, &m, "bob", None).await;
 
@@ -180,13 +199,8 @@ async fn concurrent_edits_the_later_wins_everywhere() {
     let sim = sim(3).await;
     let m = sim.device_ids();
     let (a, b) = (m[0], m[1]);
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
-    let store = state(dir.path()).await;
-    ready(&store, &m).await;
-    let first = record(&sim, "u", 0);
-    sim.put_raw_on_device(a, first.clone()).unwrap();
-    wait_everywhere(&sim, &m, "u", Some(&first)).await;
+    let (_dir, daemon, store) = running(&sim, &m, "").await;
+    spread(&sim, &m, a, "u", 0).await;
 
     // B's clock is 5 s ahead: its edit is the later one although the
     // daemon hears of it second.
@@ -220,24 +234,15 @@ async fn a_delete_racing_an_update_is_decided_by_their_order() {
     let sim = sim(3).await;
     let m = sim.device_ids();
     let (a, b, c) = (m[0], m[1], m[2]);
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
-    let store = state(dir.path()).await;
-    ready(&store, &m).await;
-    let v0 = record(&sim, "u", 0);
-    let w0 = record(&sim, "w", 0);
-    sim.put_raw_on_device(c, v0.clone()).unwrap();
-    sim.put_raw_on_device(c, w0.clone()).unwrap();
-    wait_everywhere(&sim, &m, "u", Some(&v0)).await;
-    wait_everywhere(&sim, &m, "w", Some(&w0)).await;
+    let (_dir, daemon, store) = running(&sim, &m, "").await;
+    spread(&sim, &m, c, "u", 0).await;
+    spread(&sim, &m, c, "w", 0).await;
 
     // The update is later (B's clock 5 s ahead): the user stays, in B's
     // version, at A too (where it had been deleted).
     sim.set_clock_offset(b, 5);
     sim.delete_on_device(a, "u").unwrap();
-    let v1 = record(&sim, "u", 1);
-    sim.put_raw_on_device(b, v1.clone()).unwrap();
-    wait_everywhere(&sim, &m, "u", Some(&v1)).await;
+    let v1 = spread(&sim, &m, b, "u", 1).await;
 
     // The delete is later (A's clock 5 s ahead), though made first: it
     // wins, and B's update arriving after it changes nothing.
@@ -268,16 +273,9 @@ async fn an_offline_member_catches_up_on_its_return() {
     let sim = sim(3).await;
     let m = sim.device_ids();
     let (a, b, c) = (m[0], m[1], m[2]);
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
-    let store = state(dir.path()).await;
-    ready(&store, &m).await;
-    let shared = record(&sim, "shared", 0);
-    let gone = record(&sim, "gone", 0);
-    sim.put_raw_on_device(a, shared.clone()).unwrap();
-    sim.put_raw_on_device(a, gone.clone()).unwrap();
-    wait_everywhere(&sim, &m, "shared", Some(&shared)).await;
-    wait_everywhere(&sim, &m, "gone", Some(&gone)).await;
+    let (_dir, daemon, store) = running(&sim, &m, "").await;
+    spread(&sim, &m, a, "shared", 0).await;
+    spread(&sim, &m, a, "gone", 0).await;
 
     sim.set_offline(c).unwrap();
     // C's clock is 30 s behind while it is away: its edit of "shared" is
@@ -323,12 +321,8 @@ async fn a_restart_in_the_middle_of_a_conflict_ends_at_the_last_writer() {
     let daemon = Daemon::start(config.clone());
     let store = state(dir.path()).await;
     ready(&store, &m).await;
-    let v0 = record(&sim, "u", 0);
-    let w0 = record(&sim, "w", 0);
-    sim.put_raw_on_device(a, v0.clone()).unwrap();
-    sim.put_raw_on_device(a, w0.clone()).unwrap();
-    wait_everywhere(&sim, &m, "u", Some(&v0)).await;
-    wait_everywhere(&sim, &m, "w", Some(&w0)).await;
+    spread(&sim, &m, a, "u", 0).await;
+    spread(&sim, &m, a, "w", 0).await;
 
     // Conflicting edits, and the daemon stops at once.
     sim.set_clock_offset(b, 5);
@@ -365,21 +359,12 @@ async fn without_the_flag_own_writes_keep_echoes_out() {
         let sim = common::sim_with(opts).await;
         let m = sim.device_ids();
         let (a, b, c) = (m[0], m[1], m[2]);
-        let dir = tempfile::tempdir().unwrap();
-        let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, extra)));
-        let store = state(dir.path()).await;
-        ready(&store, &m).await;
-        let u = record(&sim, "u", 0);
-        sim.put_raw_on_device(a, u.clone()).unwrap();
-        wait_everywhere(&sim, &m, "u", Some(&u)).await;
-        let u1 = record(&sim, "u", 1);
-        sim.put_raw_on_device(b, u1.clone()).unwrap();
-        wait_everywhere(&sim, &m, "u", Some(&u1)).await;
+        let (_dir, daemon, store) = running(&sim, &m, extra).await;
+        spread(&sim, &m, a, "u", 0).await;
+        spread(&sim, &m, b, "u", 1).await;
         sim.delete_on_device(c, "u").unwrap();
         wait_everywhere(&sim, &m, "u", None).await;
-        let v = record(&sim, "v", 0);
-        sim.put_raw_on_device(c, v.clone()).unwrap();
-        wait_everywhere(&sim, &m, "v", Some(&v)).await;
+        spread(&sim, &m, c, "v", 0).await;
         quiet(&sim, &store, &m).await;
         assert_eq!(
             recorded(&store),
@@ -414,18 +399,14 @@ async fn changed_on_device_mode_takes_only_flagged_events() {
     ));
     let store = state(dir.path()).await;
     ready(&store, &m).await;
-    let u = record(&sim, "u", 0);
-    sim.put_raw_on_device(a, u.clone()).unwrap();
-    wait_everywhere(&sim, &m, "u", Some(&u)).await;
+    spread(&sim, &m, a, "u", 0).await;
     // Another client writes through the gateway at B.
     let client = common::client(&sim);
     client
         .user_enroll(b, vec![record(&sim, "sdk", 0)], true)
         .await
         .unwrap();
-    let v = record(&sim, "v", 0);
-    sim.put_raw_on_device(b, v.clone()).unwrap();
-    wait_everywhere(&sim, &m, "v", Some(&v)).await;
+    spread(&sim, &m, b, "v", 0).await;
     quiet(&sim, &store, &m).await;
     assert!(
         !sim.holds(a, "sdk"),
@@ -451,14 +432,10 @@ async fn a_member_clock_far_ahead_is_warned_about_and_bounded() {
     ));
     let store = state(dir.path()).await;
     ready(&store, &m).await;
-    let warm = record(&sim, "warm", 0);
-    sim.put_raw_on_device(a, warm.clone()).unwrap();
-    wait_everywhere(&sim, &m, "warm", Some(&warm)).await;
+    spread(&sim, &m, a, "warm", 0).await;
 
     sim.set_clock_offset(b, 120);
-    let u = record(&sim, "u", 0);
-    sim.put_raw_on_device(b, u.clone()).unwrap();
-    wait_everywhere(&sim, &m, "u", Some(&u)).await;
+    spread(&sim, &m, b, "u", 0).await;
     eventually("B's skew recorded", || async {
         store
             .with(|c| usersync::store::multi::clock_skews(c))
@@ -498,13 +475,8 @@ async fn a_change_not_yet_heard_of_is_never_overwritten() {
     let sim = sim(3).await;
     let m = sim.device_ids();
     let (a, b) = (m[0], m[1]);
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
-    let store = state(dir.path()).await;
-    ready(&store, &m).await;
-    let v0 = record(&sim, "u", 0);
-    sim.put_raw_on_device(a, v0.clone()).unwrap();
-    wait_everywhere(&sim, &m, "u", Some(&v0)).await;
+    let (_dir, daemon, store) = running(&sim, &m, "").await;
+    spread(&sim, &m, a, "u", 0).await;
 
     sim.drop_realtime(Some(b), 1.0);
     sim.set_clock_offset(b, 5);
@@ -558,9 +530,7 @@ async fn a_reconcile_without_history_reports_conflicts_and_takes_the_union() {
     assert_eq!(sim.user_bytes(b, "x"), Some(x_b));
     assert!(!sim.holds(c, "x"));
     // A change settles it.
-    let x_c = record(&sim, "x", 3);
-    sim.put_raw_on_device(c, x_c.clone()).unwrap();
-    wait_everywhere(&sim, &m, "x", Some(&x_c)).await;
+    spread(&sim, &m, c, "x", 3).await;
     eventually("the conflict is settled", || async {
         store
             .with(|conn| usersync::store::multi::conflicts(conn))
@@ -611,16 +581,9 @@ async fn a_reset_member_gets_its_users_back() {
     let sim = sim(3).await;
     let m = sim.device_ids();
     let (a, b) = (m[0], m[1]);
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
-    let store = state(dir.path()).await;
-    ready(&store, &m).await;
-    let mine = record(&sim, "made-at-a", 0);
-    let theirs = record(&sim, "made-at-b", 0);
-    sim.put_raw_on_device(a, mine.clone()).unwrap();
-    sim.put_raw_on_device(b, theirs.clone()).unwrap();
-    wait_everywhere(&sim, &m, "made-at-a", Some(&mine)).await;
-    wait_everywhere(&sim, &m, "made-at-b", Some(&theirs)).await;
+    let (_dir, daemon, store) = running(&sim, &m, "").await;
+    let mine = spread(&sim, &m, a, "made-at-a", 0).await;
+    let theirs = spread(&sim, &m, b, "made-at-b", 0).await;
 
     sim.factory_reset(a).unwrap();
     wait_everywhere(&sim, &m, "made-at-a", Some(&mine)).await;
@@ -645,17 +608,13 @@ async fn a_one_way_group_can_become_multi_master() {
     let dir = tempfile::tempdir().unwrap();
     let one_way = format!("[[group]]\nname = \"desks\"\nsources = [{a}]\ntargets = [{b}]\n");
     let daemon = Daemon::start(config_with(&sim, dir.path(), &one_way));
-    let u = record(&sim, "u", 0);
-    sim.put_raw_on_device(a, u.clone()).unwrap();
-    wait_everywhere(&sim, &m, "u", Some(&u)).await;
+    spread(&sim, &m, a, "u", 0).await;
     daemon.stop().await;
 
     let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
     let store = state(dir.path()).await;
     ready(&store, &m).await;
-    let v = record(&sim, "v", 0);
-    sim.put_raw_on_device(b, v.clone()).unwrap();
-    wait_everywhere(&sim, &m, "v", Some(&v)).await;
+    spread(&sim, &m, b, "v", 0).await;
     sim.delete_on_device(b, "u").unwrap();
     wait_everywhere(&sim, &m, "u", None).await;
     quiet(&sim, &store, &m).await;
@@ -677,10 +636,7 @@ async fn a_live_delete_at_a_member_whose_clock_is_behind_spreads() {
     let u = record(&sim, "u", 0);
     sim.put_raw_on_device(a, u.clone()).unwrap();
     sim.put_raw_on_device(b, u.clone()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
-    let store = state(dir.path()).await;
-    ready(&store, &m).await;
+    let (_dir, daemon, store) = running(&sim, &m, "").await;
     quiet(&sim, &store, &m).await;
     sim.set_clock_offset(b, -365 * 86_400);
     sim.delete_on_device(b, "u").unwrap();
@@ -732,9 +688,7 @@ async fn a_refused_write_leaves_no_expectation_to_swallow_a_later_change() {
 
     // The administrator enrolls the user at the member itself.
     sim.accept(c, "u");
-    let at_c = record(&sim, "u", 1);
-    sim.put_raw_on_device(c, at_c.clone()).unwrap();
-    wait_everywhere(&sim, &m, "u", Some(&at_c)).await;
+    spread(&sim, &m, c, "u", 1).await;
     quiet(&sim, &store, &m).await;
     assert_eq!(registers(&store)["u"], (c, false));
     daemon.stop().await;
@@ -748,16 +702,9 @@ async fn a_reset_member_is_refilled_while_another_is_offline() {
     let sim = sim(3).await;
     let m = sim.device_ids();
     let (a, b, c) = (m[0], m[1], m[2]);
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
-    let store = state(dir.path()).await;
-    ready(&store, &m).await;
-    let mine = record(&sim, "made-at-a", 0);
-    let theirs = record(&sim, "made-at-b", 0);
-    sim.put_raw_on_device(a, mine.clone()).unwrap();
-    sim.put_raw_on_device(b, theirs.clone()).unwrap();
-    wait_everywhere(&sim, &m, "made-at-a", Some(&mine)).await;
-    wait_everywhere(&sim, &m, "made-at-b", Some(&theirs)).await;
+    let (_dir, daemon, store) = running(&sim, &m, "").await;
+    let mine = spread(&sim, &m, a, "made-at-a", 0).await;
+    let theirs = spread(&sim, &m, b, "made-at-b", 0).await;
     quiet(&sim, &store, &m).await;
 
     sim.set_offline(c).unwrap();
@@ -823,9 +770,7 @@ async fn a_log_read_again_after_a_reset_replays_no_old_change() {
     sim.delete_on_device(a, "x").unwrap();
     wait_everywhere(&sim, &m, "x", None).await;
     sim.set_clock_offset(b, 5);
-    let x = record(&sim, "x", 1);
-    sim.put_raw_on_device(b, x.clone()).unwrap();
-    wait_everywhere(&sim, &m, "x", Some(&x)).await;
+    let x = spread(&sim, &m, b, "x", 1).await;
     quiet(&sim, &store, &m).await;
     let head = recorded(&store);
     daemon.stop().await;

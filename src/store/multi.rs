@@ -198,40 +198,38 @@ pub fn record(
         stamp: Stamp { time, device },
         deleted: ev.op == MemberOp::Delete,
     };
-    // A change read again that was made before the group first ran as
-    // multi-master was never a change of the group: the first start's
-    // reconcile took the members as they were (the union). Taken for news
-    // now, an old enroll and delete read back in turn would delete a user
-    // other members hold.
-    if ev.replayed && started_at(tx, group)?.is_some_and(|s| i64::from(time) < s) {
-        tracing::info!(
-            group,
-            device_id = device,
-            user_id = user,
-            event_id = ev.event,
-            change_time = time,
-            "change read again from a reset log, made before the group first ran: history, ignored"
-        );
-        return Ok(Recorded::History);
-    }
     let stored = row(tx, group, user)?;
     // A log read again from its start (a reset, maybe taken for one
-    // wrongly) replays deletes of long ago; one of a user the group never
-    // saw change could delete a user enrolled elsewhere since. The
-    // reconcile such a read asks for decides instead. Only a replayed
-    // event is history: a live delete counts whatever the member's clock
-    // says (a clock behind, or a delete made while the daemon was down).
-    if ev.replayed && incoming.deleted && stored.is_none() {
-        tracing::warn!(
-            group,
-            device_id = device,
-            user_id = user,
-            event_id = ev.event,
-            change_time = time,
-            "delete read again from a reset log, of a user with no recorded change: taken for history, not spread \
-             (the reconcile the reset asked for decides)"
-        );
-        return Ok(Recorded::History);
+    // wrongly) replays changes of long ago, which are history:
+    // * one made before the group first ran as multi-master was never a
+    //   change of the group: the first start's reconcile took the members
+    //   as they were (the union); taken for news, an old enroll and delete
+    //   read back in turn would delete a user other members hold;
+    // * a delete of a user the group never saw change could delete a user
+    //   enrolled elsewhere since.
+    // The reconcile such a read asks for decides instead. Only a replayed
+    // event is history: a live change counts whatever the member's clock
+    // says (a clock behind, or a change made while the daemon was down).
+    if ev.replayed {
+        let why = if started_at(tx, group)?.is_some_and(|s| i64::from(time) < s) {
+            Some("made before the group first ran")
+        } else if incoming.deleted && stored.is_none() {
+            Some("a delete of a user with no recorded change")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            tracing::info!(
+                group,
+                device_id = device,
+                user_id = user,
+                event_id = ev.event,
+                change_time = time,
+                deleted = incoming.deleted,
+                "change read again from a reset log, {why}: history, not spread (the reconcile the reset asked for decides)"
+            );
+            return Ok(Recorded::History);
+        }
     }
     match order::merge(stored.as_ref().map(|r| &r.version), incoming, ev.replayed) {
         Merge::Replace(v) => {

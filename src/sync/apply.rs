@@ -46,22 +46,7 @@ impl Applier {
 
     /// Users a reconcile queued for one target, applied to it alone.
     pub(super) async fn pending_step(&mut self) -> Result<bool, SyncError> {
-        let name = self.group.name.clone();
-        let waiting = self
-            .store
-            .run(move |c| store::pending_counts(c))
-            .await?
-            .into_keys()
-            .filter(|(g, _)| *g == name)
-            .map(|(_, t)| t)
-            .collect::<BTreeSet<u32>>();
-        let now = Instant::now();
-        let targets: Vec<u32> = self
-            .eligible_targets()
-            .into_iter()
-            .filter(|t| waiting.contains(t))
-            .filter(|t| self.timers.pending.get(t).is_none_or(|(_, at)| *at <= now))
-            .collect();
+        let targets = self.with_pending(self.eligible_targets()).await?;
         let live_sources: Vec<u32> = self
             .group
             .sources

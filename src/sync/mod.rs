@@ -329,6 +329,26 @@ impl Applier {
         Ok(false)
     }
 
+    /// Of `devices`, those with rows of this group in their pending lane
+    /// whose retry time (if any) has come.
+    async fn with_pending(&self, devices: Vec<u32>) -> Result<Vec<u32>, SyncError> {
+        let name = self.group.name.clone();
+        let waiting = self
+            .store
+            .run(move |c| store::pending_counts(c))
+            .await?
+            .into_keys()
+            .filter(|(g, _)| *g == name)
+            .map(|(_, t)| t)
+            .collect::<BTreeSet<u32>>();
+        let now = Instant::now();
+        Ok(devices
+            .into_iter()
+            .filter(|t| waiting.contains(t))
+            .filter(|t| self.timers.pending.get(t).is_none_or(|(_, at)| *at <= now))
+            .collect())
+    }
+
     fn eligible(&self, device: u32) -> bool {
         self.board.is_live(device)
             && self

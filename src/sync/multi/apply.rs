@@ -70,22 +70,8 @@ impl Applier {
     /// Rows queued for one member alone, brought to what the register says
     /// now (or, for a user with no history, to the row's source).
     pub(super) async fn members_pending_step(&mut self) -> Result<bool, SyncError> {
-        let name = self.group.name.clone();
-        let waiting = self
-            .store
-            .run(move |c| store::pending_counts(c))
-            .await?
-            .into_keys()
-            .filter(|(g, _)| *g == name)
-            .map(|(_, t)| t)
-            .collect::<BTreeSet<u32>>();
         let now = Instant::now();
-        let members: Vec<u32> = self
-            .eligible_members()
-            .into_iter()
-            .filter(|t| waiting.contains(t))
-            .filter(|t| self.timers.pending.get(t).is_none_or(|(_, at)| *at <= now))
-            .collect();
+        let members = self.with_pending(self.eligible_members()).await?;
         for t in members {
             let (n, limit, all) = (
                 self.group.name.clone(),
