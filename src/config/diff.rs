@@ -18,6 +18,9 @@ pub enum Change {
     ChangeGroup(String),
     /// A setting that only takes effect at the next start.
     NeedsRestart(&'static str),
+    /// A setting read where it is used, from the new configuration at once
+    /// (`[log] events`: the event consumer's).
+    Setting(&'static str),
 }
 
 impl Change {
@@ -72,6 +75,9 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     if old.metrics_listen != new.metrics_listen {
         out.push(Change::NeedsRestart("[metrics] listen"));
     }
+    if old.ship_events != new.ship_events {
+        out.push(Change::Setting("[log] events"));
+    }
     out
 }
 
@@ -95,7 +101,7 @@ pub fn summary(changes: &[Change]) -> String {
         items: Vec::new(),
     })
     .collect();
-    let mut restart = Vec::new();
+    let (mut restart, mut settings) = (Vec::new(), Vec::new());
     for c in changes {
         let (i, item) = match c {
             Change::AddDevice(id) => (0, id.to_string()),
@@ -108,6 +114,10 @@ pub fn summary(changes: &[Change]) -> String {
                 restart.push(*s);
                 continue;
             }
+            Change::Setting(s) => {
+                settings.push(*s);
+                continue;
+            }
         };
         kinds[i].items.push(item);
     }
@@ -118,6 +128,9 @@ pub fn summary(changes: &[Change]) -> String {
         .collect();
     if parts.is_empty() {
         parts.push("no device or group changed".to_owned());
+    }
+    if !settings.is_empty() {
+        parts.push(format!("applied: {}", settings.join(", ")));
     }
     let mut out = parts.join("; ");
     if !restart.is_empty() {
@@ -180,6 +193,16 @@ mod tests {
         let mut moved = old.clone();
         moved.gateway.address = "other:2".into();
         assert_eq!(diff(&old, &moved), vec![Change::NeedsRestart("[gateway]")]);
+        // Event shipping is the consumer's, taken at once.
+        let mut quiet = old.clone();
+        quiet.ship_events = crate::config::EventShipping::UserEvents;
+        let changes = diff(&old, &quiet);
+        assert_eq!(changes, vec![Change::Setting("[log] events")]);
+        assert!(!changes[0].concerns_gateway());
+        assert_eq!(
+            summary(&changes),
+            "no device or group changed; applied: [log] events"
+        );
         assert_eq!(
             summary(&diff(&old, &moved)),
             "no device or group changed; needs a restart: [gateway]"

@@ -172,6 +172,8 @@ impl Parts {
                 Change::ChangeGroup(g) => changed_groups.push(g.clone()),
                 Change::RemoveGroup(g) => removed_groups.push(g.clone()),
                 Change::NeedsRestart(s) => needs_restart.push(*s),
+                // Read from the new configuration where it is used.
+                Change::Setting(_) => {}
             }
         }
         for name in &added_groups {
