@@ -11,7 +11,7 @@
 //! stream in a task of their own (no thread, nothing to join at exit).
 
 use std::ffi::c_int;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use futures_util::{Stream, StreamExt};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -71,30 +71,58 @@ async fn answer(
     config_path: PathBuf,
 ) {
     let mut stops = 0u32;
-    while let Some(signal) = signals.next().await {
-        match request(signal) {
-            Some(Request::Reload) => reload_from(&config_path, &reload).await,
-            Some(Request::Stop) => {
-                stops += 1;
-                if stops == 1 {
-                    tracing::info!("signal received: shutting down");
-                    shutdown.shutdown.cancel();
-                } else {
-                    shutdown.abandon.cancel();
+    // The reload under way (the supervisor applying it), and whether
+    // another SIGHUP came meanwhile: read again when it is done. It runs
+    // beside the signals, so a stop is never held back by it.
+    let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
+    let mut again = false;
+    loop {
+        tokio::select! {
+            signal = signals.next() => {
+                let Some(signal) = signal else {
+                    if let Some(r) = reloading.take() {
+                        let _ = r.await;
+                    }
                     return;
+                };
+                match request(signal) {
+                    Some(Request::Reload) if stops > 0 => {
+                        tracing::info!("reload ignored: the daemon is shutting down");
+                    }
+                    Some(Request::Reload) if reloading.is_some() => again = true,
+                    Some(Request::Reload) => {
+                        reloading = Some(tokio::spawn(reload_from(config_path.clone(), reload.clone())));
+                    }
+                    Some(Request::Stop) => {
+                        stops += 1;
+                        if stops == 1 {
+                            tracing::info!("signal received: shutting down");
+                            shutdown.shutdown.cancel();
+                            // The supervisor answers no reload now.
+                            if let Some(r) = reloading.take() {
+                                r.abort();
+                            }
+                        } else {
+                            shutdown.abandon.cancel();
+                            return;
+                        }
+                    }
+                    None => {}
                 }
             }
-            None => {}
+            _ = async { if let Some(r) = reloading.as_mut() { let _ = r.await; } }, if reloading.is_some() => {
+                reloading = None;
+                if std::mem::take(&mut again) {
+                    reloading = Some(tokio::spawn(reload_from(config_path.clone(), reload.clone())));
+                }
+            }
         }
     }
 }
 
-/// The reload protocol: `RELOADING=1`, the file read and handed to the
-/// supervisor, its answer awaited, `READY=1`. A file that does not load is
-/// logged and nothing is handed over.
-async fn reload_from(path: &Path, reload: &mpsc::Sender<Reload>) {
+async fn reload_from(path: PathBuf, reload: mpsc::Sender<Reload>) {
     super::reloading();
-    match config::load(path) {
+    match config::load(&path) {
         Ok(config) => {
             let (done, answer) = oneshot::channel();
             if reload.send(Reload { config, done }).await.is_ok() {
@@ -164,32 +192,65 @@ mod tests {
     /// hands over nothing, and the next good one is handed over again. The
     /// file is rewritten only when the next signal is read, which is after
     /// the previous one was answered.
+    /// A reload that is never answered (the supervisor is shutting down)
+    /// holds back neither the stop nor the second stop that abandons.
+    #[tokio::test]
+    async fn an_unanswered_reload_does_not_hold_back_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usersync.toml");
+        std::fs::write(&path, config_text(1)).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let shutdown = Shutdown::default();
+        // Kept, never read: the reload waits for its answer.
+        let (reload, _reloads) = mpsc::channel(1);
+        let task = tokio::spawn(answer(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            shutdown.clone(),
+            reload,
+            path,
+        ));
+        for signal in [SIGHUP, SIGTERM, SIGHUP, SIGTERM] {
+            tx.send(signal).await.unwrap();
+        }
+        tokio::time::timeout(DEADLINE, task)
+            .await
+            .expect("answering ends after the second stop")
+            .unwrap();
+        assert!(shutdown.shutdown.is_cancelled());
+        assert!(shutdown.abandon.is_cancelled());
+    }
+
     #[tokio::test]
     async fn reloads_hand_over_the_files_that_load() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usersync.toml");
-        let steps = [
-            (config_text(1), SIGHUP),
-            ("[gateway]\naddress = 1\n".to_owned(), SIGHUP),
-            (config_text(2), SIGHUP),
-        ];
-        let file = path.clone();
-        let signals = futures_util::stream::iter(steps).map(move |(text, signal)| {
-            std::fs::write(&file, text).unwrap();
-            signal
-        });
+        let (tx, rx) = mpsc::channel(4);
         let shutdown = Shutdown::default();
         let (reload, mut reloads) = mpsc::channel(1);
-        let task = tokio::spawn(answer(signals, shutdown.clone(), reload, path));
+        let task = tokio::spawn(answer(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            shutdown.clone(),
+            reload,
+            path.clone(),
+        ));
         let mut handed = Vec::new();
-        while let Some(r) = tokio::time::timeout(DEADLINE, reloads.recv())
-            .await
-            .expect("a reload or the end")
-        {
+        for devices in [1, 2] {
+            std::fs::write(&path, config_text(devices)).unwrap();
+            tx.send(SIGHUP).await.unwrap();
+            let r = tokio::time::timeout(DEADLINE, reloads.recv())
+                .await
+                .expect("a reload")
+                .expect("handed over");
             handed.push(r.config.devices.len());
             r.done.send("applied".into()).unwrap();
         }
+        // A file that does not load is not handed over (the next good one
+        // is).
+        std::fs::write(&path, "[gateway]\naddress = 1\n").unwrap();
+        tx.send(SIGHUP).await.unwrap();
+        drop(tx);
         tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+        assert!(reloads.try_recv().is_err(), "an invalid file handed over");
         assert_eq!(handed, vec![1, 2]);
         assert!(!shutdown.shutdown.is_cancelled());
     }
