@@ -148,6 +148,27 @@ fn follow_up(sync: &crate::config::SyncConfig, step: usize) -> Option<Duration> 
         .filter(|d| *d < sync.idle_check_interval)
 }
 
+/// Whether event ID `a` comes after `b` in a log whose IDs wrap at 2^32:
+/// by less than half the ID space.
+fn ahead(a: u32, b: u32) -> bool {
+    a != b && a.wrapping_sub(b) < 1 << 31
+}
+
+/// The newer of two event IDs (after a wrap, the small one).
+fn newer(newest: u32, id: u32) -> u32 {
+    if ahead(id, newest) { id } else { newest }
+}
+
+/// How many events `newest` is ahead of the checkpoint `cp`, across a
+/// wrap at 2^32 (0 if it is not ahead).
+fn lag(newest: u32, cp: u32) -> u32 {
+    if ahead(newest, cp) {
+        newest.wrapping_sub(cp)
+    } else {
+        0
+    }
+}
+
 /// The stored trail rows that lead to `checkpoint`: the newest run of
 /// consecutive events ending just before it, at most [`TRAIL_MAX`] (the
 /// rows are written in the transaction that moves the checkpoint, so all of
@@ -413,7 +434,7 @@ impl Consumer {
         self.metrics
             .checkpoint_lag
             .get_or_create(&label)
-            .set(i64::from(t.newest.saturating_sub(cp)));
+            .set(i64::from(lag(t.newest, cp)));
     }
 
     // ---- inputs -------------------------------------------------------------
@@ -442,7 +463,7 @@ impl Consumer {
         if t.reading != Reading::Idle {
             // A read is under way or queued: it reads this event from the
             // log, or the pass reads once more.
-            t.newest = t.newest.max(ev.id);
+            t.newest = newer(t.newest, ev.id);
             if let Some(p) = t.pass.as_mut() {
                 p.again = true;
             }
@@ -492,7 +513,7 @@ impl Consumer {
             self.request_read(device, None, false);
             return;
         }
-        t.newest = t.newest.max(ev.id);
+        t.newest = newer(t.newest, ev.id);
         if ev.id == cp.wrapping_add(1) {
             if t.trail.len() >= TRAIL_MAX {
                 // Realtime alone has moved the checkpoint on TRAIL_MAX
@@ -623,6 +644,18 @@ mod tests {
         c.fetched(f).await.unwrap();
         c.commit().await.unwrap();
         assert_eq!(rx.try_recv(), Ok(Ok(())));
+    }
+
+    #[test]
+    fn the_newest_event_and_the_lag_follow_the_log_across_a_wrap() {
+        assert_eq!(newer(10, 12), 12);
+        assert_eq!(newer(12, 10), 12);
+        assert_eq!(newer(u32::MAX - 1, 3), 3, "3 follows a wrap");
+        assert_eq!(newer(3, u32::MAX - 1), 3);
+        assert_eq!(lag(12, 10), 2);
+        assert_eq!(lag(10, 12), 0);
+        assert_eq!(lag(3, u32::MAX - 1), 5);
+        assert_eq!(lag(u32::MAX - 1, 3), 0);
     }
 
     fn events(trail: &[Mark]) -> Vec<u32> {

@@ -123,7 +123,9 @@ pub fn clear_log_search(conn: &Connection, device: u32) -> Result<(), StoreError
 /// Records the newest event ID seen on a device.
 pub fn set_newest(conn: &Connection, device: u32, newest: u32) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE checkpoint SET newest = MAX(COALESCE(newest, 0), ?2) WHERE device_id = ?1",
+        // The consumer's newest, which follows the log across a wrap at 2^32
+        // and starts over after a reset (a plain maximum would not).
+        "UPDATE checkpoint SET newest = ?2 WHERE device_id = ?1",
     )?
     .execute(params![i64::from(device), i64::from(newest)])?;
     Ok(())

@@ -267,7 +267,7 @@ impl Consumer {
                     checkpoint = checkpoint.event(),
                     "first sight of device; starting at its newest event"
                 );
-                t.newest = t.newest.max(checkpoint.event());
+                t.newest = newer(t.newest, checkpoint.event());
                 t.checkpoint = checkpoint.clone();
                 // A trail stored from an earlier time in the configuration
                 // leads elsewhere.

@@ -120,7 +120,7 @@ impl Consumer {
         let checkpoint = Checkpoint::after(last);
         *self.staged.events.entry(device).or_default() += events.len() as u64;
         if let Some(t) = self.tracks.get_mut(&device) {
-            t.newest = t.newest.max(last.id);
+            t.newest = newer(t.newest, last.id);
             t.checkpoint = checkpoint.clone();
         }
         self.staged.checkpoints.insert(device, checkpoint);
