@@ -43,8 +43,9 @@ const DROPS_RECENT: Duration = Duration::from_secs(600);
 
 /// Inputs drained before one commit, at most.
 const BURST: usize = 4096;
-/// How often tail checks and idle checks are looked for.
-const TICK: Duration = Duration::from_millis(100);
+/// How long the consumer sleeps at most before it looks for due tail and
+/// idle checks (it wakes when the next one is due, if sooner).
+const TICK: Duration = Duration::from_secs(1);
 
 /// Tells a device's task to set the device up again.
 pub type Relink = Arc<dyn Fn(u32) + Send + Sync>;

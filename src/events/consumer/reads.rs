@@ -40,6 +40,17 @@ impl Consumer {
         }
     }
 
+    /// When the next tail check or idle check of a live device is due
+    /// (see [`Self::timers`]); far ahead if none is.
+    pub(super) fn next_timer(&self) -> Instant {
+        self.tracks
+            .iter()
+            .filter(|(d, t)| t.reading == Reading::Idle && self.board.phase(**d) == Phase::Live)
+            .map(|(_, t)| t.tail_at.unwrap_or(t.idle_at))
+            .min()
+            .unwrap_or_else(|| Instant::now() + self.config.sync.idle_check_interval)
+    }
+
     /// Due tail checks and idle checks of live devices.
     pub(super) fn timers(&mut self) {
         let now = Instant::now();

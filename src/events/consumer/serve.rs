@@ -91,9 +91,11 @@ async fn serve(
     inbox: &mut Inbox,
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Asleep until the next tail or idle check is due (a quiet site
+        // wakes rarely), at most TICK: a device that went live meanwhile
+        // has its due check run by then.
+        let wake = consumer.next_timer().min(Instant::now() + TICK);
         let next = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
@@ -113,7 +115,7 @@ async fn serve(
                 Some(ev) => Next::Realtime(ev),
                 None => return Ok(()),
             },
-            _ = tick.tick() => Next::Tick,
+            _ = tokio::time::sleep_until(wake) => Next::Tick,
         };
         // One budget of inputs per commit, realtime drained ahead of read
         // results included.
