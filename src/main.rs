@@ -53,8 +53,10 @@ enum Command {
         log_format: LogFormat,
     },
     /// Show the daemon, the gateway, devices (state, checkpoint, lag),
-    /// targets (journal position, pending, reconcile, drift, quarantine):
-    /// from the state database, with the daemon running or stopped.
+    /// targets (journal position, pending, reconcile, drift, quarantine),
+    /// multi-master groups (members, echo detection, clock skew, own writes
+    /// expected, conflicts): from the state database, with the daemon
+    /// running or stopped.
     Status {
         #[command(flatten)]
         config: ConfigArg,
