@@ -58,3 +58,63 @@ pub fn conflicts(conn: &Connection) -> Result<Vec<Conflict>, StoreError> {
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn found(users: &[&str]) -> Vec<(String, String)> {
+        users
+            .iter()
+            .map(|u| {
+                (
+                    (*u).to_owned(),
+                    format!("[1] hold one version ({} bytes)", u.len()),
+                )
+            })
+            .collect()
+    }
+
+    fn set(store: &Store, group: &str, users: &[&str]) {
+        store
+            .with(|c| {
+                let tx = c.transaction()?;
+                set_conflicts(&tx, group, &found(users))?;
+                tx.commit()?;
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    fn listed(store: &Store) -> Vec<(String, String)> {
+        store
+            .with(|c| conflicts(c))
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.group, c.user_id))
+            .collect()
+    }
+
+    #[test]
+    fn a_reconcile_replaces_its_groups_conflicts_and_a_change_settles_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        set(&store, "b", &["z"]);
+        set(&store, "a", &["y", "x"]);
+        let pair = |g: &str, u: &str| (g.to_owned(), u.to_owned());
+        assert_eq!(
+            listed(&store),
+            vec![pair("a", "x"), pair("a", "y"), pair("b", "z")],
+            "by group, then user"
+        );
+        let all = store.with(|c| conflicts(c)).unwrap();
+        assert_eq!(all[0].detail, "[1] hold one version (1 bytes)");
+        assert!(all[0].found_at > 0);
+        // The next reconcile of "a" found only y: x is gone, "b" is kept.
+        set(&store, "a", &["y"]);
+        assert_eq!(listed(&store), vec![pair("a", "y"), pair("b", "z")]);
+        store.with(|c| clear_conflict(c, "a", "y")).unwrap();
+        assert_eq!(listed(&store), vec![pair("b", "z")]);
+    }
+}

@@ -85,3 +85,68 @@ pub fn clock_skews(conn: &Connection) -> Result<Vec<ClockSkew>, StoreError> {
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    #[test]
+    fn a_skew_measured_again_replaces_the_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        store
+            .with(|c| {
+                set_clock_skew(c, 7, 30)?;
+                set_clock_skew(c, 3, -4)?;
+                set_clock_skew(c, 7, 2)
+            })
+            .unwrap();
+        let skews = store.with(|c| clock_skews(c)).unwrap();
+        assert_eq!(
+            skews
+                .iter()
+                .map(|s| (s.device, s.skew_secs))
+                .collect::<Vec<_>>(),
+            vec![(3, -4), (7, 2)]
+        );
+        assert!(skews.iter().all(|s| s.measured_at > 0));
+        assert_eq!(store.with(|c| clock_skew_of(c, 7)).unwrap(), Some(2));
+        assert_eq!(store.with(|c| clock_skew_of(c, 9)).unwrap(), None);
+    }
+
+    #[test]
+    fn the_echo_detection_in_force_follows_what_each_member_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        store
+            .with(|c| {
+                c.execute(
+                    "INSERT INTO member_echo (grp, device_id, seen_at) VALUES ('g', 2, 40)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        let in_force = |device, configured| {
+            store
+                .with(|c| echo_in_force(c, "g", device, configured))
+                .unwrap()
+        };
+        assert_eq!(
+            in_force(2, EchoDetection::Observe),
+            InForce::ChangedOnDevice
+        );
+        assert_eq!(in_force(1, EchoDetection::Observe), InForce::OwnWrites);
+        assert_eq!(in_force(2, EchoDetection::OwnWrites), InForce::OwnWrites);
+        assert_eq!(
+            in_force(1, EchoDetection::ChangedOnDevice),
+            InForce::ChangedOnDevice
+        );
+        assert_eq!(
+            store.with(|c| echo_observed(c, "g")).unwrap(),
+            vec![(2, 40)]
+        );
+        assert_eq!(store.with(|c| echo_observed(c, "h")).unwrap(), vec![]);
+    }
+}
