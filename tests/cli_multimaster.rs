@@ -16,7 +16,18 @@ use common::{Daemon, config_text, eventually};
 use usersync::sim::users::{UserProfile, generate};
 use usersync::sim::{SimOptions, Simulator};
 
+/// `USERSYNC_TEST_LOG=info` (an env filter) shows the daemon's log.
+fn log() {
+    if let Ok(filter) = std::env::var("USERSYNC_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 async fn sim(devices: u32) -> Simulator {
+    log();
     let mut opts = SimOptions::with_devices(devices);
     opts.reconnect_delay = Duration::from_millis(20);
     common::sim_with(opts).await
@@ -97,6 +108,24 @@ fn member(v: &serde_json::Value, device: u32) -> &serde_json::Value {
         .iter()
         .find(|m| m["device"] == device)
         .unwrap_or_else(|| panic!("no member {device}: {v}"))
+}
+
+/// Waits until the daemon has read every one of `devices`' logs to its
+/// end, as status shows it. (Not through a `Store` opened here: opening
+/// the state in the daemon's process drops the daemon's locks on it.)
+async fn quiet(cfg: &Path, sim: &Simulator, devices: &[u32]) {
+    status_until(cfg, "every log read to its end", |v| {
+        devices.iter().all(|d| {
+            let row = v["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["id"] == *d)
+                .unwrap();
+            row["checkpoint"].as_u64() == sim.newest_event_id(*d).map(u64::from)
+        })
+    })
+    .await;
 }
 
 /// Six users held in two versions before the daemon first runs are
@@ -242,4 +271,211 @@ async fn status_shows_conflicts_echo_detection_and_clock_skew() {
         ) && text.contains("conflicts: 6 users"),
         "{text}"
     );
+}
+
+/// A one-way group "main" (source, target) and a multi-master group
+/// "desks" judged by the flag (so a write through the SDK at a member is
+/// no change, and only a reconcile copies it): devices 0 → 1, and 2, 3.
+fn mixed(sim: &Simulator, dir: &Path) -> PathBuf {
+    let d = sim.device_ids();
+    site(
+        sim,
+        dir,
+        &format!(
+            "[[group]]\nname = \"main\"\nsources = [{}]\ntargets = [{}]\n{}",
+            d[0],
+            d[1],
+            desks(&d[2..], "echo_detection = \"changed-on-device\"")
+        ),
+    )
+}
+
+/// With the daemon stopped, a reconcile of a multi-master group (or of
+/// one member) is refused, saying that the daemon runs it and how to have
+/// it run; --prune and a dry run of it are refused too; a dry run of every
+/// group plans the one-way target and says the members are not planned;
+/// a reconcile of every group does the one-way target here and reports
+/// the multi-master group (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_master_reconcile_is_refused_with_the_daemon_stopped() {
+    let mut opts = SimOptions::with_devices(4);
+    opts.reconnect_delay = Duration::from_millis(20);
+    // No daemon registers the devices here.
+    opts.model.preconnect = true;
+    let sim = common::sim_with(opts).await;
+    let d = sim.device_ids();
+    let (src, t, m1, m2) = (d[0], d[1], d[2], d[3]);
+    sim.enroll_on_device(src, "1000").unwrap();
+    sim.put_raw_on_device(m1, record(&sim, "m", 0)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mixed(&sim, dir.path());
+
+    let member = m2.to_string();
+    for (args, again) in [
+        (
+            vec!["reconcile", "--group", "desks"],
+            "`usersync reconcile --group desks`".to_owned(),
+        ),
+        (
+            vec!["reconcile", "--target", &member],
+            format!("`usersync reconcile --group desks --target {m2}`"),
+        ),
+    ] {
+        let (code, out, err) = run(&cfg, &args).await;
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(
+            err.contains(
+                "group desks is multi-master: a member reconcile decides by the journal's history"
+            ) && err.contains("so it runs in the daemon — and the daemon is not running")
+                && err.contains("Start it (`sudo systemctl start usersync`")
+                && err.contains(&format!("then run {again} again")),
+            "{args:?}: {err}"
+        );
+        assert!(out.is_empty(), "{out}");
+    }
+    let (code, _, err) = run(&cfg, &["reconcile", "--group", "desks", "--prune"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--prune does not apply to multi-master group desks"),
+        "{err}"
+    );
+    let (code, out, err) = run(&cfg, &["reconcile", "--group", "desks", "--dry-run"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("no plan: group desks is multi-master")
+            && err.contains("`usersync reconcile --group desks` asks the running daemon"),
+        "{err}"
+    );
+    assert!(out.is_empty(), "no empty plan printed: {out}");
+
+    // Every group: the one-way target is planned, the members are not.
+    let (code, out, err) = run(&cfg, &["reconcile", "--dry-run"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "group main target {t}: 1 missing, 0 different, 0 extra"
+        )) && out.contains(&format!(
+            "group desks (multi-master, members {m1} {m2}): not planned: a multi-master reconcile is decided in \
+             the daemon"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains(&format!("target {m2}")), "{out}");
+    let (code, out, _) = run(&cfg, &["reconcile", "--dry-run", "--json"]).await;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["targets"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["targets"][0]["target"], t);
+    assert_eq!(v["not_planned"][0]["group"], "desks");
+    assert_eq!(v["not_planned"][0]["members"], serde_json::json!([m1, m2]));
+
+    // Every group: the one-way target is reconciled here; the members
+    // are left to the daemon, and reported.
+    let (code, out, err) = run(&cfg, &["reconcile"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(&format!("group main target {t}: 1 user written")),
+        "{out}"
+    );
+    assert!(
+        err.contains("group desks is multi-master")
+            && err.contains("then run `usersync reconcile --group desks` again"),
+        "{err}"
+    );
+    assert_eq!(sim.users(t), sim.users(src));
+    assert!(!sim.holds(m2, "m"), "nothing written to the members");
+}
+
+/// With the daemon running, a reconcile of one member is a request the
+/// daemon's member reconcile serves: a user written at a member through
+/// the SDK (no change when judged by the flag) reaches the other member
+/// only then; status shows the result. A reconcile of every group
+/// requests the one-way target and the members, and the daemon serves
+/// both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_master_reconcile_is_served_by_the_running_daemon() {
+    let sim = sim(4).await;
+    let d = sim.device_ids();
+    let (src, t, m1, m2) = (d[0], d[1], d[2], d[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mixed(&sim, dir.path());
+    let daemon = Daemon::start(usersync::config::load(&cfg).unwrap());
+    status_until(&cfg, "the first start's member reconcile done", |v| {
+        [m1, m2].iter().all(|m| {
+            member(v, *m)["last_reconcile"].is_object() && member(v, *m)["reconcile"].is_null()
+        })
+    })
+    .await;
+
+    // Written through the SDK at m2: judged by the flag, no change.
+    let sdk = record(&sim, "sdk", 0);
+    common::client(&sim)
+        .user_enroll(m2, vec![sdk.clone()], true)
+        .await
+        .unwrap();
+    quiet(&cfg, &sim, &[m2]).await;
+    assert!(!sim.holds(m1, "sdk"), "not a change: not copied");
+
+    let (code, out, err) = run(&cfg, &["reconcile", "--target", &m2.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "reconcile of multi-master group desks requested from the running daemon (member {m2}); it starts \
+             within 1 s, once every member is live, and one pass covers every member of the group"
+        )),
+        "{out}"
+    );
+    eventually("the member reconcile copies the user", || async {
+        sim.user_bytes(m1, "sdk").as_deref() == Some(&sdk[..])
+    })
+    .await;
+    let v = status_until(&cfg, "the operator's reconcile recorded", |v| {
+        member(v, m1)["last_reconcile"]["reason"] == format!("requested by the operator ({m2})")
+    })
+    .await;
+    assert_eq!(member(&v, m1)["last_reconcile"]["missing"], 1, "{v}");
+    assert_eq!(member(&v, m2)["last_reconcile"]["missing"], 0, "{v}");
+    let (_, text, _) = run(&cfg, &["status"]).await;
+    assert!(
+        text.contains(&format!(
+            "— requested by the operator ({m2}): {m1} 1 missing, 0 different, 0 deleted\n"
+        )),
+        "{text}"
+    );
+
+    // Every group, each kind as its own: the target lost a user, a member
+    // got one through the SDK.
+    sim.enroll_on_device(src, "1000").unwrap();
+    common::wait_converged(&sim, src, &[t]).await;
+    sim.delete_on_device(t, "1000").unwrap();
+    let sdk2 = record(&sim, "sdk2", 0);
+    common::client(&sim)
+        .user_enroll(m1, vec![sdk2.clone()], true)
+        .await
+        .unwrap();
+    quiet(&cfg, &sim, &[t, m1]).await;
+    assert!(!sim.holds(m2, "sdk2") && !sim.holds(t, "1000"));
+    let (code, out, err) = run(&cfg, &["reconcile"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "reconcile of 1 target requested from the running daemon (group main: {t})"
+        )) && out.contains(&format!(
+            "reconcile of multi-master group desks requested from the running daemon (members {m1} {m2})"
+        )),
+        "{out}"
+    );
+    eventually("both reconciles done", || async {
+        sim.holds(t, "1000") && sim.user_bytes(m2, "sdk2").as_deref() == Some(&sdk2[..])
+    })
+    .await;
+    let v = status_until(&cfg, "both results recorded", |v| {
+        v["targets"][0]["last_reconcile"]["reason"] == "requested by the operator"
+            && member(v, m2)["last_reconcile"]["reason"]
+                == format!("requested by the operator ({m1} {m2})")
+    })
+    .await;
+    assert_eq!(v["targets"][0]["last_reconcile"]["missing"], 1, "{v}");
+    assert_eq!(member(&v, m2)["last_reconcile"]["missing"], 1, "{v}");
+    daemon.stop().await;
 }

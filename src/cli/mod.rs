@@ -25,9 +25,9 @@
 //!   groups); `drift` — what a write at a target means for its group
 //!   (shared by enroll and delete).
 //! * `reconcile/` — the plan (`plan`), what the sources list (`sources`),
-//!   writing it here with the daemon stopped (`write`), and the requests to
-//!   a running daemon, for one-way targets and multi-master members
-//!   (`mod.rs`).
+//!   writing it here with the daemon stopped (`write`), multi-master
+//!   members (`members`: requests to the running daemon only, and what to
+//!   say otherwise), and the requests to a running daemon (`mod.rs`).
 //! * `import_config/` — Suprema's `sync_config.json` (`example`), converted
 //!   and seeded all or nothing (`mod.rs`).
 
@@ -58,8 +58,8 @@ pub use events::{EventLine, events};
 pub use import_config::{ExampleConfig, ExampleDevice, ImportTarget, import_config, import_text};
 pub use next_step::{describe, gateway_hint};
 pub use reconcile::{
-    KeptUser, NotReconciled, Plan, TargetPlan, UnreadableHeaders, plan_outcome, reconcile,
-    reconcile_plan,
+    KeptUser, NotPlanned, NotReconciled, Plan, TargetPlan, UnreadableHeaders, plan_outcome,
+    reconcile, reconcile_plan,
 };
 pub use render::{json, plural, render_events, render_plan, render_status, render_users};
 pub use status::{

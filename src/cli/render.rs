@@ -377,6 +377,23 @@ pub fn render_plan(plan: &Plan) -> String {
             ));
         }
     }
+    for n in &plan.not_planned {
+        s.push_str(&format!(
+            "group {} (multi-master, {} {}): not planned: {}\n",
+            n.group,
+            if n.members.len() == 1 {
+                "member"
+            } else {
+                "members"
+            },
+            n.members
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            n.reason
+        ));
+    }
     s
 }
 
