@@ -53,8 +53,10 @@ enum Command {
         log_format: LogFormat,
     },
     /// Show the daemon, the gateway, devices (state, checkpoint, lag),
-    /// targets (journal position, pending, reconcile, drift, quarantine):
-    /// from the state database, with the daemon running or stopped.
+    /// targets (journal position, pending, reconcile, drift, quarantine),
+    /// multi-master groups (members, echo detection, clock skew, own writes
+    /// expected, conflicts): from the state database, with the daemon
+    /// running or stopped.
     Status {
         #[command(flatten)]
         config: ConfigArg,
@@ -139,18 +141,19 @@ enum Command {
     },
     /// Reconcile targets with their sources: through the running daemon,
     /// or here when it is stopped (each reachable target is reconciled, the
-    /// unreachable ones reported).
+    /// unreachable ones reported). Multi-master groups are reconciled by
+    /// the running daemon only (a request; refused with it stopped).
     Reconcile {
         #[command(flatten)]
         config: ConfigArg,
         /// Only this group.
         #[arg(long, value_name = "NAME")]
         group: Option<String>,
-        /// Only this target device.
+        /// Only this target device (or member of a multi-master group).
         #[arg(long, value_name = "ID")]
         target: Option<u32>,
         /// Print the plan (users to enroll, overwrite, delete or keep);
-        /// change nothing.
+        /// change nothing. Multi-master groups have no plan (said so).
         #[arg(long)]
         dry_run: bool,
         /// Also delete users that no source of the group has (asks for

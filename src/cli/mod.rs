@@ -18,14 +18,16 @@
 //! * this file — [`CliError`], and what every command shares: the gateway
 //!   client, the check that a device is configured, the daemon lock.
 //! * `next_step` — an error in the operator's words, with what to do next.
-//! * `render` — text and JSON output of the commands; `time` — UTC and
-//!   RFC 3339 times, ages.
+//! * `render` — text and JSON output of the commands (`render/multi.rs`:
+//!   multi-master groups in status); `time` — UTC and RFC 3339 times, ages.
 //! * `status`, `events`, `users`, `enroll`, `delete`, `check_config` — one
-//!   command each; `drift` — what a write at a target means for its group
+//!   command each (`status/multi.rs`: what status shows of multi-master
+//!   groups); `drift` — what a write at a target means for its group
 //!   (shared by enroll and delete).
 //! * `reconcile/` — the plan (`plan`), what the sources list (`sources`),
-//!   writing it here with the daemon stopped (`write`), and the request to a
-//!   running daemon (`mod.rs`).
+//!   writing it here with the daemon stopped (`write`), multi-master
+//!   members (`members`: requests to the running daemon only, and what to
+//!   say otherwise), and the requests to a running daemon (`mod.rs`).
 //! * `import_config/` — Suprema's `sync_config.json` (`example`), converted
 //!   and seeded all or nothing (`mod.rs`).
 
@@ -56,13 +58,14 @@ pub use events::{EventLine, events};
 pub use import_config::{ExampleConfig, ExampleDevice, ImportTarget, import_config, import_text};
 pub use next_step::{describe, gateway_hint};
 pub use reconcile::{
-    KeptUser, NotReconciled, Plan, TargetPlan, UnreadableHeaders, plan_outcome, reconcile,
-    reconcile_plan,
+    KeptUser, NotPlanned, NotReconciled, Plan, TargetPlan, UnreadableHeaders, plan_outcome,
+    reconcile, reconcile_plan,
 };
 pub use render::{json, plural, render_events, render_plan, render_status, render_users};
 pub use status::{
-    DaemonInfo, DeviceStatus, Drift, GatewayStatus, LastReconcile, ReconcileProgress, Status,
-    TargetStatus, status,
+    ClockStatus, ConflictStatus, DaemonInfo, DeviceStatus, Drift, GatewayStatus, LastReconcile,
+    MemberReconcile, MemberStatus, MultiMasterStatus, ReconcileProgress, Status, TargetStatus,
+    status,
 };
 pub use time::{age, fmt_utc, rfc3339};
 pub use users::{UserSummary, UsersOutput, summarize, users};

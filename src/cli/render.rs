@@ -7,6 +7,8 @@ use serde::Serialize;
 use super::time::{fmt_utc, text_time, unix_now};
 use super::{EventLine, KeptUser, Plan, Status, TargetStatus, UserSummary, UsersOutput};
 
+mod multi;
+
 /// Pretty JSON for `--json` output.
 pub fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
@@ -21,6 +23,8 @@ pub fn plural(n: impl Into<u64>, word: &str) -> String {
         format!("{n} {word}s")
     }
 }
+
+const JOURNAL_SEQ: &str = "JOURNAL-SEQ: the last entry of usersync's change journal a device has applied (not a device event ID)\n";
 
 pub fn render_status(s: &Status) -> String {
     let now = unix_now();
@@ -96,33 +100,35 @@ pub fn render_status(s: &Status) -> String {
             text_time(&dv.updated, now)
         ));
     }
-    out.push_str(&format!(
-        "\n{:<12} {:<12} {:>11} {:>8} {:<12} {}\n",
-        "GROUP", "TARGET", "JOURNAL-SEQ", "PENDING", "RECONCILE", "QUARANTINED"
-    ));
-    for t in &s.targets {
-        let reconcile = match (&t.reconcile, t.reconcile_queued) {
-            (Some(r), _) => r.state.clone(),
-            (None, 0) => "-".to_owned(),
-            (None, n) => format!("{n} queued"),
-        };
+    // A site of multi-master groups only has no target table.
+    let target_table = !s.targets.is_empty() || s.multi_master.is_empty();
+    if target_table {
         out.push_str(&format!(
-            "{:<12} {:<12} {:>11} {:>8} {:<12} {}\n",
-            t.group,
-            t.target,
-            t.journal_seq.map_or("-".to_owned(), |c| c.to_string()),
-            t.behind + t.reconcile_queued,
-            reconcile,
-            if t.quarantined.is_empty() {
-                "-".to_owned()
-            } else {
-                t.quarantined.join(", ")
-            }
+            "\n{:<12} {:<12} {:>11} {:>8} {:<12} {}\n",
+            "GROUP", "TARGET", "JOURNAL-SEQ", "PENDING", "RECONCILE", "QUARANTINED"
         ));
+        for t in &s.targets {
+            let reconcile = match (&t.reconcile, t.reconcile_queued) {
+                (Some(r), _) => r.state.clone(),
+                (None, 0) => "-".to_owned(),
+                (None, n) => format!("{n} queued"),
+            };
+            out.push_str(&format!(
+                "{:<12} {:<12} {:>11} {:>8} {:<12} {}\n",
+                t.group,
+                t.target,
+                t.journal_seq.map_or("-".to_owned(), |c| c.to_string()),
+                t.behind + t.reconcile_queued,
+                reconcile,
+                if t.quarantined.is_empty() {
+                    "-".to_owned()
+                } else {
+                    t.quarantined.join(", ")
+                }
+            ));
+        }
+        out.push_str(JOURNAL_SEQ);
     }
-    out.push_str(
-        "JOURNAL-SEQ: the last entry of usersync's change journal the target has applied (not a device event ID)\n",
-    );
     let results: Vec<&TargetStatus> = s
         .targets
         .iter()
@@ -178,6 +184,13 @@ pub fn render_status(s: &Status) -> String {
                 ));
             }
         }
+    }
+    for g in &s.multi_master {
+        out.push_str(&multi::render_group(g, d.running, now));
+    }
+    if !target_table {
+        out.push('\n');
+        out.push_str(JOURNAL_SEQ);
     }
     for (g, why) in &s.diverged {
         out.push_str(&format!("\ngroup {g} diverged: {why}\n"));
@@ -363,6 +376,23 @@ pub fn render_plan(plan: &Plan) -> String {
                 plural(u.headers as u64, "user header")
             ));
         }
+    }
+    for n in &plan.not_planned {
+        s.push_str(&format!(
+            "group {} (multi-master, {} {}): not planned: {}\n",
+            n.group,
+            if n.members.len() == 1 {
+                "member"
+            } else {
+                "members"
+            },
+            n.members
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            n.reason
+        ));
     }
     s
 }

@@ -10,7 +10,11 @@ use serde::Serialize;
 use super::time::{rfc3339, unix_now};
 use super::{CliError, Daemon, daemon, gateway_hint};
 use crate::config::Config;
-use crate::store::{self, Store};
+use crate::store::{self, QuarantineEntry, ReconcileRequest, ReconcileResult, Store};
+
+mod multi;
+
+pub use multi::{ClockStatus, ConflictStatus, MemberReconcile, MemberStatus, MultiMasterStatus};
 
 #[derive(Debug, Serialize)]
 pub struct DaemonInfo {
@@ -112,7 +116,73 @@ pub struct Status {
     pub state: String,
     pub devices: Vec<DeviceStatus>,
     pub targets: Vec<TargetStatus>,
+    /// Multi-master groups: members, conflicts, echo detection, clocks.
+    pub multi_master: Vec<MultiMasterStatus>,
     pub diverged: BTreeMap<String, String>,
+}
+
+/// What the daemon recorded per (group, device) it writes: one-way
+/// targets and multi-master members alike.
+struct Lanes {
+    cursors: BTreeMap<String, BTreeMap<u32, u64>>,
+    backlog: BTreeMap<(String, u32), u64>,
+    pending: BTreeMap<(String, u32), u64>,
+    quarantine: Vec<QuarantineEntry>,
+    requests: Vec<ReconcileRequest>,
+    results: Vec<ReconcileResult>,
+}
+
+impl Lanes {
+    fn journal_seq(&self, group: &str, device: u32) -> Option<u64> {
+        self.cursors
+            .get(group)
+            .and_then(|c| c.get(&device).copied())
+    }
+
+    fn behind(&self, group: &str, device: u32) -> u64 {
+        self.backlog
+            .get(&(group.to_owned(), device))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn queued(&self, group: &str, device: u32) -> u64 {
+        self.pending
+            .get(&(group.to_owned(), device))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn reconcile(&self, group: &str, device: u32) -> Option<ReconcileProgress> {
+        self.requests
+            .iter()
+            .find(|r| r.group == group && r.target == device)
+            .map(|r| ReconcileProgress {
+                state: if r.after_user.is_some() {
+                    "in progress"
+                } else {
+                    "requested"
+                }
+                .into(),
+                reason: r.reason.clone(),
+                prune: r.prune,
+                after_user: r.after_user.clone(),
+            })
+    }
+
+    fn result(&self, group: &str, device: u32) -> Option<&ReconcileResult> {
+        self.results
+            .iter()
+            .find(|r| r.group == group && r.target == device)
+    }
+
+    fn quarantined(&self, group: &str, device: u32) -> Vec<String> {
+        self.quarantine
+            .iter()
+            .filter(|q| q.group == group && q.device == device)
+            .map(|q| format!("{} ({}: {})", q.user_id, q.code, q.message))
+            .collect()
+    }
 }
 
 /// The state database's directory and file, or why status cannot read
@@ -153,26 +223,28 @@ pub fn status(config: &Config) -> Result<Status, CliError> {
     let running = matches!(daemon(config)?, Daemon::Running);
     let health = crate::service::read_health(&config.state_dir);
     let now = unix_now();
-    #[allow(clippy::type_complexity)]
-    let (cps, devs, cursors, backlog, pending, quarantine, requests, diverged, drift, results) = st
-        .with(|c| {
-            let mut cursors = BTreeMap::new();
-            for g in &config.groups {
-                cursors.insert(g.name.clone(), store::cursors(c, &g.name)?);
-            }
-            Ok((
-                store::checkpoint_rows(c)?,
-                store::device_statuses(c)?,
-                cursors,
-                store::backlog(c)?,
-                store::pending_counts(c)?,
-                store::quarantine(c)?,
-                store::reconcile_requests(c)?,
-                store::diverged(c)?,
-                store::target_drift(c)?,
-                store::reconcile_results(c)?,
-            ))
-        })?;
+    let (cps, devs, lanes, diverged, drift, multi_rows) = st.with(|c| {
+        let mut cursors = BTreeMap::new();
+        for g in &config.groups {
+            cursors.insert(g.name.clone(), store::cursors(c, &g.name)?);
+        }
+        let lanes = Lanes {
+            cursors,
+            backlog: store::backlog(c)?,
+            pending: store::pending_counts(c)?,
+            quarantine: store::quarantine(c)?,
+            requests: store::reconcile_requests(c)?,
+            results: store::reconcile_results(c)?,
+        };
+        Ok((
+            store::checkpoint_rows(c)?,
+            store::device_statuses(c)?,
+            lanes,
+            store::diverged(c)?,
+            store::target_drift(c)?,
+            multi::read(c, config)?,
+        ))
+    })?;
     let devices = config
         .devices
         .keys()
@@ -180,9 +252,11 @@ pub fn status(config: &Config) -> Result<Status, CliError> {
             let role = match (
                 config.groups.iter().any(|g| g.sources.contains(id)),
                 config.groups.iter().any(|g| g.targets.contains(id)),
+                config.member_of(*id).is_some(),
             ) {
-                (true, _) => "source",
-                (false, true) => "target",
+                (true, _, _) => "source",
+                (false, true, _) => "target",
+                (false, false, true) => "member",
                 _ => "-",
             };
             let ds = devs.iter().find(|d| d.device == *id);
@@ -206,38 +280,22 @@ pub fn status(config: &Config) -> Result<Status, CliError> {
     let mut targets = Vec::new();
     for g in &config.groups {
         for t in &g.targets {
-            let key = (g.name.clone(), *t);
+            let name = g.name.as_str();
             targets.push(TargetStatus {
                 group: g.name.clone(),
                 target: *t,
-                journal_seq: cursors.get(&g.name).and_then(|c| c.get(t).copied()),
-                behind: backlog.get(&key).copied().unwrap_or(0),
-                reconcile_queued: pending.get(&key).copied().unwrap_or(0),
-                reconcile: requests
-                    .iter()
-                    .find(|r| r.group == g.name && r.target == *t)
-                    .map(|r| ReconcileProgress {
-                        state: if r.after_user.is_some() {
-                            "in progress"
-                        } else {
-                            "requested"
-                        }
-                        .into(),
-                        reason: r.reason.clone(),
-                        prune: r.prune,
-                        after_user: r.after_user.clone(),
-                    }),
-                last_reconcile: results
-                    .iter()
-                    .find(|r| r.group == g.name && r.target == *t)
-                    .map(|r| LastReconcile {
-                        finished_at: rfc3339(r.finished_at),
-                        reason: r.reason.clone(),
-                        missing: r.missing,
-                        different: r.different,
-                        extra: r.extra,
-                        pruned: r.pruned,
-                    }),
+                journal_seq: lanes.journal_seq(name, *t),
+                behind: lanes.behind(name, *t),
+                reconcile_queued: lanes.queued(name, *t),
+                reconcile: lanes.reconcile(name, *t),
+                last_reconcile: lanes.result(name, *t).map(|r| LastReconcile {
+                    finished_at: rfc3339(r.finished_at),
+                    reason: r.reason.clone(),
+                    missing: r.missing,
+                    different: r.different,
+                    extra: r.extra,
+                    pruned: r.pruned,
+                }),
                 drift: drift
                     .iter()
                     .find(|d| d.group == g.name && d.target == *t && d.changes > 0)
@@ -247,14 +305,11 @@ pub fn status(config: &Config) -> Result<Status, CliError> {
                         last_at: rfc3339(d.last_at),
                         fix: format!("usersync reconcile --group {} --target {t}", g.name),
                     }),
-                quarantined: quarantine
-                    .iter()
-                    .filter(|q| q.group == g.name && q.device == *t)
-                    .map(|q| format!("{} ({}: {})", q.user_id, q.code, q.message))
-                    .collect(),
+                quarantined: lanes.quarantined(name, *t),
             });
         }
     }
+    let multi_master = multi::groups(config, multi_rows, &lanes);
     let gateway = match &health {
         Some(h) => GatewayStatus {
             address: config.gateway.address.clone(),
@@ -300,6 +355,7 @@ pub fn status(config: &Config) -> Result<Status, CliError> {
         state: st.path().display().to_string(),
         devices,
         targets,
+        multi_master,
         diverged,
     })
 }

@@ -4,6 +4,12 @@
 //! own writes to recognise their echoes, what the group learnt about the
 //! `changedOnDevice` flag, conflicts a reconcile could not decide, and each
 //! device's clock skew. User IDs, device IDs, times and counts only.
+//!
+//! This file: the event types and [`record`], which orders a member's
+//! event into its user's register; the group's shape. Beside it:
+//! `registers` (reading them), `own_writes` (echoes expected),
+//! `conflicts` (what a member reconcile could not decide), `observed`
+//! (the `changedOnDevice` flag seen per member, clock skews).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -13,15 +19,22 @@ use super::{Change, StoreError, add_pending, head, now};
 use crate::config::EchoDetection;
 use crate::sync::multi::order::{self, InForce, Merge, Origin, Stamp, Version};
 
+mod conflicts;
+mod observed;
 mod own_writes;
+mod registers;
 #[cfg(test)]
 mod tests;
 
+pub use conflicts::{Conflict, clear_conflict, conflicts, set_conflicts};
+pub use observed::{ClockSkew, clock_skews, echo_in_force, echo_observed, set_clock_skew};
+use observed::{clock_skew_of, echo_seen_at};
 use own_writes::consume_own_write;
 pub use own_writes::{
     expect_own_writes, expire_own_writes, own_write_tick, own_writes_done, own_writes_expected,
     own_writes_restarted, unexpect_own_writes,
 };
+pub use registers::{all_rows, row, rows_after, rows_of, set_source};
 
 /// What a member's user event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,94 +307,6 @@ pub fn record(
     }
 }
 
-fn member_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MemberRow> {
-    Ok(MemberRow {
-        seq: r.get::<_, u64>(0)?,
-        user_id: r.get(1)?,
-        source: r.get::<_, u32>(2)?,
-        version: Version {
-            stamp: Stamp {
-                time: r.get::<_, u32>(3)?,
-                device: r.get::<_, u32>(4)?,
-            },
-            deleted: r.get::<_, i64>(5)? != 0,
-        },
-    })
-}
-
-const ROW: &str =
-    "SELECT seq, user_id, source, stamp, COALESCE(origin, source), deleted FROM journal";
-
-/// A user's register (`None`: no change recorded by a multi-master group).
-pub fn row(conn: &Connection, group: &str, user: &str) -> Result<Option<MemberRow>, StoreError> {
-    Ok(conn
-        .query_row(
-            &format!("{ROW} WHERE grp = ?1 AND user_id = ?2 AND stamp IS NOT NULL"),
-            params![group, user],
-            member_row,
-        )
-        .optional()?)
-}
-
-/// Registers of several users.
-pub fn rows_of(
-    conn: &Connection,
-    group: &str,
-    users: &[String],
-) -> Result<HashMap<String, MemberRow>, StoreError> {
-    let mut out = HashMap::new();
-    for u in users {
-        if let Some(r) = row(conn, group, u)? {
-            out.insert(u.clone(), r);
-        }
-    }
-    Ok(out)
-}
-
-/// Up to `limit` registers changed after `after`, in order.
-pub fn rows_after(
-    conn: &Connection,
-    group: &str,
-    after: u64,
-    limit: usize,
-) -> Result<Vec<MemberRow>, StoreError> {
-    let mut stmt = conn.prepare(&format!(
-        "{ROW} WHERE grp = ?1 AND seq > ?2 AND stamp IS NOT NULL ORDER BY seq LIMIT ?3"
-    ))?;
-    let rows = stmt.query_map(
-        params![
-            group,
-            i64::try_from(after).unwrap_or(i64::MAX),
-            i64::try_from(limit).unwrap_or(i64::MAX)
-        ],
-        member_row,
-    )?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-/// Every register of a group, by user.
-pub fn all_rows(conn: &Connection, group: &str) -> Result<BTreeMap<String, MemberRow>, StoreError> {
-    Ok(rows_after(conn, group, 0, usize::MAX)?
-        .into_iter()
-        .map(|r| (r.user_id.clone(), r))
-        .collect())
-}
-
-/// Reads the winning version of `user` from `source` from now on (its
-/// origin lost it; `source` holds the same version). The order is kept.
-pub fn set_source(
-    conn: &Connection,
-    group: &str,
-    user: &str,
-    source: u32,
-) -> Result<(), StoreError> {
-    conn.execute(
-        "UPDATE journal SET source = ?3 WHERE grp = ?1 AND user_id = ?2 AND stamp IS NOT NULL",
-        params![group, user, i64::from(source)],
-    )?;
-    Ok(())
-}
-
 /// Which shape a group's state is kept for when its shape changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
@@ -441,132 +366,4 @@ pub fn started_at(conn: &Connection, group: &str) -> Result<Option<i64>, StoreEr
             |r| r.get(0),
         )
         .optional()?)
-}
-
-/// The members of the group that reported `changedOnDevice` (echo
-/// detection `Observe` then uses the flag for them): (device, unix time
-/// first seen), by device.
-pub fn echo_observed(conn: &Connection, group: &str) -> Result<Vec<(u32, u64)>, StoreError> {
-    let mut stmt = conn
-        .prepare("SELECT device_id, seen_at FROM member_echo WHERE grp = ?1 ORDER BY device_id")?;
-    let rows = stmt.query_map([group], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u64>(1)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-/// Whether `device` reported `changedOnDevice` in the group.
-fn echo_seen_at(conn: &Connection, group: &str, device: u32) -> Result<bool, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT 1 FROM member_echo WHERE grp = ?1 AND device_id = ?2",
-            params![group, i64::from(device)],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some())
-}
-
-/// The detection in force for a member of a group now.
-pub fn echo_in_force(
-    conn: &Connection,
-    group: &str,
-    device: u32,
-    configured: EchoDetection,
-) -> Result<InForce, StoreError> {
-    let seen = echo_seen_at(conn, group, device)?;
-    Ok(order::in_force(configured, seen, false))
-}
-
-/// A user whose versions differ between members with no history to decide.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Conflict {
-    pub group: String,
-    pub user_id: String,
-    /// Which members hold which version (device IDs and sizes only).
-    pub detail: String,
-    pub found_at: u64,
-}
-
-/// Replaces the group's conflicts with what its last reconcile found.
-pub fn set_conflicts(
-    tx: &Transaction<'_>,
-    group: &str,
-    found: &[(String, String)],
-) -> Result<(), StoreError> {
-    tx.execute("DELETE FROM member_conflict WHERE grp = ?1", [group])?;
-    let now = now();
-    for (user, detail) in found {
-        tx.execute(
-            "INSERT INTO member_conflict (grp, user_id, detail, found_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (grp, user_id) DO UPDATE SET detail = ?3, found_at = ?4",
-            params![group, user, detail, now],
-        )?;
-    }
-    Ok(())
-}
-
-/// A conflict is settled by a change of the user (its history is known
-/// from then on).
-pub fn clear_conflict(conn: &Connection, group: &str, user: &str) -> Result<(), StoreError> {
-    conn.execute(
-        "DELETE FROM member_conflict WHERE grp = ?1 AND user_id = ?2",
-        params![group, user],
-    )?;
-    Ok(())
-}
-
-pub fn conflicts(conn: &Connection) -> Result<Vec<Conflict>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT grp, user_id, detail, found_at FROM member_conflict ORDER BY grp, user_id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(Conflict {
-            group: r.get(0)?,
-            user_id: r.get(1)?,
-            detail: r.get(2)?,
-            found_at: r.get::<_, u64>(3)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-/// A device's clock against the daemon's, as its realtime events showed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ClockSkew {
-    pub device: u32,
-    /// Event time minus receive time, seconds (positive: ahead).
-    pub skew_secs: i64,
-    pub measured_at: u64,
-}
-
-pub fn set_clock_skew(conn: &Connection, device: u32, skew_secs: i64) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO device_clock (device_id, skew_secs, measured_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT (device_id) DO UPDATE SET skew_secs = ?2, measured_at = ?3",
-        params![i64::from(device), skew_secs, now()],
-    )?;
-    Ok(())
-}
-
-/// A device's last measured clock skew (seconds, positive: ahead).
-fn clock_skew_of(conn: &Connection, device: u32) -> Result<Option<i64>, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT skew_secs FROM device_clock WHERE device_id = ?1",
-            [i64::from(device)],
-            |r| r.get(0),
-        )
-        .optional()?)
-}
-
-pub fn clock_skews(conn: &Connection) -> Result<Vec<ClockSkew>, StoreError> {
-    let mut stmt = conn
-        .prepare("SELECT device_id, skew_secs, measured_at FROM device_clock ORDER BY device_id")?;
-    let rows = stmt.query_map([], |r| {
-        Ok(ClockSkew {
-            device: r.get::<_, u32>(0)?,
-            skew_secs: r.get(1)?,
-            measured_at: r.get::<_, u64>(2)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
+use super::members::{no_plan, not_planned};
 use super::selection;
 use super::sources::{SourceLists, confirm_absent, read_sources};
 use crate::cli::next_step::{chain_text, is_transport};
@@ -85,13 +86,24 @@ impl NotReconciled {
     }
 }
 
-/// What a reconcile would do: a plan per target it could read, and the
+/// A multi-master group a dry run has no plan for, and why.
+#[derive(Debug, Serialize)]
+pub struct NotPlanned {
+    pub group: String,
+    /// The members the reconcile would address.
+    pub members: Vec<u32>,
+    pub reason: String,
+}
+
+/// What a reconcile would do: a plan per target it could read, the
 /// targets it could not (unreachable target, or a source of the group
-/// unreachable: extras and differences are judged against every source).
+/// unreachable: extras and differences are judged against every source),
+/// and the multi-master groups of the selection, which have no plan.
 #[derive(Debug, Serialize, Default)]
 pub struct Plan {
     pub targets: Vec<TargetPlan>,
     pub not_reconciled: Vec<NotReconciled>,
+    pub not_planned: Vec<NotPlanned>,
 }
 
 impl Plan {
@@ -124,6 +136,8 @@ pub(super) fn unreachable(
 }
 
 /// What a reconcile would do, read from the devices without changing them.
+/// Multi-master groups have no plan: they are listed as not planned, and a
+/// selection of nothing else is refused.
 pub async fn reconcile_plan(
     config: &Config,
     group: Option<&str>,
@@ -131,9 +145,14 @@ pub async fn reconcile_plan(
     prune: bool,
     allow_empty_source: bool,
 ) -> Result<Plan, CliError> {
-    let picked = selection(config, group, target)?;
+    let sel = selection(config, group, target)?;
+    if sel.one_way.is_empty() {
+        return Err(CliError::Usage(no_plan(&sel.members, target)));
+    }
     let gw = client(config)?;
-    plan(config, &gw, &picked, prune, allow_empty_source).await
+    let mut p = plan(config, &gw, &sel.one_way, prune, allow_empty_source).await?;
+    p.not_planned = not_planned(&sel.members, target);
+    Ok(p)
 }
 
 pub(super) async fn plan(

@@ -68,6 +68,24 @@ fn describe(held: &Held) -> String {
         .join("; ")
 }
 
+/// Why a pass runs, each reason said once with the members that asked
+/// ("new member (1 2 3)"): one pass serves every request, and `status`
+/// shows this for every member.
+fn reason_of(requests: &[store::ReconcileRequest]) -> String {
+    let mut reasons: Vec<(&str, Vec<String>)> = Vec::new();
+    for r in requests {
+        match reasons.iter_mut().find(|(why, _)| *why == r.reason) {
+            Some((_, members)) => members.push(r.target.to_string()),
+            None => reasons.push((&r.reason, vec![r.target.to_string()])),
+        }
+    }
+    reasons
+        .iter()
+        .map(|(why, members)| format!("{why} ({})", members.join(" ")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 impl Applier {
     pub(super) async fn members_reconcile_step(&mut self) -> Result<bool, SyncError> {
         let name = self.group.name.clone();
@@ -135,11 +153,7 @@ impl Applier {
                 .await?;
             let mut users: BTreeSet<String> = lists.values().flatten().cloned().collect();
             users.extend(known.into_keys());
-            let mut reason = requests
-                .iter()
-                .map(|r| format!("{}: {}", r.target, r.reason))
-                .collect::<Vec<_>>()
-                .join("; ");
+            let mut reason = reason_of(&requests);
             let unreachable: Vec<u32> = members
                 .iter()
                 .copied()
@@ -407,5 +421,33 @@ impl Applier {
             deleted = sum(&run.deleted), conflicts = run.conflicts.len(), settled_by_order = run.settled_by_order,
             "reconcile of the members done");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(target: u32, reason: &str) -> store::ReconcileRequest {
+        store::ReconcileRequest {
+            group: "desks".into(),
+            target,
+            reason: reason.into(),
+            prune: false,
+            after_user: None,
+            generation: 0,
+        }
+    }
+
+    #[test]
+    fn a_pass_says_each_reason_once_with_its_members() {
+        assert_eq!(
+            reason_of(&[
+                request(1, "new member"),
+                request(2, "requested by the operator"),
+                request(3, "new member"),
+            ]),
+            "new member (1 3); requested by the operator (2)"
+        );
     }
 }
