@@ -805,3 +805,133 @@ async fn a_log_read_again_after_a_reset_replays_no_old_change() {
     assert_eq!(registers(&store)["x"], (b, false));
     daemon.stop().await;
 }
+
+/// The configuration of the group of `members`, with `sync` settings.
+fn config_sync(
+    sim: &Simulator,
+    dir: &std::path::Path,
+    members: &[u32],
+    sync: &str,
+) -> usersync::config::Config {
+    let text = common::config_text(sim, dir, &group(members, ""))
+        .replace("[sync]\n", &format!("[sync]\n{sync}\n"));
+    usersync::config::parse(&dir.join("usersync.toml"), &text).unwrap()
+}
+
+async fn seen_offline(store: &Store, d: u32) {
+    eventually("the daemon sees the member offline", || async {
+        store
+            .device_statuses()
+            .unwrap()
+            .iter()
+            .any(|s| s.device == d && s.state != "live")
+    })
+    .await;
+}
+
+/// A member that was away refuses the first of the changes it missed
+/// (B's, older in the journal) while the second (A's) goes through: the
+/// refused one is retried, not passed over (the batch is grouped by the
+/// member it is read from, so one by one must go in journal order).
+#[tokio::test]
+async fn a_refused_change_is_retried_not_passed_over() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_sync(&sim, dir.path(), &m, "quarantine_after = 20"));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    sim.set_offline(c).unwrap();
+    seen_offline(&store, c).await;
+    let y = spread(&sim, &[a, b], b, "y", 0).await;
+    let x = spread(&sim, &[a, b], a, "x", 0).await;
+    sim.reject(c, "y");
+    sim.set_online(c).unwrap();
+    eventually("C refused y once, alone", || async {
+        sim.rpc_log()
+            .iter()
+            .any(|r| r.method == "Enroll" && r.device_ids == [c] && r.user_ids == ["y"])
+    })
+    .await;
+    sim.accept(c, "y");
+    wait_everywhere(&sim, &m, "y", Some(&y)).await;
+    wait_everywhere(&sim, &m, "x", Some(&x)).await;
+    assert!(store.quarantine().unwrap().is_empty());
+    daemon.stop().await;
+}
+
+/// The member a winning version is read from loses it (a delete-all),
+/// and another holds an older version (it refused the winner): the
+/// reconcile reads the winner only from a member known to have it, never
+/// the older one over it.
+#[tokio::test]
+async fn a_lost_winner_is_read_only_where_it_is_known_to_be() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_sync(&sim, dir.path(), &m, "quarantine_after = 1"));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let v0 = spread(&sim, &m, a, "u", 0).await;
+    sim.reject(b, "u");
+    let v5 = record(&sim, "u", 5);
+    sim.put_raw_on_device(a, v5.clone()).unwrap();
+    wait_everywhere(&sim, &[a, c], "u", Some(&v5)).await;
+    eventually("u quarantined at B", || async {
+        store
+            .quarantine()
+            .unwrap()
+            .iter()
+            .any(|q| q.device == b && q.user_id == "u")
+    })
+    .await;
+    assert!(sim.holds_exactly(b, "u", &v0));
+    sim.delete_all_on_device(a).unwrap();
+    eventually("A holds the winner again", || async {
+        sim.holds_exactly(a, "u", &v5)
+    })
+    .await;
+    eventually("the reconcile done", || async {
+        store.reconcile_requests().unwrap().is_empty()
+    })
+    .await;
+    quiet(&sim, &store, &m).await;
+    assert!(everywhere(&sim, &[a, c], "u", Some(&v5)));
+    daemon.stop().await;
+}
+
+/// A member added to the group holds a user whose ID was deleted in the
+/// group before (IDs are reused, badge numbers): not deleted on the
+/// tombstone, whose person may not be this one, but reported as a
+/// conflict; a member that missed the delete still gets it.
+#[tokio::test]
+async fn a_tombstone_does_not_delete_at_a_member_that_joined_since() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    // C holds the ID from before it joins (what it held is not the
+    // group's history).
+    let held = record(&sim, "u", 9);
+    sim.put_raw_on_device(c, held.clone()).unwrap();
+    let (dir, daemon, store) = running(&sim, &[a, b], "").await;
+    spread(&sim, &[a, b], a, "u", 0).await;
+    sim.delete_on_device(a, "u").unwrap();
+    wait_everywhere(&sim, &[a, b], "u", None).await;
+    quiet(&sim, &store, &[a, b]).await;
+    daemon.stop().await;
+
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&m, "")));
+    eventually("the user reported as a conflict", || async {
+        store
+            .with(|conn| usersync::store::multi::conflicts(conn))
+            .unwrap()
+            .iter()
+            .any(|k| k.user_id == "u")
+    })
+    .await;
+    assert!(sim.holds_exactly(c, "u", &held), "deleted on a tombstone");
+    assert!(!sim.holds(a, "u") && !sim.holds(b, "u"));
+    daemon.stop().await;
+}

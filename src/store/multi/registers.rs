@@ -92,3 +92,26 @@ pub fn set_source(
     )?;
     Ok(())
 }
+
+/// The devices of `group` known to hold the version of `user` recorded at
+/// journal sequence `seq`: their cursor is past it and nothing of the
+/// user waits for them (no pending row, no quarantine). A member behind,
+/// or one that refused it, may hold an older version.
+pub fn given_winner(
+    conn: &Connection,
+    group: &str,
+    user: &str,
+    seq: u64,
+) -> Result<Vec<u32>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT device_id FROM cursor WHERE grp = ?1 AND seq >= ?2
+         AND device_id NOT IN (SELECT device_id FROM pending WHERE grp = ?1 AND user_id = ?3)
+         AND device_id NOT IN (SELECT device_id FROM quarantine WHERE grp = ?1 AND user_id = ?3)
+         ORDER BY device_id",
+    )?;
+    let rows = stmt.query_map(
+        params![group, i64::try_from(seq).unwrap_or(i64::MAX), user],
+        |r| r.get::<_, u32>(0),
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

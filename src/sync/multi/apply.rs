@@ -419,11 +419,15 @@ impl Applier {
                     tracing::info!(group = %name, target = t, error = %msg, "permanent failure in a batch; applying its users one by one");
                     // What this member was to get: not the versions read
                     // from itself.
-                    let mine: Vec<JournalRow> = written
+                    // In journal order: each row done moves the member's
+                    // cursor to it, so one refused must stop those after it
+                    // (the batch is grouped by source, deletes last).
+                    let mut mine: Vec<JournalRow> = written
                         .iter()
                         .filter(|r| r.version.deleted || r.source != t)
                         .map(journal_row)
                         .collect();
+                    mine.sort_by_key(|r| r.seq);
                     // Written again one by one: expected again.
                     let (del, up): (Vec<&MemberRow>, Vec<&MemberRow>) = written
                         .iter()

@@ -125,13 +125,21 @@ impl Applier {
         let reach: Vec<u32> = self.eligible_members();
         let serving: Vec<(u32, i64)> = requests.iter().map(|r| (r.target, r.generation)).collect();
         if reach.len() < members.len() {
+            // A full run under way waits for the member, its progress kept.
+            let full_under_way = self
+                .multi
+                .reconcile
+                .as_ref()
+                .is_some_and(|run| !run.partial && run.requests == serving);
             let asked_reachable = requests.iter().any(|r| reach.contains(&r.target));
+            // A partial run is run again only when it would reach a member
+            // the last one did not (a flapping member costs one).
             let done_so = self
                 .multi
                 .partial
                 .as_ref()
-                .is_some_and(|(s, r)| *s == serving && *r == reach);
-            if reach.len() < 2 || !asked_reachable || done_so {
+                .is_some_and(|(s, r)| *s == serving && reach.iter().all(|m| r.contains(m)));
+            if full_under_way || reach.len() < 2 || !asked_reachable || done_so {
                 return Ok(false);
             }
         }
@@ -221,9 +229,19 @@ impl Applier {
             }
         }
         let (n, users) = (name.clone(), chunk.to_vec());
-        let registers = self
+        let (registers, cursors, given) = self
             .store
-            .run(move |c| store::multi::rows_of(c, &n, &users))
+            .run(move |c| {
+                let registers = store::multi::rows_of(c, &n, &users)?;
+                let mut given = HashMap::new();
+                for r in registers.values().filter(|r| !r.version.deleted) {
+                    given.insert(
+                        r.user_id.clone(),
+                        store::multi::given_winner(c, &n, &r.user_id, r.seq)?,
+                    );
+                }
+                Ok((registers, store::cursors(c, &n)?, given))
+            })
             .await?;
         let prune = self.group.prune;
         // (member, user, source) to queue; (user, new source) to re-point.
@@ -233,9 +251,37 @@ impl Applier {
             let h = held.remove(u).unwrap_or_default();
             match registers.get(u) {
                 Some(reg) if reg.version.deleted => {
-                    for m in h.keys() {
-                        queue.push((*m, u.clone(), reg.source));
-                        *run.deleted.entry(*m).or_default() += 1;
+                    // A member behind the tombstone gets it by the journal
+                    // (its cursor). One past it that holds the user anyway
+                    // (new to the group, its log lost or reset, a change
+                    // there never seen, a delete it refused) may hold a
+                    // person enrolled since under that ID: not deleted on
+                    // a guess, a conflict (unless prune).
+                    let past: Vec<u32> = h
+                        .keys()
+                        .copied()
+                        .filter(|m| cursors.get(m).is_some_and(|c| *c >= reg.seq))
+                        .collect();
+                    if past.is_empty() {
+                        continue;
+                    }
+                    if prune && !run.partial {
+                        for m in past {
+                            queue.push((m, u.clone(), reg.source));
+                            *run.deleted.entry(m).or_default() += 1;
+                        }
+                    } else {
+                        tracing::warn!(group = %name, user_id = %u, held_at = ?past,
+                            deleted_at = reg.version.stamp.device, change_time = reg.version.stamp.time,
+                            "conflict: a user deleted in the group is held by members the delete reached or that joined since; left as it is \
+                             (delete it there, or enroll it at a member to bring it back everywhere; prune = true deletes it)");
+                        run.conflicts.push((
+                            u.clone(),
+                            format!(
+                                "deleted at {} at {}, held by {past:?}",
+                                reg.version.stamp.device, reg.version.stamp.time
+                            ),
+                        ));
                     }
                 }
                 Some(reg) if !members.contains(&reg.source) => {
@@ -253,12 +299,18 @@ impl Applier {
                     if !h.contains_key(&source) {
                         // Its member lost it (reset, wiped): read it from
                         // a member that holds it, the order unchanged.
-                        let Some(other) = members.iter().copied().find(|m| h.contains_key(m))
+                        // Only from a member known to have been given it: one
+                        // behind, or that refused it, holds an older version.
+                        let known = given.get(u).map_or(&[][..], Vec::as_slice);
+                        let Some(other) = members
+                            .iter()
+                            .copied()
+                            .find(|m| h.contains_key(m) && known.contains(m))
                         else {
-                            tracing::warn!(group = %name, user_id = %u, origin = reg.version.stamp.device,
-                                "no member holds the winning version of this user any more; nothing to copy");
+                            tracing::warn!(group = %name, user_id = %u, origin = reg.version.stamp.device, holders = ?h.keys().collect::<Vec<_>>(),
+                                "the winning version of this user is held by no member known to have it; nothing is copied");
                             run.conflicts.push((u.clone(), format!(
-                                "the winning version (changed at {} at {}) is held by no member", reg.version.stamp.device, reg.version.stamp.time)));
+                                "the winning version (changed at {} at {}) is held by no member known to have it", reg.version.stamp.device, reg.version.stamp.time)));
                             continue;
                         };
                         tracing::warn!(group = %name, user_id = %u, lost_at = source, read_from = other,
