@@ -143,8 +143,10 @@ pub async fn run_with(
     // before the check (the WAL folded into it), and an operator moving it
     // aside no longer had the file as it was.
     let store = Store::open(&config.state_dir)?;
+    let call_timeout_ms =
+        i64::try_from(config.gateway.call_timeout.as_millis()).unwrap_or(i64::MAX);
     store
-        .run(|c| crate::store::multi::own_writes_restarted(c))
+        .run(move |c| crate::store::multi::own_writes_restarted(c, call_timeout_ms))
         .await?;
     let client = GatewayClient::new(&config.gateway.settings())?;
     let board = Board::new(config.devices.keys().copied());

@@ -935,3 +935,51 @@ async fn a_tombstone_does_not_delete_at_a_member_that_joined_since() {
     assert!(!sim.holds(a, "u") && !sim.holds(b, "u"));
     daemon.stop().await;
 }
+
+/// The daemon is killed after it noted a write to B and before the write
+/// reached B; a minute later, while it is down, an administrator updates
+/// that user at B. Started again, it takes B's update for the change it is
+/// (the write in flight returned by the call timeout, long before), not
+/// for the echo of its own write.
+#[tokio::test]
+async fn a_write_cut_short_by_a_crash_does_not_swallow_a_later_change() {
+    let mut opts = SimOptions::with_devices(3);
+    opts.reconnect_delay = Duration::from_millis(20);
+    opts.model.policies.changed_on_device = ChangedOnDevice::Omitted;
+    let sim = common::sim_with(opts).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(&sim, dir.path(), &group(&m, ""));
+    let daemon = Daemon::start(config.clone());
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    spread(&sim, &m, a, "u", 0).await;
+    quiet(&sim, &store, &m).await;
+    daemon.stop().await;
+    // What a daemon killed between noting the write and making it leaves.
+    store
+        .with(|c| {
+            let tx = c.transaction()?;
+            usersync::store::multi::expect_own_writes(
+                &tx,
+                "desks",
+                &[b],
+                &["u".to_owned()],
+                usersync::store::multi::MemberOp::Upsert,
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .unwrap();
+    // A minute later (B's clock says so), the update at B.
+    sim.set_clock_offset(b, 60);
+    let v2 = record(&sim, "u", 2);
+    sim.put_raw_on_device(b, v2.clone()).unwrap();
+    sim.set_clock_offset(b, 0);
+    let daemon = Daemon::start(config);
+    wait_everywhere(&sim, &m, "u", Some(&v2)).await;
+    quiet(&sim, &store, &m).await;
+    assert_eq!(registers(&store)["u"], (b, false));
+    daemon.stop().await;
+}

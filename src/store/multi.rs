@@ -153,7 +153,12 @@ pub fn record(
             "echo detection: member reported changedOnDevice; from now on only its events with the flag are changes (changed-on-device for this member)"
         );
     }
-    let own = consume_own_write(tx, group, device, user, ev.op, now)?;
+    // When the event happened by the daemon's clock, as far as the
+    // member's measured skew says: an echo comes from a write made by then.
+    let skew = clock_skew_of(tx, device)?;
+    let event_ms = (i64::from(ev.time) - skew.unwrap_or(0)).saturating_mul(1000);
+    let slack_ms = i64::from(ev.max_skew).saturating_mul(1000);
+    let own = consume_own_write(tx, group, device, user, ev.op, now, event_ms, slack_ms)?;
     match order::classify(mode, ev.on_device, own) {
         Origin::Echo => return Ok(Recorded::Echo),
         Origin::Foreign => {
@@ -181,7 +186,7 @@ pub fn record(
     // below is by the time the event is read, so an event read late (the
     // member was offline, a gap backfilled) would otherwise keep most of
     // its lead and beat a later change made elsewhere meanwhile.
-    let corrected = match clock_skew_of(tx, device)? {
+    let corrected = match skew {
         Some(skew) if skew > i64::from(ev.max_skew) => {
             tracing::debug!(
                 group,

@@ -234,4 +234,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
     UPDATE own_write SET done_tick = 0, done_at_ms = (expires_at - 900) * 1000;
     CREATE INDEX own_write_in_flight ON own_write (grp) WHERE done_tick IS NULL;
     ",
+    // 10: when each own write was sent (unix ms): one in flight when the
+    // daemon stopped returned by the call timeout after it, at the latest.
+    // Rows carried over keep no time (taken as returned at the restart).
+    "
+    ALTER TABLE own_write ADD COLUMN sent_at_ms INTEGER;
+    ",
 ];

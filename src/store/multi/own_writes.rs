@@ -38,9 +38,10 @@ pub fn expect_own_writes(
     let now = now();
     tx.execute("DELETE FROM own_write WHERE expires_at <= ?1", [now])?;
     let mut stmt = tx.prepare(
-        "INSERT INTO own_write (grp, device_id, user_id, op, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO own_write (grp, device_id, user_id, op, expires_at, sent_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
+    let sent = now_ms();
     for d in devices {
         for u in users {
             stmt.execute(params![
@@ -48,7 +49,8 @@ pub fn expect_own_writes(
                 i64::from(*d),
                 u,
                 op.code(),
-                now + OWN_WRITE_MAX_SECS
+                now + OWN_WRITE_MAX_SECS,
+                sent
             ])?;
         }
     }
@@ -68,7 +70,13 @@ pub fn expect_own_writes(
 }
 
 /// Whether the event matches a write of the daemon still expected; if so,
-/// the oldest such write is no longer expected.
+/// the oldest such write is no longer expected. A write can only have
+/// logged its event while it was under way: one whose call returned
+/// before the event happened (by `event_ms`, the daemon's clock, within
+/// the grace and `slack_ms` of clock error) did not cause it — a change
+/// made at the member later (while the member or the daemon was away) is
+/// never taken for the echo of a write that logged nothing.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn consume_own_write(
     tx: &Transaction<'_>,
     group: &str,
@@ -76,11 +84,24 @@ pub(super) fn consume_own_write(
     user: &str,
     op: MemberOp,
     now: i64,
+    event_ms: i64,
+    slack_ms: i64,
 ) -> Result<bool, StoreError> {
     let matched: Option<i64> = tx.query_row(
         "SELECT MIN(seq) FROM own_write
-         WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4 AND expires_at > ?5",
-        params![group, i64::from(device), user, op.code(), now],
+         WHERE grp = ?1 AND device_id = ?2 AND user_id = ?3 AND op = ?4 AND expires_at > ?5
+         AND (done_at_ms IS NULL OR ?6 <= done_at_ms + ?7)",
+        params![
+            group,
+            i64::from(device),
+            user,
+            op.code(),
+            now,
+            event_ms,
+            OWN_WRITE_GRACE_MS
+                .saturating_add(slack_ms)
+                .saturating_add(1000)
+        ],
         |r| r.get(0),
     )?;
     match matched {
@@ -169,12 +190,13 @@ pub fn expire_own_writes(
 }
 
 /// At the daemon's start: every write remembered was made by an earlier
-/// run (the ones in flight when it stopped too), before any read of this
-/// one.
-pub fn own_writes_restarted(conn: &Connection) -> Result<(), StoreError> {
+/// run, before any read of this one. One in flight when it stopped had
+/// returned by `call_timeout_ms` after it was sent, at the latest.
+pub fn own_writes_restarted(conn: &Connection, call_timeout_ms: i64) -> Result<(), StoreError> {
     conn.execute(
-        "UPDATE own_write SET done_tick = 0, done_at_ms = COALESCE(done_at_ms, ?1)",
-        [now_ms()],
+        "UPDATE own_write SET done_tick = 0,
+         done_at_ms = COALESCE(done_at_ms, MIN(COALESCE(sent_at_ms, ?1) + ?2, ?1))",
+        params![now_ms(), call_timeout_ms],
     )?;
     Ok(())
 }

@@ -445,7 +445,7 @@ fn a_read_after_the_write_ends_an_expectation_it_found_no_echo_of() {
 fn after_a_restart_the_first_read_ends_old_expectations() {
     let (_t, s) = store();
     expect(&s, &[1], "u", MemberOp::Upsert);
-    s.with(|c| own_writes_restarted(c)).unwrap();
+    s.with(|c| own_writes_restarted(c, 5_000)).unwrap();
     let n = s
         .with(|c| {
             expire_own_writes(
@@ -591,4 +591,49 @@ fn replayed_changes_from_before_the_group_ran_are_history() {
         rec(&s, 1, "u", ev(before + 2, MemberOp::Upsert, false, Own)),
         Recorded::Won(1)
     );
+}
+
+/// An expected write matches only events that happened while it was under
+/// way (by the daemon's clock, within the grace and the skew bound): a
+/// change made at the member after the write returned — later, while the
+/// member or the daemon was away — is a change, even with the expectation
+/// still there; one in flight matches whenever.
+#[test]
+fn an_expectation_matches_only_events_from_while_its_write_was_under_way() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    expect(&s, &[1], "u", MemberOp::Upsert);
+    let done = own_write_tick();
+    s.with(|c| own_writes_done(c, "g", done)).unwrap();
+    // A minute after the write returned: a change (max_skew is 10 s).
+    let later = u32_time(now() + 60);
+    assert_eq!(
+        rec(&s, 1, "u", ev(later, MemberOp::Upsert, false, Own)),
+        Recorded::Won(1)
+    );
+    // The change overtook the expectation.
+    assert_eq!(s.with(|c| own_writes_expected(c, "g")).unwrap(), 0);
+    // An echo from when the write was made matches.
+    expect(&s, &[1], "v", MemberOp::Upsert);
+    s.with(|c| own_writes_done(c, "g", own_write_tick()))
+        .unwrap();
+    assert_eq!(
+        rec(
+            &s,
+            1,
+            "v",
+            ev(u32_time(now()), MemberOp::Upsert, false, Own)
+        ),
+        Recorded::Echo
+    );
+    // A write in flight when the daemon stopped returned by the call
+    // timeout after it was sent: a change made at the member a minute
+    // after (while the daemon was down) is a change.
+    expect(&s, &[1], "w", MemberOp::Delete);
+    s.with(|c| own_writes_restarted(c, 5_000)).unwrap();
+    rec(&s, 2, "w", ev(past(), MemberOp::Upsert, false, Own));
+    assert!(matches!(
+        rec(&s, 1, "w", ev(later, MemberOp::Delete, false, Own)),
+        Recorded::Won(_)
+    ));
 }
