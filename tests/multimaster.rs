@@ -983,3 +983,36 @@ async fn a_write_cut_short_by_a_crash_does_not_swallow_a_later_change() {
     assert_eq!(registers(&store)["u"], (b, false));
     daemon.stop().await;
 }
+
+/// While the daemon is down a member's log is cleared (its IDs restart,
+/// WIRE.md §5.5) and an administrator deletes a user there that never
+/// changed in the group. Read from its start, the log holds the clear
+/// marker, then the delete: made after the log restarted, it is a change,
+/// not history, and the user is deleted everywhere.
+#[tokio::test]
+async fn a_delete_made_after_a_log_restart_is_a_change() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let a = m[0];
+    let u = record(&sim, "u", 0);
+    for d in &m {
+        sim.put_raw_on_device(*d, u.clone()).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(&sim, dir.path(), &group(&m, ""));
+    let daemon = Daemon::start(config.clone());
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    quiet(&sim, &store, &m).await;
+    daemon.stop().await;
+    sim.clear_log(a).unwrap();
+    sim.delete_on_device(a, "u").unwrap();
+    // The restarted IDs lie below the stored checkpoint.
+    let beyond = sim.newest_event_id(a).unwrap() + 100;
+    store.set_checkpoint(a, beyond).unwrap();
+    let daemon = Daemon::start(config);
+    wait_everywhere(&sim, &m, "u", None).await;
+    quiet(&sim, &store, &m).await;
+    assert_eq!(registers(&store)["u"], (a, true));
+    daemon.stop().await;
+}

@@ -97,6 +97,9 @@ struct Pass {
     replay: bool,
     /// New events the pass found in the log.
     found: u64,
+    /// A replay that read a reset marker: what follows it was logged after
+    /// the log restarted (see `store::multi::MemberEvent::after_reset`).
+    after_reset: bool,
 }
 
 #[derive(Debug)]

@@ -72,6 +72,12 @@ pub struct MemberEvent {
     /// (`Checkpoint::Reset`, the consumer's replay pass): history read
     /// again, not known to follow the member's recorded changes.
     pub replayed: bool,
+    /// Replayed, but logged after a reset marker of that log (0x4200,
+    /// 0x4501, 0x4502, 0x4504): made after the log restarted, so news
+    /// unless the register already holds it (a change seen live before the
+    /// reset was judged wins nothing when read again: `replayed` ordering
+    /// still applies), never history by the rules of a log read again.
+    pub after_reset: bool,
 }
 
 /// How long an own write may stay expected at most, a bound for a member
@@ -228,7 +234,7 @@ pub fn record(
     // The reconcile such a read asks for decides instead. Only a replayed
     // event is history: a live change counts whatever the member's clock
     // says (a clock behind, or a change made while the daemon was down).
-    if ev.replayed {
+    if ev.replayed && !ev.after_reset {
         let why = if started_at(tx, group)?.is_some_and(|s| i64::from(time) < s) {
             Some("made before the group first ran")
         } else if incoming.deleted && stored.is_none() {

@@ -74,10 +74,32 @@ impl Consumer {
         if replay {
             // A member's user events read again are history, not news:
             // they win only if newer than the register (`store::multi`).
+            // Those logged after a reset marker were made after the log
+            // restarted (WIRE.md §5.5: its IDs may restart), and the rest of
+            // the pass reads on after it.
+            use crate::events::codes::{Meaning, meaning};
+            let marker = events
+                .iter()
+                .rposition(|e| meaning(e.event_code, e.sub_code) == Meaning::Reset);
+            let earlier = self
+                .tracks
+                .get(&device)
+                .and_then(|t| t.pass.as_ref())
+                .is_some_and(|p| p.after_reset);
+            let after: std::collections::HashSet<u32> = marker
+                .map(|i| events[i + 1..].iter().map(|e| e.id).collect())
+                .unwrap_or_default();
+            let read_on_after = marker.is_some();
             for c in &mut fx.changes {
                 if let store::ChangeKind::Member(m) = &mut c.kind {
                     m.replayed = true;
+                    m.after_reset = earlier || after.contains(&m.event);
                 }
+            }
+            if read_on_after
+                && let Some(p) = self.tracks.get_mut(&device).and_then(|t| t.pass.as_mut())
+            {
+                p.after_reset = true;
             }
             // A log read from its oldest record after a reset: a delete-all
             // in it may be history (a reset taken for one wrongly), and the

@@ -17,6 +17,7 @@ fn ev(time: u32, op: MemberOp, on_device: bool, echo: EchoDetection) -> MemberEv
         max_skew: 10,
         event: 1,
         replayed: false,
+        after_reset: false,
     }
 }
 
@@ -636,4 +637,34 @@ fn an_expectation_matches_only_events_from_while_its_write_was_under_way() {
         rec(&s, 1, "w", ev(later, MemberOp::Delete, false, Own)),
         Recorded::Won(_)
     ));
+}
+
+/// A replayed change logged after the log's reset marker was made after
+/// the log restarted: never history by the replay rules (no register, or
+/// from before the group ran by a clock behind), yet it still wins only
+/// if newer than the register (read again after it was seen live).
+#[test]
+fn a_change_logged_after_a_reset_marker_is_news() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    s.with(|c| mark_started(c, "g")).unwrap();
+    let after = |e: MemberEvent| MemberEvent {
+        after_reset: true,
+        ..replayed(e)
+    };
+    let t = u32_time(now());
+    assert_eq!(
+        rec(&s, 1, "u", after(ev(t, MemberOp::Delete, false, Own))),
+        Recorded::Won(1)
+    );
+    // Read once more: not newer than itself.
+    assert_eq!(
+        rec(&s, 1, "u", after(ev(t, MemberOp::Delete, false, Own))),
+        Recorded::History
+    );
+    // Without the marker the same delete would be history.
+    assert_eq!(
+        rec(&s, 1, "v", replayed(ev(t, MemberOp::Delete, false, Own))),
+        Recorded::History
+    );
 }

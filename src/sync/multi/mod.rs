@@ -80,6 +80,7 @@ pub fn change_of(config: &Config, device: u32, ev: &EventLog) -> Option<Change> 
             event: ev.id,
             // Set by the consumer for a pass read after a reset.
             replayed: false,
+            after_reset: false,
         }),
     })
 }
