@@ -1016,3 +1016,35 @@ async fn a_delete_made_after_a_log_restart_is_a_change() {
     assert_eq!(registers(&store)["u"], (a, true));
     daemon.stop().await;
 }
+
+/// Many queued rows whose member is away (C) sort first in B's pending
+/// lane after B's reset: the rows behind them (A's users) still go to B
+/// at once.
+#[tokio::test]
+async fn rows_waiting_for_an_absent_member_do_not_hold_back_the_others() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(config_sync(&sim, dir.path(), &m, "batch_users = 1"));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    for i in 0..10 {
+        spread(&sim, &m, c, &format!("c{i}"), 0).await;
+    }
+    let z = spread(&sim, &m, a, "z", 0).await;
+    quiet(&sim, &store, &m).await;
+    sim.set_offline(c).unwrap();
+    seen_offline(&store, c).await;
+    sim.factory_reset(b).unwrap();
+    eventually("B refilled with A's user while C is away", || async {
+        sim.holds_exactly(b, "z", &z)
+    })
+    .await;
+    sim.set_online(c).unwrap();
+    for i in 0..10 {
+        let u = format!("c{i}");
+        eventually("C's users back at B", || async { sim.holds(b, &u) }).await;
+    }
+    daemon.stop().await;
+}

@@ -137,9 +137,21 @@ pub fn pending(
     limit: usize,
     sources: &[u32],
 ) -> Result<Vec<JournalRow>, StoreError> {
+    pending_after(conn, group, target, "", limit, sources)
+}
+
+/// [`pending`] from the first user ID after `after` on (a page of them).
+pub fn pending_after(
+    conn: &Connection,
+    group: &str,
+    target: u32,
+    after: &str,
+    limit: usize,
+    sources: &[u32],
+) -> Result<Vec<JournalRow>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT user_id, source, kind FROM pending WHERE grp = ?1 AND device_id = ?2
-         AND source IN (SELECT value FROM json_each(?4))
+         AND source IN (SELECT value FROM json_each(?4)) AND user_id > ?5
          ORDER BY user_id LIMIT ?3",
     )?;
     let sources = serde_json::to_string(sources).unwrap_or_else(|_| "[]".into());
@@ -148,7 +160,8 @@ pub fn pending(
             group,
             i64::from(target),
             i64::try_from(limit).unwrap_or(i64::MAX),
-            sources
+            sources,
+            after
         ],
         |r| {
             Ok(JournalRow {

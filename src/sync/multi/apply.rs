@@ -18,6 +18,10 @@ fn journal_row(r: &MemberRow) -> JournalRow {
     }
 }
 
+/// Pages of a member's pending lane looked through at most per step for
+/// rows that can go now.
+const PENDING_PAGES: usize = 64;
+
 impl Applier {
     /// The next journal batch for the next cohort of members.
     pub(super) async fn members_journal_step(&mut self) -> Result<bool, SyncError> {
@@ -73,60 +77,76 @@ impl Applier {
         let now = Instant::now();
         let members = self.with_pending(self.eligible_members()).await?;
         for t in members {
-            let (n, limit, all) = (
-                self.group.name.clone(),
-                self.batch_limit * 8,
-                self.members(),
-            );
-            let (queued, registers) = self
-                .store
-                .run(move |c| {
-                    let rows = store::pending(c, &n, t, limit, &all)?;
-                    let users: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
-                    Ok((rows, store::multi::rows_of(c, &n, &users)?))
-                })
-                .await?;
-            let rows: Vec<MemberRow> = queued
-                .into_iter()
-                .filter(|r| {
-                    self.source_poison
-                        .get(&r.user_id)
-                        .is_none_or(|(_, at)| *at <= now)
-                })
-                .map(|r| match registers.get(&r.user_id) {
-                    Some(reg) => MemberRow {
-                        seq: 0,
-                        ..reg.clone()
-                    },
-                    // No history: a reconcile chose the version at the
-                    // row's source.
-                    None => MemberRow {
-                        seq: 0,
-                        user_id: r.user_id,
-                        source: r.source,
-                        version: Version {
-                            stamp: Stamp {
-                                time: 0,
-                                device: r.source,
-                            },
-                            deleted: false,
-                        },
-                    },
-                })
-                // A version whose member cannot answer now, or lost it,
-                // waits aside, so the rows behind it go on (a delete needs
-                // no member's record).
-                .filter(|r| {
-                    r.version.deleted
-                        || (self.source_ready(r.source)
-                            && self
-                                .multi
-                                .absent
+            // Pages of queued rows until a batch is ready to go: rows that
+            // wait aside (their member cannot answer, or lost the version)
+            // never hide the rows behind them.
+            let mut rows: Vec<MemberRow> = Vec::new();
+            let mut after = String::new();
+            for _ in 0..PENDING_PAGES {
+                let (n, limit, all, from) = (
+                    self.group.name.clone(),
+                    self.batch_limit * 8,
+                    self.members(),
+                    after.clone(),
+                );
+                let (queued, registers) = self
+                    .store
+                    .run(move |c| {
+                        let rows = store::pending_after(c, &n, t, &from, limit, &all)?;
+                        let users: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
+                        Ok((rows, store::multi::rows_of(c, &n, &users)?))
+                    })
+                    .await?;
+                let full = queued.len() >= limit;
+                if let Some(last) = queued.last() {
+                    after = last.user_id.clone();
+                }
+                rows.extend(
+                    queued
+                        .into_iter()
+                        .filter(|r| {
+                            self.source_poison
                                 .get(&r.user_id)
-                                .is_none_or(|(_, at)| *at <= now))
-                })
-                .take(self.batch_limit)
-                .collect();
+                                .is_none_or(|(_, at)| *at <= now)
+                        })
+                        .map(|r| match registers.get(&r.user_id) {
+                            Some(reg) => MemberRow {
+                                seq: 0,
+                                ..reg.clone()
+                            },
+                            // No history: a reconcile chose the version at
+                            // the row's source.
+                            None => MemberRow {
+                                seq: 0,
+                                user_id: r.user_id,
+                                source: r.source,
+                                version: Version {
+                                    stamp: Stamp {
+                                        time: 0,
+                                        device: r.source,
+                                    },
+                                    deleted: false,
+                                },
+                            },
+                        })
+                        // A version whose member cannot answer now, or lost
+                        // it, waits aside (a delete needs no member's
+                        // record).
+                        .filter(|r| {
+                            r.version.deleted
+                                || (self.source_ready(r.source)
+                                    && self
+                                        .multi
+                                        .absent
+                                        .get(&r.user_id)
+                                        .is_none_or(|(_, at)| *at <= now))
+                        }),
+                );
+                if rows.len() >= self.batch_limit || !full {
+                    break;
+                }
+            }
+            rows.truncate(self.batch_limit);
             if rows.is_empty() {
                 continue;
             }
