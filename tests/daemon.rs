@@ -27,7 +27,11 @@ fn split(sim: &Simulator) -> (u32, Vec<u32>) {
 #[tokio::test]
 async fn enroll_update_delete_propagate_in_every_generation() {
     for api in Api::ALL {
-        for missing in [MissingUser::Lenient, MissingUser::NotFound] {
+        for missing in [
+            MissingUser::Lenient,
+            MissingUser::NotFound,
+            MissingUser::Internal,
+        ] {
             let sim = sim(api, 3).await;
             sim.set_policies(Policies {
                 missing_user: missing,

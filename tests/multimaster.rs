@@ -1048,3 +1048,26 @@ async fn rows_waiting_for_an_absent_member_do_not_hold_back_the_others() {
     }
     daemon.stop().await;
 }
+
+/// A gateway that answers a delete of a missing user (and User.Get of
+/// one) with INTERNAL: a delete made at a member still reaches every
+/// member (its own included, which no longer holds the user), and changes
+/// after it still flow (WIRE.md §5.3).
+#[tokio::test]
+async fn a_gateway_that_fails_missing_users_with_internal_still_spreads_deletes() {
+    let mut opts = SimOptions::with_devices(3);
+    opts.reconnect_delay = Duration::from_millis(20);
+    opts.model.policies.missing_user = usersync::sim::MissingUser::Internal;
+    let sim = common::sim_with(opts).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    let (_dir, daemon, store) = running(&sim, &m, "").await;
+    spread(&sim, &m, a, "u", 0).await;
+    sim.delete_on_device(a, "u").unwrap();
+    wait_everywhere(&sim, &m, "u", None).await;
+    spread(&sim, &m, b, "v", 0).await;
+    spread(&sim, &m, a, "w", 0).await;
+    quiet(&sim, &store, &m).await;
+    assert_eq!(registers(&store)["u"], (a, true));
+    daemon.stop().await;
+}

@@ -58,8 +58,9 @@ pub struct SimArgs {
     #[arg(long, value_name = "error|empty", value_parser = parse_past_newest)]
     pub past_newest: Option<PastNewest>,
     /// User.Get of an unknown ID and Delete of a missing user: `not-found`
-    /// (the call fails) or `omit` (omitted / success) [default: not-found].
-    #[arg(long, value_name = "not-found|omit", value_parser = parse_missing_user)]
+    /// (the call fails), `omit` (omitted / success) or `internal` (the call
+    /// fails with INTERNAL) [default: not-found].
+    #[arg(long, value_name = "not-found|omit|internal", value_parser = parse_missing_user)]
     pub missing_user: Option<MissingUser>,
     /// Old name of `--missing-user not-found` (now the default).
     #[arg(long, hide = true, conflicts_with = "missing_user")]
@@ -118,7 +119,8 @@ pub fn parse_missing_user(s: &str) -> Result<MissingUser, String> {
     match s {
         "not-found" => Ok(MissingUser::NotFound),
         "omit" => Ok(MissingUser::Lenient),
-        other => expected("not-found or omit", other),
+        "internal" => Ok(MissingUser::Internal),
+        other => expected("not-found, omit or internal", other),
     }
 }
 
@@ -171,6 +173,7 @@ fn describe(p: &Policies, preconnect: bool, device_latency: Duration) -> String 
         match p.missing_user {
             MissingUser::NotFound => "not-found",
             MissingUser::Lenient => "omit",
+            MissingUser::Internal => "internal",
         },
         if preconnect { "on" } else { "off" },
         device_latency.as_millis(),
@@ -421,7 +424,7 @@ answers to WIRE.md's open questions (default first):
   stale-start error|clamp      GetLog start older than the oldest record
   past-newest error|empty      GetLog start past the newest record
                                (newest+1 too; start 0 is always fine)
-  missing-user not-found|omit  User.Get of an unknown ID, Delete of a missing one
+  missing-user not-found|omit|internal  User.Get of an unknown ID, Delete of a missing one
   preconnect off|on            devices registered again at the next restart
   device-latency MS            every device command takes MS longer (0)
   quit";

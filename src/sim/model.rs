@@ -46,6 +46,10 @@ pub enum MissingUser {
     /// for that device (per device in a Multi call).
     #[default]
     NotFound,
+    /// Both fail with INTERNAL, a code that says nothing of why (a gateway
+    /// that passes a device error on): the client must find out from the
+    /// device's user list.
+    Internal,
 }
 
 /// GetLog with a start older than the oldest stored record, i.e. the
@@ -997,6 +1001,9 @@ impl Model {
                 None if self.policies.missing_user == MissingUser::NotFound => {
                     return Err(Status::not_found(format!("user {uid} not found")));
                 }
+                None if self.policies.missing_user == MissingUser::Internal => {
+                    return Err(Status::internal("device error 0x0305"));
+                }
                 None => {}
             }
         }
@@ -1078,6 +1085,8 @@ impl Model {
                 self.append_event(id, codes::USER_DELETE_SUCCESS, uid, false);
             } else if self.policies.missing_user == MissingUser::NotFound {
                 return Err((Code::NotFound, format!("user {uid} not found")));
+            } else if self.policies.missing_user == MissingUser::Internal {
+                return Err((Code::Internal, "device error 0x0305".to_owned()));
             }
         }
         Ok(())

@@ -259,13 +259,12 @@ impl Applier {
                     .collect();
                 record_failure(&mut delete_outcomes, &e);
                 for (t, o) in delete_outcomes {
-                    // NOT_FOUND: some user was already gone (WIRE.md §5.3);
-                    // delete one by one, where missing counts as done.
-                    let o = match o {
-                        Err(Failure::Permanent(Code::NotFound, _)) => {
-                            self.delete_each(t, &deletes).await
-                        }
-                        other => other,
+                    // Some user was already gone (WIRE.md §5.3): delete one
+                    // by one, where missing counts as done.
+                    let o = if self.delete_again(t, &o) {
+                        self.delete_each(t, &deletes).await
+                    } else {
+                        o
                     };
                     outcomes.insert(t, o);
                 }
@@ -351,28 +350,58 @@ impl Applier {
     /// unknown device rather than an unknown user).
     pub(super) async fn delete_each(&self, target: u32, ids: &[String]) -> Result<(), Failure> {
         let mut not_found = Vec::new();
+        // The device's users, listed once a delete failed otherwise than
+        // NOT_FOUND: a user it does not hold is deleted, whatever code the
+        // gateway gives a delete of a missing user (WIRE.md §5.3 leaves it
+        // open); one it holds keeps the failure.
+        let mut listed: Option<BTreeSet<String>> = None;
         for id in ids {
             match self.client.user_delete(target, vec![id.clone()]).await {
                 Ok(()) => {}
                 Err(e) if e.code() == Some(Code::NotFound) => not_found.push(id.clone()),
-                Err(e) => return Err(Failure::of(&e)),
+                Err(e) => {
+                    if listed.is_none() {
+                        match self.client.user_ids(target).await {
+                            Ok(l) => listed = Some(l.into_iter().collect()),
+                            // The device does not answer: the failure stands.
+                            Err(_) => return Err(Failure::of(&e)),
+                        }
+                    }
+                    if listed.as_ref().is_some_and(|l| l.contains(id)) {
+                        return Err(Failure::of(&e));
+                    }
+                    tracing::info!(group = %self.group.name, target, user_id = %id, error = %e,
+                        "delete failed, but the device does not hold the user: taken as done");
+                }
             }
         }
         if not_found.is_empty() {
             return Ok(());
         }
-        match self.client.user_ids(target).await {
-            Ok(listed) => {
-                let listed: BTreeSet<String> = listed.into_iter().collect();
-                match not_found.iter().find(|u| listed.contains(*u)) {
-                    None => Ok(()),
-                    Some(u) => Err(Failure::Permanent(
-                        Code::NotFound,
-                        format!("delete of user {u} answered NOT_FOUND, yet the device lists it"),
-                    )),
-                }
-            }
-            Err(e) => Err(Failure::of(&e)),
+        let listed = match listed {
+            Some(l) => l,
+            None => match self.client.user_ids(target).await {
+                Ok(l) => l.into_iter().collect(),
+                Err(e) => return Err(Failure::of(&e)),
+            },
+        };
+        match not_found.iter().find(|u| listed.contains(*u)) {
+            None => Ok(()),
+            Some(u) => Err(Failure::Permanent(
+                Code::NotFound,
+                format!("delete of user {u} answered NOT_FOUND, yet the device lists it"),
+            )),
+        }
+    }
+
+    /// Whether a failed delete at `target` is tried again one by one now
+    /// (see [`Self::delete_each`]): NOT_FOUND, or any failure of a device
+    /// that is connected (the code for a missing user is not known).
+    pub(super) fn delete_again(&self, target: u32, o: &Result<(), Failure>) -> bool {
+        match o {
+            Err(Failure::Permanent(Code::NotFound, _)) => true,
+            Err(_) => self.board.is_live(target),
+            Ok(()) => false,
         }
     }
 

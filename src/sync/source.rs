@@ -178,6 +178,10 @@ pub async fn fetch_users(
 ) -> Result<HashMap<String, Fetched>, GatewayError> {
     let mut out: HashMap<String, Fetched> = HashMap::new();
     let mut work: Vec<Vec<String>> = vec![ids];
+    // The device's users, listed once a call failed with a code that may
+    // be the device's answer to a missing user (WIRE.md §5.3 leaves it
+    // open): if the device answers the list, the failure is the request's.
+    let mut listed: Option<BTreeSet<String>> = None;
     while let Some(ids) = work.pop() {
         if ids.is_empty() {
             continue;
@@ -217,7 +221,29 @@ pub async fn fetch_users(
                     work.extend(rest.into_iter().map(|id| vec![id]));
                 }
             }
-            Err(e) if e.disposition() == Disposition::Transient => return Err(e),
+            Err(e) if e.disposition() == Disposition::Transient => {
+                if listed.is_none() {
+                    match client.user_ids(device).await {
+                        Ok(l) => listed = Some(l.into_iter().collect()),
+                        // The device does not answer: the failure stands.
+                        Err(_) => return Err(e),
+                    }
+                }
+                let Some(l) = listed.as_ref() else {
+                    return Err(e);
+                };
+                let (held, missing): (Vec<String>, Vec<String>) =
+                    ids.into_iter().partition(|i| l.contains(i));
+                if missing.is_empty() {
+                    // Every user asked for is there: the device or the
+                    // gateway failed.
+                    return Err(e);
+                }
+                for id in missing {
+                    out.insert(id, Fetched::Absent);
+                }
+                work.push(held);
+            }
             Err(e) if ids.len() == 1 => {
                 let id = ids.into_iter().next().unwrap_or_default();
                 let f = if e.code() == Some(Code::NotFound) {

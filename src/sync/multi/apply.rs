@@ -397,22 +397,25 @@ impl Applier {
                     let mut called: BTreeMap<u32, Result<(), Failure>> =
                         targets.iter().map(|t| (*t, Ok(()))).collect();
                     record_failure(&mut called, &e);
+                    // A member that could not be reached deleted nothing; one
+                    // that is connected is tried one by one (still expected).
                     let unwritten: Vec<u32> = called
                         .iter()
-                        .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
+                        .filter(|(t, o)| {
+                            matches!(o, Err(Failure::Transient(_))) && !self.delete_again(**t, o)
+                        })
                         .map(|(t, _)| *t)
                         .collect();
                     self.expect(&unwritten, &ids, MemberOp::Delete, true)
                         .await?;
                     for (t, o) in called {
-                        // NOT_FOUND: a member did not hold some user (the
-                        // delete had reached it, or it never had it);
+                        // A member did not hold some user (the delete had
+                        // reached it, or it never had it; WIRE.md §5.3):
                         // deleted one by one, missing confirmed by its list.
-                        let o = match o {
-                            Err(Failure::Permanent(Code::NotFound, _)) => {
-                                self.delete_each(t, &ids).await
-                            }
-                            other => other,
+                        let o = if self.delete_again(t, &o) {
+                            self.delete_each(t, &ids).await
+                        } else {
+                            o
                         };
                         if o.is_err() {
                             outcomes.insert(t, o);
