@@ -1071,3 +1071,34 @@ async fn a_gateway_that_fails_missing_users_with_internal_still_spreads_deletes(
     assert_eq!(registers(&store)["u"], (a, true));
     daemon.stop().await;
 }
+
+/// A member leaves the group (and goes away); versions that were read at
+/// it are read at a member known to hold them from then on: a member that
+/// loses its users gets them back although their origin is gone.
+#[tokio::test]
+async fn versions_of_a_member_that_left_are_read_elsewhere() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b, c) = (m[0], m[1], m[2]);
+    let (dir, daemon, store) = running(&sim, &m, "").await;
+    let u = spread(&sim, &m, c, "u", 0).await;
+    quiet(&sim, &store, &m).await;
+    daemon.stop().await;
+
+    let daemon = Daemon::start(config_with(&sim, dir.path(), &group(&[a, b], "")));
+    eventually("the members reconciled after one left", || async {
+        store.reconcile_requests().unwrap().is_empty()
+            && store
+                .with(|conn| usersync::store::multi::started_at(conn, "desks"))
+                .unwrap()
+                .is_some()
+    })
+    .await;
+    sim.set_offline(c).unwrap();
+    sim.delete_all_on_device(b).unwrap();
+    eventually("B holds u again, read at A", || async {
+        sim.holds_exactly(b, "u", &u)
+    })
+    .await;
+    daemon.stop().await;
+}

@@ -18,6 +18,17 @@ fn journal_row(r: &MemberRow) -> JournalRow {
     }
 }
 
+/// Whether a failed call may still have been carried out (it timed out,
+/// was cut off, or failed for no stated reason): its writes stay expected
+/// (the read after the grace ends them if nothing came), so a late echo
+/// is not taken for a change.
+fn outcome_unknown(e: &crate::gateway::GatewayError) -> bool {
+    matches!(
+        e.code(),
+        Some(Code::DeadlineExceeded | Code::Cancelled | Code::Unknown) | None
+    )
+}
+
 /// Pages of a member's pending lane looked through at most per step for
 /// rows that can go now.
 const PENDING_PAGES: usize = 64;
@@ -369,12 +380,17 @@ impl Applier {
                         let mut called: BTreeMap<u32, Result<(), Failure>> =
                             targets.iter().map(|t| (*t, Ok(()))).collect();
                         record_failure(&mut called, &e);
-                        // A device that could not be reached wrote nothing.
-                        let unwritten: Vec<u32> = called
-                            .iter()
-                            .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
-                            .map(|(t, _)| *t)
-                            .collect();
+                        // A device that could not be reached wrote nothing;
+                        // a call whose outcome is unknown may have written.
+                        let unwritten: Vec<u32> = if outcome_unknown(&e) {
+                            Vec::new()
+                        } else {
+                            called
+                                .iter()
+                                .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
+                                .map(|(t, _)| *t)
+                                .collect()
+                        };
                         self.expect(&unwritten, &ids, MemberOp::Upsert, true)
                             .await?;
                         for (t, o) in called.into_iter().filter(|(_, o)| o.is_err()) {
@@ -399,13 +415,18 @@ impl Applier {
                     record_failure(&mut called, &e);
                     // A member that could not be reached deleted nothing; one
                     // that is connected is tried one by one (still expected).
-                    let unwritten: Vec<u32> = called
-                        .iter()
-                        .filter(|(t, o)| {
-                            matches!(o, Err(Failure::Transient(_))) && !self.delete_again(**t, o)
-                        })
-                        .map(|(t, _)| *t)
-                        .collect();
+                    let unwritten: Vec<u32> = if outcome_unknown(&e) {
+                        Vec::new()
+                    } else {
+                        called
+                            .iter()
+                            .filter(|(t, o)| {
+                                matches!(o, Err(Failure::Transient(_)))
+                                    && !self.delete_again(**t, o)
+                            })
+                            .map(|(t, _)| *t)
+                            .collect()
+                    };
                     self.expect(&unwritten, &ids, MemberOp::Delete, true)
                         .await?;
                     for (t, o) in called {

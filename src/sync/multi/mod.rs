@@ -197,8 +197,35 @@ impl Applier {
                 if reshaped {
                     store::multi::drop_other_shape(&tx, &name, store::multi::Shape::MultiMaster)?;
                 } else if let Some(k) = &known {
-                    for m in k.targets.iter().filter(|m| !members.contains(m)) {
+                    let gone: Vec<u32> = k
+                        .targets
+                        .iter()
+                        .copied()
+                        .filter(|m| !members.contains(m))
+                        .collect();
+                    for m in &gone {
                         store::drop_target(&tx, &name, *m)?;
+                    }
+                    // Versions read at a member that left are read at a
+                    // member known to hold them from now on (the reconcile
+                    // re-points them), and rows queued with it as their
+                    // source are queued again.
+                    if !gone.is_empty() {
+                        for g in &gone {
+                            tx.execute(
+                                "DELETE FROM pending WHERE grp = ?1 AND source = ?2",
+                                rusqlite::params![name, i64::from(*g)],
+                            )?;
+                        }
+                        for m in &members {
+                            store::request_reconcile(
+                                &tx,
+                                &name,
+                                *m,
+                                "a member left the group",
+                                prune,
+                            )?;
+                        }
                     }
                 }
                 let cursors = store::cursors(&tx, &name)?;

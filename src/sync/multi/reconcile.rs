@@ -284,7 +284,10 @@ impl Applier {
                         ));
                     }
                 }
-                Some(reg) if !members.contains(&reg.source) => {
+                Some(reg)
+                    if !members.contains(&reg.source)
+                        && self.group.members().contains(&reg.source) =>
+                {
                     // Read where it is unreachable now: the reachable
                     // members that lack it get it once it answers (the
                     // pending lane waits for it); what they hold is not
@@ -296,6 +299,8 @@ impl Applier {
                 }
                 Some(reg) => {
                     let mut source = reg.source;
+                    // Lost at its member (reset, wiped), or read at a
+                    // member that left the group.
                     if !h.contains_key(&source) {
                         // Its member lost it (reset, wiped): read it from
                         // a member that holds it, the order unchanged.
