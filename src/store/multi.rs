@@ -159,10 +159,14 @@ pub fn record(
             "echo detection: member reported changedOnDevice; from now on only its events with the flag are changes (changed-on-device for this member)"
         );
     }
-    // When the event happened by the daemon's clock, as far as the
-    // member's measured skew says: an echo comes from a write made by then.
+    // When the event happened by the daemon's clock, at the latest: its
+    // time with a clock measured ahead taken back, and never after it was
+    // received (now). A skew measured negative is no help: events that
+    // arrive late (a busy stream) look like a clock behind.
     let skew = clock_skew_of(tx, device)?;
-    let event_ms = (i64::from(ev.time) - skew.unwrap_or(0)).saturating_mul(1000);
+    let event_ms = (i64::from(ev.time) - skew.unwrap_or(0).max(0))
+        .saturating_mul(1000)
+        .min(now.saturating_mul(1000));
     let slack_ms = i64::from(ev.max_skew).saturating_mul(1000);
     let own = consume_own_write(tx, group, device, user, ev.op, now, event_ms, slack_ms)?;
     match order::classify(mode, ev.on_device, own) {

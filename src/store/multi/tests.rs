@@ -606,8 +606,20 @@ fn an_expectation_matches_only_events_from_while_its_write_was_under_way() {
     expect(&s, &[1], "u", MemberOp::Upsert);
     let done = own_write_tick();
     s.with(|c| own_writes_done(c, "g", done)).unwrap();
-    // A minute after the write returned: a change (max_skew is 10 s).
-    let later = u32_time(now() + 60);
+    // The write returned a minute ago; the event happened now: a change
+    // (max_skew is 10 s).
+    let back_a_minute = |s: &Store| {
+        s.with(|c| {
+            c.execute(
+                "UPDATE own_write SET done_at_ms = done_at_ms - 60000, sent_at_ms = sent_at_ms - 60000",
+                [],
+            )?;
+            Ok(())
+        })
+        .unwrap()
+    };
+    back_a_minute(&s);
+    let later = u32_time(now());
     assert_eq!(
         rec(&s, 1, "u", ev(later, MemberOp::Upsert, false, Own)),
         Recorded::Won(1)
@@ -631,6 +643,7 @@ fn an_expectation_matches_only_events_from_while_its_write_was_under_way() {
     // timeout after it was sent: a change made at the member a minute
     // after (while the daemon was down) is a change.
     expect(&s, &[1], "w", MemberOp::Delete);
+    back_a_minute(&s);
     s.with(|c| own_writes_restarted(c, 5_000)).unwrap();
     rec(&s, 2, "w", ev(past(), MemberOp::Upsert, false, Own));
     assert!(matches!(
@@ -666,5 +679,39 @@ fn a_change_logged_after_a_reset_marker_is_news() {
     assert_eq!(
         rec(&s, 1, "v", replayed(ev(t, MemberOp::Delete, false, Own))),
         Recorded::History
+    );
+}
+
+/// Echoes that arrive late (a busy stream measures as a clock behind) or
+/// from a member whose clock runs ahead unmeasured are still echoes: an
+/// event is never later than when it was received.
+#[test]
+fn late_or_ahead_echoes_are_still_echoes() {
+    use EchoDetection::OwnWrites as Own;
+    let (_t, s) = store();
+    s.with(|c| set_clock_skew(c, 1, -60)).unwrap();
+    expect(&s, &[1], "u", MemberOp::Upsert);
+    s.with(|c| own_writes_done(c, "g", own_write_tick()))
+        .unwrap();
+    assert_eq!(
+        rec(
+            &s,
+            1,
+            "u",
+            ev(u32_time(now()), MemberOp::Upsert, false, Own)
+        ),
+        Recorded::Echo
+    );
+    expect(&s, &[2], "u", MemberOp::Upsert);
+    s.with(|c| own_writes_done(c, "g", own_write_tick()))
+        .unwrap();
+    assert_eq!(
+        rec(
+            &s,
+            2,
+            "u",
+            ev(u32_time(now() + 20), MemberOp::Upsert, false, Own)
+        ),
+        Recorded::Echo
     );
 }
