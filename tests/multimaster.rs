@@ -117,6 +117,19 @@ async fn spread(sim: &Simulator, members: &[u32], at: u32, user: &str, revision:
     raw
 }
 
+/// Moves `device`'s stored checkpoint to `event`, keeping the anchor of
+/// the event it stood at (as a log whose IDs restarted below it looks).
+fn checkpoint_beyond(store: &Store, device: u32, event: u32) {
+    store
+        .with(|c| {
+            let anchor = usersync::store::anchored_checkpoints(c)?
+                .get(&device)
+                .and_then(|(_, a)| a.clone());
+            usersync::store::set_checkpoint_anchored(c, device, event, anchor.as_deref())
+        })
+        .unwrap();
+}
+
 /// A daemon running the group of `members` (`extra` added to it), its
 /// first start over (see [`ready`]); the directory holds its state.
 async fn running(
@@ -778,7 +791,7 @@ async fn a_log_read_again_after_a_reset_replays_no_old_change() {
     // A's checkpoint now lies beyond its log: the next start judges the
     // log reset and reads it from its oldest record.
     let beyond = sim.newest_event_id(a).unwrap() + 100;
-    store.set_checkpoint(a, beyond).unwrap();
+    checkpoint_beyond(&store, a, beyond);
     let daemon = Daemon::start(config);
     eventually(
         "A's log read again and the reset's reconcile done",
@@ -1009,7 +1022,7 @@ async fn a_delete_made_after_a_log_restart_is_a_change() {
     sim.delete_on_device(a, "u").unwrap();
     // The restarted IDs lie below the stored checkpoint.
     let beyond = sim.newest_event_id(a).unwrap() + 100;
-    store.set_checkpoint(a, beyond).unwrap();
+    checkpoint_beyond(&store, a, beyond);
     let daemon = Daemon::start(config);
     wait_everywhere(&sim, &m, "u", None).await;
     quiet(&sim, &store, &m).await;
@@ -1100,5 +1113,51 @@ async fn versions_of_a_member_that_left_are_read_elsewhere() {
         sim.holds_exactly(b, "u", &u)
     })
     .await;
+    daemon.stop().await;
+}
+
+/// A member's log that begins with a reset marker from long ago (it was
+/// cleared when commissioned) is read again after a reset judged wrongly:
+/// the old marker is not a reset now, so the old enroll and delete after
+/// it stay history, and the user another member holds is not deleted.
+#[tokio::test]
+async fn an_old_reset_marker_read_again_makes_no_history_news() {
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let (a, b) = (m[0], m[1]);
+    sim.set_clock_offset(b, -10);
+    sim.clear_log(b).unwrap();
+    sim.put_raw_on_device(b, record(&sim, "u", 0)).unwrap();
+    sim.delete_on_device(b, "u").unwrap();
+    sim.set_clock_offset(b, 0);
+    let u = record(&sim, "u", 1);
+    sim.put_raw_on_device(a, u.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(&sim, dir.path(), &group(&m, ""));
+    let daemon = Daemon::start(config.clone());
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    wait_everywhere(&sim, &m, "u", Some(&u)).await;
+    quiet(&sim, &store, &m).await;
+    let head = recorded(&store);
+    daemon.stop().await;
+
+    let beyond = sim.newest_event_id(b).unwrap() + 100;
+    checkpoint_beyond(&store, b, beyond);
+    let daemon = Daemon::start(config);
+    eventually(
+        "B's log read again and the reset's reconcile done",
+        || async {
+            store.checkpoint(b).ok().flatten() == sim.newest_event_id(b)
+                && store.reconcile_requests().unwrap().is_empty()
+        },
+    )
+    .await;
+    quiet(&sim, &store, &m).await;
+    assert!(
+        everywhere(&sim, &m, "u", Some(&u)),
+        "u deleted by old history"
+    );
+    assert_eq!(recorded(&store), head, "nothing replayed was recorded");
     daemon.stop().await;
 }

@@ -100,6 +100,10 @@ struct Pass {
     /// A replay that read a reset marker: what follows it was logged after
     /// the log restarted (see `store::multi::MemberEvent::after_reset`).
     after_reset: bool,
+    /// A replay: the time (device clock) of the last event handled before
+    /// the reset, if known. Only a marker from then on is the reset (one
+    /// older was in the log before: a reset taken for one wrongly).
+    handled_until: Option<u32>,
 }
 
 #[derive(Debug)]

@@ -132,6 +132,11 @@ impl Anchor {
         *self == Anchor::of(ev)
     }
 
+    /// The time of the event it was taken from (device clock), if it says.
+    pub fn time(&self) -> Option<u32> {
+        self.0.split('/').next()?.parse().ok()
+    }
+
     pub fn of(ev: &EventLog) -> Self {
         Anchor(format!(
             "{}/{:x}/{:x}/{}",

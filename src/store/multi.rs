@@ -72,11 +72,11 @@ pub struct MemberEvent {
     /// (`Checkpoint::Reset`, the consumer's replay pass): history read
     /// again, not known to follow the member's recorded changes.
     pub replayed: bool,
-    /// Replayed, but logged after a reset marker of that log (0x4200,
-    /// 0x4501, 0x4502, 0x4504): made after the log restarted, so news
-    /// unless the register already holds it (a change seen live before the
-    /// reset was judged wins nothing when read again: `replayed` ordering
-    /// still applies), never history by the rules of a log read again.
+    /// Replayed, but logged after the reset marker of that log (0x4200,
+    /// 0x4501, 0x4502, 0x4504) logged at or after the last event handled
+    /// before the reset: made after the log restarted, so a delete of a
+    /// user with no recorded change is news; the strictly-newer ordering
+    /// of `replayed` and the group-start rule still apply.
     pub after_reset: bool,
 }
 
@@ -238,10 +238,10 @@ pub fn record(
     // The reconcile such a read asks for decides instead. Only a replayed
     // event is history: a live change counts whatever the member's clock
     // says (a clock behind, or a change made while the daemon was down).
-    if ev.replayed && !ev.after_reset {
+    if ev.replayed {
         let why = if started_at(tx, group)?.is_some_and(|s| i64::from(time) < s) {
             Some("made before the group first ran")
-        } else if incoming.deleted && stored.is_none() {
+        } else if !ev.after_reset && incoming.deleted && stored.is_none() {
             Some("a delete of a user with no recorded change")
         } else {
             None

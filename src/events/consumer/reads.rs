@@ -306,6 +306,14 @@ impl Consumer {
                     )));
                 }
                 tracing::warn!(device_id = device, checkpoint = t.checkpoint.event(), why = %why, "the device's log was reset; reading it from its oldest event and reconciling");
+                // A reset marker logged at or after the last event handled
+                // (device clock) is the reset: what follows it is news.
+                pass.handled_until = match &t.checkpoint {
+                    Checkpoint::At {
+                        anchor: Some(a), ..
+                    } => a.time(),
+                    _ => None,
+                };
                 t.checkpoint = Checkpoint::Reset;
                 t.newest = 0;
                 self.forget_trail(device);

@@ -78,14 +78,13 @@ impl Consumer {
             // restarted (WIRE.md §5.5: its IDs may restart), and the rest of
             // the pass reads on after it.
             use crate::events::codes::{Meaning, meaning};
-            let marker = events
-                .iter()
-                .rposition(|e| meaning(e.event_code, e.sub_code) == Meaning::Reset);
-            let earlier = self
-                .tracks
-                .get(&device)
-                .and_then(|t| t.pass.as_ref())
-                .is_some_and(|p| p.after_reset);
+            let pass = self.tracks.get(&device).and_then(|t| t.pass.as_ref());
+            let earlier = pass.is_some_and(|p| p.after_reset);
+            let until = pass.and_then(|p| p.handled_until);
+            let marker = events.iter().rposition(|e| {
+                meaning(e.event_code, e.sub_code) == Meaning::Reset
+                    && until.is_some_and(|t| e.timestamp >= t)
+            });
             let after: std::collections::HashSet<u32> = marker
                 .map(|i| events[i + 1..].iter().map(|e| e.id).collect())
                 .unwrap_or_default();
