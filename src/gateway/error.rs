@@ -207,6 +207,26 @@ impl GatewayError {
         }
     }
 
+    /// The code `device` answered: its entry in a Multi error, or the
+    /// call's own.
+    pub fn code_for(&self, device: u32) -> Option<Code> {
+        match self.multi().and_then(|m| m.devices.iter().find(|d| d.device_id == device)) {
+            Some(d) => Some(d.code),
+            None => self.code(),
+        }
+    }
+
+    /// Whether the device answered the call with a code that says nothing
+    /// of why (INTERNAL, UNKNOWN, ABORTED: a device error passed on), as a
+    /// gateway may for a user it does not hold (WIRE.md §5.3), rather than
+    /// not answering (unavailable, timed out, cut off).
+    pub fn answered_vaguely(&self, device: u32) -> bool {
+        matches!(
+            self.code_for(device),
+            Some(Code::Internal | Code::Unknown | Code::Aborted)
+        )
+    }
+
     pub fn multi(&self) -> Option<&MultiError> {
         match self {
             GatewayError::Multi { error, .. } => Some(error),

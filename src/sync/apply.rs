@@ -261,7 +261,7 @@ impl Applier {
                 for (t, o) in delete_outcomes {
                     // Some user was already gone (WIRE.md §5.3): delete one
                     // by one, where missing counts as done.
-                    let o = if self.delete_again(t, &o) {
+                    let o = if self.delete_again(t, &o, &e) {
                         self.delete_each(t, &deletes).await
                     } else {
                         o
@@ -349,58 +349,50 @@ impl Applier {
     /// user list confirms the user is not there (the code might name an
     /// unknown device rather than an unknown user).
     pub(super) async fn delete_each(&self, target: u32, ids: &[String]) -> Result<(), Failure> {
-        let mut not_found = Vec::new();
-        // The device's users, listed once a delete failed otherwise than
-        // NOT_FOUND: a user it does not hold is deleted, whatever code the
-        // gateway gives a delete of a missing user (WIRE.md §5.3 leaves it
-        // open); one it holds keeps the failure.
-        let mut listed: Option<BTreeSet<String>> = None;
+        // The device's users first: a user it does not hold is deleted,
+        // whatever code the gateway gives a delete of a missing user
+        // (WIRE.md §5.3 leaves it open), and is not asked for. A list with
+        // headers it cannot read proves no absence: every user is deleted
+        // and a failure stands, NOT_FOUND included.
+        let list = self
+            .client
+            .user_ids_checked(target)
+            .await
+            .map_err(|e| Failure::of(&e))?;
+        let trusted = list.unreadable == 0;
+        let listed: BTreeSet<String> = list.ids.into_iter().collect();
         for id in ids {
+            if trusted && !listed.contains(id) {
+                continue;
+            }
             match self.client.user_delete(target, vec![id.clone()]).await {
                 Ok(()) => {}
-                Err(e) if e.code() == Some(Code::NotFound) => not_found.push(id.clone()),
-                Err(e) => {
-                    if listed.is_none() {
-                        match self.client.user_ids(target).await {
-                            Ok(l) => listed = Some(l.into_iter().collect()),
-                            // The device does not answer: the failure stands.
-                            Err(_) => return Err(Failure::of(&e)),
-                        }
-                    }
-                    if listed.as_ref().is_some_and(|l| l.contains(id)) {
-                        return Err(Failure::of(&e));
-                    }
-                    tracing::info!(group = %self.group.name, target, user_id = %id, error = %e,
-                        "delete failed, but the device does not hold the user: taken as done");
+                Err(e) if e.code() == Some(Code::NotFound) && trusted => {
+                    return Err(Failure::Permanent(
+                        Code::NotFound,
+                        format!("delete of user {id} answered NOT_FOUND, yet the device lists it"),
+                    ));
                 }
+                Err(e) => return Err(Failure::of(&e)),
             }
         }
-        if not_found.is_empty() {
-            return Ok(());
-        }
-        let listed = match listed {
-            Some(l) => l,
-            None => match self.client.user_ids(target).await {
-                Ok(l) => l.into_iter().collect(),
-                Err(e) => return Err(Failure::of(&e)),
-            },
-        };
-        match not_found.iter().find(|u| listed.contains(*u)) {
-            None => Ok(()),
-            Some(u) => Err(Failure::Permanent(
-                Code::NotFound,
-                format!("delete of user {u} answered NOT_FOUND, yet the device lists it"),
-            )),
-        }
+        Ok(())
     }
 
-    /// Whether a failed delete at `target` is tried again one by one now
-    /// (see [`Self::delete_each`]): NOT_FOUND, or any failure of a device
-    /// that is connected (the code for a missing user is not known).
-    pub(super) fn delete_again(&self, target: u32, o: &Result<(), Failure>) -> bool {
+    /// Whether a delete that failed at `target` (the call failed with
+    /// `e`) is tried again one by one now ([`Self::delete_each`]):
+    /// NOT_FOUND, or a connected device that answered with a code that
+    /// says nothing (the code for a missing user is not known). Not a
+    /// device that did not answer (unavailable, timed out): it backs off.
+    pub(super) fn delete_again(
+        &self,
+        target: u32,
+        o: &Result<(), Failure>,
+        e: &GatewayError,
+    ) -> bool {
         match o {
             Err(Failure::Permanent(Code::NotFound, _)) => true,
-            Err(_) => self.board.is_live(target),
+            Err(_) => self.board.is_live(target) && e.answered_vaguely(target),
             Ok(()) => false,
         }
     }

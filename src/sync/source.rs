@@ -221,12 +221,18 @@ pub async fn fetch_users(
                     work.extend(rest.into_iter().map(|id| vec![id]));
                 }
             }
+            // A device that did not answer (unavailable, timed out) fails
+            // the fetch.
+            Err(e) if e.disposition() == Disposition::Transient && !e.answered_vaguely(device) => {
+                return Err(e);
+            }
             Err(e) if e.disposition() == Disposition::Transient => {
                 if listed.is_none() {
-                    match client.user_ids(device).await {
-                        Ok(l) => listed = Some(l.into_iter().collect()),
-                        // The device does not answer: the failure stands.
-                        Err(_) => return Err(e),
+                    match client.user_ids_checked(device).await {
+                        // A list with headers it cannot read proves no
+                        // absence.
+                        Ok(l) if l.unreadable == 0 => listed = Some(l.ids.into_iter().collect()),
+                        Ok(_) | Err(_) => return Err(e),
                     }
                 }
                 let Some(l) = listed.as_ref() else {

@@ -422,7 +422,7 @@ impl Applier {
                             .iter()
                             .filter(|(t, o)| {
                                 matches!(o, Err(Failure::Transient(_)))
-                                    && !self.delete_again(**t, o)
+                                    && !self.delete_again(**t, o, &e)
                             })
                             .map(|(t, _)| *t)
                             .collect()
@@ -433,7 +433,7 @@ impl Applier {
                         // A member did not hold some user (the delete had
                         // reached it, or it never had it; WIRE.md §5.3):
                         // deleted one by one, missing confirmed by its list.
-                        let o = if self.delete_again(t, &o) {
+                        let o = if self.delete_again(t, &o, &e) {
                             self.delete_each(t, &ids).await
                         } else {
                             o
