@@ -210,7 +210,10 @@ impl GatewayError {
     /// The code `device` answered: its entry in a Multi error, or the
     /// call's own.
     pub fn code_for(&self, device: u32) -> Option<Code> {
-        match self.multi().and_then(|m| m.devices.iter().find(|d| d.device_id == device)) {
+        match self
+            .multi()
+            .and_then(|m| m.devices.iter().find(|d| d.device_id == device))
+        {
             Some(d) => Some(d.code),
             None => self.code(),
         }

@@ -34,7 +34,7 @@ pub use own_writes::{
     expect_own_writes, expire_own_writes, own_write_tick, own_writes_done, own_writes_expected,
     own_writes_restarted, unexpect_own_writes,
 };
-pub use registers::{all_rows, given_winner, row, rows_after, rows_of, set_source};
+pub use registers::{all_rows, given_winner, row, rows_after, rows_of, set_source, waiting_for};
 
 /// What a member's user event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

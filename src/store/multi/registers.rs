@@ -94,9 +94,10 @@ pub fn set_source(
 }
 
 /// The devices of `group` known to hold the version of `user` recorded at
-/// journal sequence `seq`: their cursor is past it and nothing of the
-/// user waits for them (no pending row, no quarantine). A member behind,
-/// or one that refused it, may hold an older version.
+/// journal sequence `seq`: their cursor is past it, nothing of the user
+/// waits for them (no pending row, no quarantine) and no reconcile of them
+/// is asked for (a member new to the group or wiped starts at the head).
+/// A member behind, or one that refused it, may hold an older version.
 pub fn given_winner(
     conn: &Connection,
     group: &str,
@@ -107,11 +108,23 @@ pub fn given_winner(
         "SELECT device_id FROM cursor WHERE grp = ?1 AND seq >= ?2
          AND device_id NOT IN (SELECT device_id FROM pending WHERE grp = ?1 AND user_id = ?3)
          AND device_id NOT IN (SELECT device_id FROM quarantine WHERE grp = ?1 AND user_id = ?3)
+         AND device_id NOT IN (SELECT device_id FROM reconcile WHERE grp = ?1)
          ORDER BY device_id",
     )?;
     let rows = stmt.query_map(
         params![group, i64::try_from(seq).unwrap_or(i64::MAX), user],
         |r| r.get::<_, u32>(0),
     )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The devices of `group` where something of `user` is known to wait (a
+/// pending row, a quarantine entry): a change reached them only in part.
+pub fn waiting_for(conn: &Connection, group: &str, user: &str) -> Result<Vec<u32>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT device_id FROM pending WHERE grp = ?1 AND user_id = ?2
+         UNION SELECT device_id FROM quarantine WHERE grp = ?1 AND user_id = ?2",
+    )?;
+    let rows = stmt.query_map(params![group, user], |r| r.get::<_, u32>(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

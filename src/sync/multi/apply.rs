@@ -30,8 +30,9 @@ fn outcome_unknown(e: &crate::gateway::GatewayError) -> bool {
 }
 
 /// Pages of a member's pending lane looked through at most per step for
-/// rows that can go now.
+/// rows that can go now, and their size.
 const PENDING_PAGES: usize = 64;
+const PENDING_PAGE: usize = 512;
 
 impl Applier {
     /// The next journal batch for the next cohort of members.
@@ -96,7 +97,7 @@ impl Applier {
             for _ in 0..PENDING_PAGES {
                 let (n, limit, all, from) = (
                     self.group.name.clone(),
-                    self.batch_limit * 8,
+                    PENDING_PAGE,
                     self.members(),
                     after.clone(),
                 );

@@ -116,6 +116,9 @@ pub(crate) struct State {
     /// The last partial reconcile: the requests it served (served again
     /// in full once every member is reachable) and the members it reached.
     partial: Option<PartialRun>,
+    /// Since when a member of the group has been unreachable while a
+    /// reconcile was asked for (a full run under way waits so long).
+    paused: Option<Instant>,
 }
 
 impl Applier {
@@ -206,25 +209,41 @@ impl Applier {
                     for m in &gone {
                         store::drop_target(&tx, &name, *m)?;
                     }
-                    // Versions read at a member that left are read at a
-                    // member known to hold them from now on (the reconcile
-                    // re-points them), and rows queued with it as their
-                    // source are queued again.
+                    // Versions read at a member that left are read from now
+                    // on at a member known to hold them; rows queued with it
+                    // as their source are dropped (a reconcile queues again
+                    // what is missing). Versions no member is known to hold
+                    // have the group reconciled.
                     if !gone.is_empty() {
+                        let mut unplaced = false;
+                        for r in store::multi::all_rows(&tx, &name)?.into_values() {
+                            if r.version.deleted || !gone.contains(&r.source) {
+                                continue;
+                            }
+                            let holder = store::multi::given_winner(&tx, &name, &r.user_id, r.seq)?
+                                .into_iter()
+                                .find(|m| members.contains(m));
+                            match holder {
+                                Some(h) => store::multi::set_source(&tx, &name, &r.user_id, h)?,
+                                None => unplaced = true,
+                            }
+                        }
                         for g in &gone {
                             tx.execute(
                                 "DELETE FROM pending WHERE grp = ?1 AND source = ?2",
                                 rusqlite::params![name, i64::from(*g)],
                             )?;
                         }
-                        for m in &members {
-                            store::request_reconcile(
-                                &tx,
-                                &name,
-                                *m,
-                                "a member left the group",
-                                prune,
-                            )?;
+                        if unplaced {
+                            for m in &members {
+                                store::request_reconcile(
+                                    &tx,
+                                    &name,
+                                    *m,
+                                    "a member left the group",
+                                    prune,
+                                )?;
+                            }
                         }
                     }
                 }

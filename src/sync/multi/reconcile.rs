@@ -17,6 +17,10 @@
 
 use super::*;
 
+/// How long a full reconcile under way waits for a member that went away
+/// before the reachable members are reconciled among themselves.
+const FULL_RUN_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A reconcile under way.
 pub(super) struct Run {
     /// The requests it serves: (member, generation).
@@ -122,15 +126,24 @@ impl Applier {
         // (see [`Run::partial`]), and the full reconcile follows when every
         // member is back: a member reset while another is offline is
         // refilled now.
-        let reach: Vec<u32> = self.eligible_members();
+        // Reachable: connected (a member backing off its writes still
+        // answers the reads a reconcile makes).
+        let reach: Vec<u32> = members
+            .iter()
+            .copied()
+            .filter(|m| self.board.is_live(*m))
+            .collect();
         let serving: Vec<(u32, i64)> = requests.iter().map(|r| (r.target, r.generation)).collect();
         if reach.len() < members.len() {
-            // A full run under way waits for the member, its progress kept.
+            // A full run under way waits a while for the member, its
+            // progress kept; then the reachable ones go on without it.
+            let waited = *self.multi.paused.get_or_insert(now);
             let full_under_way = self
                 .multi
                 .reconcile
                 .as_ref()
-                .is_some_and(|run| !run.partial && run.requests == serving);
+                .is_some_and(|run| !run.partial && run.requests == serving)
+                && now.duration_since(waited) < FULL_RUN_WAIT;
             let asked_reachable = requests.iter().any(|r| reach.contains(&r.target));
             // A partial run is run again only when it would reach a member
             // the last one did not (a flapping member costs one).
@@ -142,6 +155,9 @@ impl Applier {
             if full_under_way || reach.len() < 2 || !asked_reachable || done_so {
                 return Ok(false);
             }
+        }
+        if reach.len() == members.len() {
+            self.multi.paused = None;
         }
         let fresh = self
             .multi
@@ -234,11 +250,14 @@ impl Applier {
             .run(move |c| {
                 let registers = store::multi::rows_of(c, &n, &users)?;
                 let mut given = HashMap::new();
-                for r in registers.values().filter(|r| !r.version.deleted) {
-                    given.insert(
-                        r.user_id.clone(),
-                        store::multi::given_winner(c, &n, &r.user_id, r.seq)?,
-                    );
+                for r in registers.values() {
+                    let known = if r.version.deleted {
+                        // For a tombstone: where a delete is known to wait.
+                        store::multi::waiting_for(c, &n, &r.user_id)?
+                    } else {
+                        store::multi::given_winner(c, &n, &r.user_id, r.seq)?
+                    };
+                    given.insert(r.user_id.clone(), known);
                 }
                 Ok((registers, store::cursors(c, &n)?, given))
             })
@@ -257,9 +276,17 @@ impl Applier {
                     // there never seen, a delete it refused) may hold a
                     // person enrolled since under that ID: not deleted on
                     // a guess, a conflict (unless prune).
+                    // One where the delete is known to wait (queued, or
+                    // refused and quarantined) missed it: deleted there.
+                    let missed = given.get(u).map_or(&[][..], Vec::as_slice);
+                    for m in h.keys().filter(|m| missed.contains(m)) {
+                        queue.push((*m, u.clone(), reg.source));
+                        *run.deleted.entry(*m).or_default() += 1;
+                    }
                     let past: Vec<u32> = h
                         .keys()
                         .copied()
+                        .filter(|m| !missed.contains(m))
                         .filter(|m| cursors.get(m).is_some_and(|c| *c >= reg.seq))
                         .collect();
                     if past.is_empty() {
