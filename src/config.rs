@@ -35,6 +35,28 @@ mod multi;
 mod raw;
 #[cfg(test)]
 mod tests;
+
+/// Configurations the unit tests of several modules share.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::path::Path;
+
+    use super::Config;
+
+    /// Devices 1–4: a multi-master group `desks` of 1 and 2
+    /// (`max_clock_skew_secs = 7`), a one-way group `doors` from 3 to 4.
+    pub(crate) fn desks_and_doors() -> Config {
+        super::parse(
+            Path::new("/t.toml"),
+            "[gateway]\naddress = \"h:1\"\ntls = false\n[state]\ndir = \"/s\"\n\
+             [[device]]\nid = 1\naddress = \"a\"\n[[device]]\nid = 2\naddress = \"b\"\n\
+             [[device]]\nid = 3\naddress = \"c\"\n[[device]]\nid = 4\naddress = \"d\"\n\
+             [[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [1, 2]\nmax_clock_skew_secs = 7\n\
+             [[group]]\nname = \"doors\"\nsources = [3]\ntargets = [4]\n",
+        )
+        .expect("the fixture parses")
+    }
+}
 mod validate;
 
 pub use checks::*;

@@ -233,22 +233,12 @@ pub(super) fn groups(config: &Config, rows: Rows, lanes: &Lanes) -> Vec<MultiMas
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::store::Store;
     use crate::store::multi::MemberOp;
 
     fn config() -> Config {
-        crate::config::parse(
-            Path::new("/t.toml"),
-            "[gateway]\naddress = \"h:1\"\ntls = false\n[state]\ndir = \"/s\"\n\
-             [[device]]\nid = 1\naddress = \"a\"\n[[device]]\nid = 2\naddress = \"b\"\n\
-             [[device]]\nid = 3\naddress = \"c\"\n[[device]]\nid = 4\naddress = \"d\"\n\
-             [[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [1, 2]\nmax_clock_skew_secs = 7\n\
-             [[group]]\nname = \"doors\"\nsources = [3]\ntargets = [4]\n",
-        )
-        .unwrap()
+        crate::config::fixtures::desks_and_doors()
     }
 
     fn lanes(results: Vec<ReconcileResult>) -> Lanes {

@@ -427,21 +427,11 @@ impl Applier {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::events::effects;
 
     fn config() -> Config {
-        crate::config::parse(
-            Path::new("/t.toml"),
-            "[gateway]\naddress = \"h:1\"\ntls = false\n[state]\ndir = \"/s\"\n\
-             [[device]]\nid = 1\naddress = \"a\"\n[[device]]\nid = 2\naddress = \"b\"\n\
-             [[device]]\nid = 3\naddress = \"c\"\n[[device]]\nid = 4\naddress = \"d\"\n\
-             [[group]]\nname = \"desks\"\nmode = \"multi-master\"\nmembers = [1, 2]\nmax_clock_skew_secs = 7\n\
-             [[group]]\nname = \"doors\"\nsources = [3]\ntargets = [4]\n",
-        )
-        .unwrap()
+        crate::config::fixtures::desks_and_doors()
     }
 
     fn ev(id: u32, code: u32, user: &str, on_device: bool) -> EventLog {
