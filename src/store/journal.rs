@@ -253,6 +253,7 @@ pub fn drop_group(conn: &Connection, group: &str) -> Result<(), StoreError> {
         "member_group",
         "member_echo",
         "member_conflict",
+        "member_joined",
     ] {
         conn.execute(&format!("DELETE FROM {table} WHERE grp = ?1"), [group])?;
     }

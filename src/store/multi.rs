@@ -355,6 +355,7 @@ pub fn drop_other_shape(conn: &Connection, group: &str, keep: Shape) -> Result<(
             "member_group",
             "member_echo",
             "member_conflict",
+            "member_joined",
         ]);
     }
     for table in tables {

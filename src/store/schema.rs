@@ -240,4 +240,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE own_write ADD COLUMN sent_at_ms INTEGER;
     ",
+    // 11: the journal's head when a member joined a multi-master group: a
+    // version recorded before it was never given to that member (what it
+    // holds of it came from elsewhere), whatever its cursor says.
+    "
+    CREATE TABLE member_joined (
+        grp       TEXT    NOT NULL,
+        device_id INTEGER NOT NULL,
+        seq       INTEGER NOT NULL,
+        PRIMARY KEY (grp, device_id)
+    );
+    ",
 ];

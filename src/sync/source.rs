@@ -139,8 +139,18 @@ impl Applier {
                 }
                 continue;
             }
-            let listed: BTreeSet<String> = match self.client.user_ids(s).await {
-                Ok(ids) => ids.into_iter().collect(),
+            let listed: BTreeSet<String> = match self.client.user_ids_checked(s).await {
+                Ok(l) if l.unreadable == 0 => l.ids.into_iter().collect(),
+                // A header it cannot read may be any of them: absence is
+                // not confirmed there, the users wait.
+                Ok(l) => {
+                    tracing::warn!(group = %self.group.name, source = s, unreadable = l.unreadable,
+                        "a source lists user headers that cannot be read: users absent elsewhere are not taken for deleted");
+                    for u in still {
+                        out.insert(u, Fetched::Unknown);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     self.source_backoff(s, &e);
                     for u in still {

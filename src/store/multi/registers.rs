@@ -95,9 +95,10 @@ pub fn set_source(
 
 /// The devices of `group` known to hold the version of `user` recorded at
 /// journal sequence `seq`: their cursor is past it, nothing of the user
-/// waits for them (no pending row, no quarantine) and no reconcile of them
-/// is asked for (a member new to the group or wiped starts at the head).
-/// A member behind, or one that refused it, may hold an older version.
+/// waits for them (no pending row, no quarantine), and they were members
+/// when it was recorded (one that joined since starts at the head holding
+/// whatever it held). A member behind, or one that refused it, may hold an
+/// older version.
 pub fn given_winner(
     conn: &Connection,
     group: &str,
@@ -108,7 +109,7 @@ pub fn given_winner(
         "SELECT device_id FROM cursor WHERE grp = ?1 AND seq >= ?2
          AND device_id NOT IN (SELECT device_id FROM pending WHERE grp = ?1 AND user_id = ?3)
          AND device_id NOT IN (SELECT device_id FROM quarantine WHERE grp = ?1 AND user_id = ?3)
-         AND device_id NOT IN (SELECT device_id FROM reconcile WHERE grp = ?1)
+         AND device_id NOT IN (SELECT device_id FROM member_joined WHERE grp = ?1 AND seq >= ?2)
          ORDER BY device_id",
     )?;
     let rows = stmt.query_map(

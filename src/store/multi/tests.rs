@@ -715,3 +715,40 @@ fn late_or_ahead_echoes_are_still_echoes() {
         Recorded::Echo
     );
 }
+
+/// Known to hold the winner: past it, nothing of the user waiting there,
+/// and a member already when it was recorded (a reconcile asked for a
+/// member does not matter).
+#[test]
+fn who_is_known_to_hold_a_winner() {
+    let (_t, s) = store();
+    s.with(|c| {
+        for (d, seq) in [(1, 5), (2, 5), (3, 5), (4, 2), (5, 5)] {
+            c.execute(
+                "INSERT INTO cursor (grp, device_id, seq) VALUES ('g', ?1, ?2)",
+                [d, seq],
+            )?;
+        }
+        // 2 has the user queued, 3 quarantined, 4 is behind, 5 joined at 4.
+        super::super::add_pending(c, "g", 2, "u", 1)?;
+        c.execute(
+            "INSERT INTO quarantine (grp, device_id, user_id, seq, code, message, since)
+             VALUES ('g', 3, 'u', 3, 'X', 'm', 0)",
+            [],
+        )?;
+        c.execute(
+            "INSERT INTO member_joined (grp, device_id, seq) VALUES ('g', 5, 4)",
+            [],
+        )?;
+        super::super::request_reconcile(c, "g", 1, "requested by the operator", false)?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(s.with(|c| given_winner(c, "g", "u", 3)).unwrap(), vec![1]);
+    assert_eq!(
+        s.with(|c| given_winner(c, "g", "u", 5)).unwrap(),
+        vec![1, 5],
+        "joined at 4, before the change at 5"
+    );
+    assert_eq!(s.with(|c| waiting_for(c, "g", "u")).unwrap(), vec![2, 3]);
+}

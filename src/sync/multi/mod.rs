@@ -228,11 +228,32 @@ impl Applier {
                                 None => unplaced = true,
                             }
                         }
-                        for g in &gone {
-                            tx.execute(
-                                "DELETE FROM pending WHERE grp = ?1 AND source = ?2",
-                                rusqlite::params![name, i64::from(*g)],
+                        // Rows queued with it as their source are read at
+                        // the member the register reads at now (a delete at
+                        // any member: it needs no record); without one,
+                        // the reconcile queues them again.
+                        let queued: Vec<(u32, String)> = {
+                            let mut stmt = tx.prepare(
+                                "SELECT device_id, user_id FROM pending WHERE grp = ?1
+                                 AND source IN (SELECT value FROM json_each(?2))",
                             )?;
+                            let gone_json =
+                                serde_json::to_string(&gone).unwrap_or_else(|_| "[]".into());
+                            let rows = stmt.query_map(rusqlite::params![name, gone_json], |r| {
+                                Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?))
+                            })?;
+                            rows.collect::<Result<_, _>>()?
+                        };
+                        for (m, u) in queued {
+                            let now_at = match store::multi::row(&tx, &name, &u)? {
+                                Some(r) if r.version.deleted => members.first().copied(),
+                                Some(r) if !gone.contains(&r.source) => Some(r.source),
+                                _ => None,
+                            };
+                            match now_at {
+                                Some(src) => store::add_pending(&tx, &name, m, &u, src)?,
+                                None => unplaced = true,
+                            }
                         }
                         if unplaced {
                             for m in &members {
@@ -253,6 +274,10 @@ impl Applier {
                 for m in &members {
                     if reshaped || !cursors.contains_key(m) {
                         store::advance_cursor(&tx, &name, *m, head)?;
+                        tx.execute(
+                            "INSERT OR REPLACE INTO member_joined (grp, device_id, seq) VALUES (?1, ?2, ?3)",
+                            rusqlite::params![name, i64::from(*m), i64::try_from(head).unwrap_or(i64::MAX)],
+                        )?;
                         store::request_reconcile(&tx, &name, *m, "new member", prune)?;
                         created.push(*m);
                     }
