@@ -349,32 +349,51 @@ impl Applier {
     /// user list confirms the user is not there (the code might name an
     /// unknown device rather than an unknown user).
     pub(super) async fn delete_each(&self, target: u32, ids: &[String]) -> Result<(), Failure> {
-        // The device's users first: a user it does not hold is deleted,
-        // whatever code the gateway gives a delete of a missing user
-        // (WIRE.md §5.3 leaves it open), and is not asked for. A list with
-        // headers it cannot read proves no absence: every user is deleted
-        // and a failure stands, NOT_FOUND included.
-        let list = self
-            .client
-            .user_ids_checked(target)
-            .await
-            .map_err(|e| Failure::of(&e))?;
-        let trusted = list.unreadable == 0;
-        let listed: BTreeSet<String> = list.ids.into_iter().collect();
+        // The device's users, listed once a delete failed with NOT_FOUND or
+        // a code that says nothing (WIRE.md §5.3 leaves open what a delete
+        // of a missing user answers): a user it does not hold is deleted.
+        // A list with headers it cannot read proves no absence: a single
+        // User.Get of the user decides then.
+        let mut listed: Option<(BTreeSet<String>, bool)> = None;
         for id in ids {
-            if trusted && !listed.contains(id) {
+            let e = match self.client.user_delete(target, vec![id.clone()]).await {
+                Ok(()) => continue,
+                Err(e) => e,
+            };
+            let not_found = e.code() == Some(Code::NotFound);
+            if !not_found && !e.answered_vaguely(target) {
+                return Err(Failure::of(&e));
+            }
+            if listed.is_none() {
+                let l = self
+                    .client
+                    .user_ids_checked(target)
+                    .await
+                    .map_err(|_| Failure::of(&e))?;
+                listed = Some((l.ids.into_iter().collect(), l.unreadable == 0));
+            }
+            let Some((l, trusted)) = listed.as_ref() else {
+                return Err(Failure::of(&e));
+            };
+            let absent = if *trusted {
+                !l.contains(id)
+            } else {
+                match self.client.user_get(target, vec![id.clone()]).await {
+                    Ok(users) => users.iter().all(|u| u.id != *id),
+                    Err(g) => g.code() == Some(Code::NotFound),
+                }
+            };
+            if absent {
                 continue;
             }
-            match self.client.user_delete(target, vec![id.clone()]).await {
-                Ok(()) => {}
-                Err(e) if e.code() == Some(Code::NotFound) && trusted => {
-                    return Err(Failure::Permanent(
-                        Code::NotFound,
-                        format!("delete of user {id} answered NOT_FOUND, yet the device lists it"),
-                    ));
-                }
-                Err(e) => return Err(Failure::of(&e)),
-            }
+            return Err(if not_found {
+                Failure::Permanent(
+                    Code::NotFound,
+                    format!("delete of user {id} answered NOT_FOUND, yet the device holds it"),
+                )
+            } else {
+                Failure::of(&e)
+            });
         }
         Ok(())
     }

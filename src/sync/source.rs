@@ -191,7 +191,7 @@ pub async fn fetch_users(
     // The device's users, listed once a call failed with a code that may
     // be the device's answer to a missing user (WIRE.md §5.3 leaves it
     // open): if the device answers the list, the failure is the request's.
-    let mut listed: Option<BTreeSet<String>> = None;
+    let mut listed: Option<Option<BTreeSet<String>>> = None;
     while let Some(ids) = work.pop() {
         if ids.is_empty() {
             continue;
@@ -239,14 +239,26 @@ pub async fn fetch_users(
             Err(e) if e.disposition() == Disposition::Transient => {
                 if listed.is_none() {
                     match client.user_ids_checked(device).await {
-                        // A list with headers it cannot read proves no
-                        // absence.
-                        Ok(l) if l.unreadable == 0 => listed = Some(l.ids.into_iter().collect()),
-                        Ok(_) | Err(_) => return Err(e),
+                        Ok(l) => {
+                            listed = Some((l.unreadable == 0).then(|| l.ids.into_iter().collect()))
+                        }
+                        Err(_) => return Err(e),
                     }
                 }
-                let Some(l) = listed.as_ref() else {
-                    return Err(e);
+                // A list with headers it cannot read proves no absence: the
+                // users are asked for alone, and one that still fails is a
+                // failure of its own (retried, then quarantined).
+                let Some(Some(l)) = listed.as_ref() else {
+                    if ids.len() == 1 {
+                        let id = ids.into_iter().next().unwrap_or_default();
+                        out.insert(id, Fetched::Failed(e.to_string()));
+                    } else {
+                        let mut a = ids;
+                        let b = a.split_off(a.len() / 2);
+                        work.push(a);
+                        work.push(b);
+                    }
+                    continue;
                 };
                 let (held, missing): (Vec<String>, Vec<String>) =
                     ids.into_iter().partition(|i| l.contains(i));

@@ -121,11 +121,21 @@ pub fn given_winner(
 
 /// The devices of `group` where something of `user` is known to wait (a
 /// pending row, a quarantine entry): a change reached them only in part.
-pub fn waiting_for(conn: &Connection, group: &str, user: &str) -> Result<Vec<u32>, StoreError> {
+/// A quarantine entry counts from `seq` on (one of an older change of the
+/// user is not about this one).
+pub fn waiting_for(
+    conn: &Connection,
+    group: &str,
+    user: &str,
+    seq: u64,
+) -> Result<Vec<u32>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT device_id FROM pending WHERE grp = ?1 AND user_id = ?2
-         UNION SELECT device_id FROM quarantine WHERE grp = ?1 AND user_id = ?2",
+         UNION SELECT device_id FROM quarantine WHERE grp = ?1 AND user_id = ?2 AND seq >= ?3",
     )?;
-    let rows = stmt.query_map(params![group, user], |r| r.get::<_, u32>(0))?;
+    let rows = stmt.query_map(
+        params![group, user, i64::try_from(seq).unwrap_or(i64::MAX)],
+        |r| r.get::<_, u32>(0),
+    )?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -750,5 +750,10 @@ fn who_is_known_to_hold_a_winner() {
         vec![1, 5],
         "joined at 4, before the change at 5"
     );
-    assert_eq!(s.with(|c| waiting_for(c, "g", "u")).unwrap(), vec![2, 3]);
+    assert_eq!(s.with(|c| waiting_for(c, "g", "u", 3)).unwrap(), vec![2, 3]);
+    assert_eq!(
+        s.with(|c| waiting_for(c, "g", "u", 4)).unwrap(),
+        vec![2],
+        "a quarantine of an older change"
+    );
 }

@@ -18,15 +18,13 @@ fn journal_row(r: &MemberRow) -> JournalRow {
     }
 }
 
-/// Whether a failed call may still have been carried out (it timed out,
-/// was cut off, or failed for no stated reason): its writes stay expected
-/// (the read after the grace ends them if nothing came), so a late echo
-/// is not taken for a change.
-fn outcome_unknown(e: &crate::gateway::GatewayError) -> bool {
-    matches!(
-        e.code(),
-        Some(Code::DeadlineExceeded | Code::Cancelled | Code::Unknown) | None
-    )
+/// Whether `device` surely wrote nothing of a failed call: it could not be
+/// reached (UNAVAILABLE, for it or for the call). Any other failure (a
+/// timeout, a cut-off call, no stated reason) may have written: its writes
+/// stay expected (the read after the grace ends them if nothing came), so
+/// a late echo is not taken for a change.
+fn unreached(e: &crate::gateway::GatewayError, device: u32) -> bool {
+    e.code_for(device) == Some(Code::Unavailable)
 }
 
 /// Pages of a member's pending lane looked through at most per step for
@@ -382,16 +380,14 @@ impl Applier {
                             targets.iter().map(|t| (*t, Ok(()))).collect();
                         record_failure(&mut called, &e);
                         // A device that could not be reached wrote nothing;
-                        // a call whose outcome is unknown may have written.
-                        let unwritten: Vec<u32> = if outcome_unknown(&e) {
-                            Vec::new()
-                        } else {
-                            called
-                                .iter()
-                                .filter(|(_, o)| matches!(o, Err(Failure::Transient(_))))
-                                .map(|(t, _)| *t)
-                                .collect()
-                        };
+                        // any other failure may have written.
+                        let unwritten: Vec<u32> = called
+                            .iter()
+                            .filter(|(t, o)| {
+                                matches!(o, Err(Failure::Transient(_))) && unreached(&e, **t)
+                            })
+                            .map(|(t, _)| *t)
+                            .collect();
                         self.expect(&unwritten, &ids, MemberOp::Upsert, true)
                             .await?;
                         for (t, o) in called.into_iter().filter(|(_, o)| o.is_err()) {
@@ -416,18 +412,15 @@ impl Applier {
                     record_failure(&mut called, &e);
                     // A member that could not be reached deleted nothing; one
                     // that is connected is tried one by one (still expected).
-                    let unwritten: Vec<u32> = if outcome_unknown(&e) {
-                        Vec::new()
-                    } else {
-                        called
-                            .iter()
-                            .filter(|(t, o)| {
-                                matches!(o, Err(Failure::Transient(_)))
-                                    && !self.delete_again(**t, o, &e)
-                            })
-                            .map(|(t, _)| *t)
-                            .collect()
-                    };
+                    let unwritten: Vec<u32> = called
+                        .iter()
+                        .filter(|(t, o)| {
+                            matches!(o, Err(Failure::Transient(_)))
+                                && unreached(&e, **t)
+                                && !self.delete_again(**t, o, &e)
+                        })
+                        .map(|(t, _)| *t)
+                        .collect();
                     self.expect(&unwritten, &ids, MemberOp::Delete, true)
                         .await?;
                     for (t, o) in called {

@@ -21,6 +21,19 @@ use super::*;
 /// before the reachable members are reconciled among themselves.
 const FULL_RUN_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// Why a chunk of a member reconcile failed.
+enum ChunkError {
+    /// A member's reads failed: it is left out for a while.
+    Member(u32, crate::gateway::GatewayError),
+    Other(SyncError),
+}
+
+impl From<StoreError> for ChunkError {
+    fn from(e: StoreError) -> Self {
+        ChunkError::Other(SyncError::Store(e))
+    }
+}
+
 /// A reconcile under way.
 pub(super) struct Run {
     /// The requests it serves: (member, generation).
@@ -110,6 +123,7 @@ impl Applier {
         if requests.is_empty() {
             self.multi.reconcile = None;
             self.multi.partial = None;
+            self.multi.paused = None;
             return Ok(false);
         }
         let now = Instant::now();
@@ -128,10 +142,18 @@ impl Applier {
         // refilled now.
         // Reachable: connected (a member backing off its writes still
         // answers the reads a reconcile makes).
+        // A member whose reads failed lately is left out for its delay.
         let reach: Vec<u32> = members
             .iter()
             .copied()
-            .filter(|m| self.board.is_live(*m))
+            .filter(|m| {
+                self.board.is_live(*m)
+                    && self
+                        .timers
+                        .reconcile
+                        .get(m)
+                        .is_none_or(|(_, at)| *at <= now)
+            })
             .collect();
         let serving: Vec<(u32, i64)> = requests.iter().map(|r| (r.target, r.generation)).collect();
         if reach.len() < members.len() {
@@ -167,8 +189,15 @@ impl Applier {
         if fresh {
             let mut lists = BTreeMap::new();
             for m in &reach {
-                let ids: BTreeSet<String> = self.client.user_ids(*m).await?.into_iter().collect();
-                lists.insert(*m, ids);
+                match self.client.user_ids(*m).await {
+                    Ok(ids) => {
+                        lists.insert(*m, ids.into_iter().collect::<BTreeSet<String>>());
+                    }
+                    Err(e) => {
+                        self.member_read_failed(*m, &e);
+                        return Ok(true);
+                    }
+                }
             }
             let n = name.clone();
             let known = self
@@ -219,7 +248,13 @@ impl Applier {
                     self.multi.reconcile = Some(run);
                     return Ok(true);
                 }
-                Err(e) => return Err(e),
+                // The run is over; the next one is without that member for
+                // its delay (partial), or with it again.
+                Err(ChunkError::Member(m, e)) => {
+                    self.member_read_failed(m, &e);
+                    return Ok(true);
+                }
+                Err(ChunkError::Other(e)) => return Err(e),
             }
         }
         self.finish_reconcile(run).await?;
@@ -228,7 +263,7 @@ impl Applier {
 
     /// Compares one chunk of users across the members and queues what
     /// differs.
-    async fn reconcile_chunk(&mut self, run: &mut Run, chunk: &[String]) -> Result<(), SyncError> {
+    async fn reconcile_chunk(&mut self, run: &mut Run, chunk: &[String]) -> Result<(), ChunkError> {
         let name = self.group.name.clone();
         let members = run.reach.clone();
         // What each member holds of the chunk, read now (the lists are as
@@ -240,7 +275,10 @@ impl Applier {
                 .filter(|u| run.lists.get(m).is_some_and(|l| l.contains(*u)))
                 .cloned()
                 .collect();
-            for (u, rec) in get_users(&self.client, *m, listed).await? {
+            let got = get_users(&self.client, *m, listed)
+                .await
+                .map_err(|e| ChunkError::Member(*m, e))?;
+            for (u, rec) in got {
                 held.entry(u).or_default().insert(*m, rec);
             }
         }
@@ -253,7 +291,7 @@ impl Applier {
                 for r in registers.values() {
                     let known = if r.version.deleted {
                         // For a tombstone: where a delete is known to wait.
-                        store::multi::waiting_for(c, &n, &r.user_id)?
+                        store::multi::waiting_for(c, &n, &r.user_id, r.seq)?
                     } else {
                         store::multi::given_winner(c, &n, &r.user_id, r.seq)?
                     };
@@ -424,6 +462,19 @@ impl Applier {
             })
             .await?;
         Ok(())
+    }
+
+    /// A member's reads for a reconcile failed: the run under way ends and
+    /// the member is left out for a delay (the reachable others go on).
+    fn member_read_failed(&mut self, m: u32, e: &crate::gateway::GatewayError) {
+        let n = self.timers.reconcile.get(&m).map_or(0, |(n, _)| *n);
+        let delay = self.backoff.delay(n);
+        tracing::warn!(group = %self.group.name, device_id = m, error = %e, retry_in = ?delay,
+            "reconcile could not read a member; the others go on without it meanwhile");
+        self.timers
+            .reconcile
+            .insert(m, (n.saturating_add(1), Instant::now() + delay));
+        self.multi.reconcile = None;
     }
 
     /// Ends the requests served, records each member's result and the
