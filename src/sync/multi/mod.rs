@@ -278,7 +278,7 @@ impl Applier {
                             "INSERT OR REPLACE INTO member_joined (grp, device_id, seq) VALUES (?1, ?2, ?3)",
                             rusqlite::params![name, i64::from(*m), i64::try_from(head).unwrap_or(i64::MAX)],
                         )?;
-                        store::request_reconcile(&tx, &name, *m, "new member", prune)?;
+                        store::request_reconcile(&tx, &name, *m, reconcile::NEW_MEMBER, prune)?;
                         created.push(*m);
                     }
                 }

@@ -17,6 +17,13 @@
 
 use super::*;
 
+/// The reason of a member's reconcile when it joins the group.
+pub(super) const NEW_MEMBER: &str = "new member";
+
+/// How long a member must have been unreachable before the others are
+/// reconciled without it.
+const PARTIAL_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a full reconcile under way waits for a member that went away
 /// before the reachable members are reconciled among themselves.
 const FULL_RUN_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
@@ -167,6 +174,13 @@ impl Applier {
                 .is_some_and(|run| !run.partial && run.requests == serving)
                 && now.duration_since(waited) < FULL_RUN_WAIT;
             let asked_reachable = requests.iter().any(|r| reach.contains(&r.target));
+            // Not at a group's first start (its members are still coming
+            // up, and what one of them holds may differ: copying the other
+            // side first would take sides in a conflict), nor before a
+            // member has been away a moment (a restart brings them up one
+            // by one).
+            let first_start = requests.iter().any(|r| r.reason == NEW_MEMBER);
+            let too_soon = now.duration_since(waited) < PARTIAL_AFTER;
             // A partial run is run again only when it would reach a member
             // the last one did not (a flapping member costs one).
             let done_so = self
@@ -174,7 +188,13 @@ impl Applier {
                 .partial
                 .as_ref()
                 .is_some_and(|(s, r)| *s == serving && reach.iter().all(|m| r.contains(m)));
-            if full_under_way || reach.len() < 2 || !asked_reachable || done_so {
+            if full_under_way
+                || first_start
+                || too_soon
+                || reach.len() < 2
+                || !asked_reachable
+                || done_so
+            {
                 return Ok(false);
             }
         }
