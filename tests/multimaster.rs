@@ -1161,3 +1161,170 @@ async fn an_old_reset_marker_read_again_makes_no_history_news() {
     assert_eq!(recorded(&store), head, "nothing replayed was recorded");
     daemon.stop().await;
 }
+
+/// Waits until the daemon has read `members`' logs to their end and
+/// applied the group's journal and queued rows to them.
+async fn settled(sim: &Simulator, store: &Store, members: &[u32]) {
+    eventually("the members' changes applied", || async {
+        members
+            .iter()
+            // An empty log: checkpoint 0.
+            .all(|m| {
+                store.checkpoint(*m).ok().flatten().unwrap_or(0)
+                    == sim.newest_event_id(*m).unwrap_or(0)
+            })
+            && store
+                .with(|c| {
+                    let head = usersync::store::head(c, "desks")?;
+                    let cursors = usersync::store::cursors(c, "desks")?;
+                    // Rows queued for a member that wait for one away are
+                    // not under way.
+                    let mut stmt =
+                        c.prepare("SELECT device_id, source FROM pending WHERE grp = 'desks'")?;
+                    let queued: Vec<(u32, u32)> = stmt
+                        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?;
+                    Ok(members
+                        .iter()
+                        .all(|m| cursors.get(m).is_some_and(|s| *s >= head))
+                        && queued
+                            .iter()
+                            .all(|(d, src)| !members.contains(d) || !members.contains(src)))
+                })
+                .unwrap_or(false)
+    })
+    .await;
+}
+
+/// A small deterministic generator (xorshift), so a failing schedule can
+/// be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Random sequences of enrolls, updates and deletes at the members, with
+/// members going offline (changes made there meanwhile) and the daemon
+/// stopped (changes made meanwhile) and started again, end where the
+/// model says: per user, the change with
+/// the latest event time wins everywhere (each step's member clock is set
+/// 2 s later than the previous step's, so the order of the steps is the
+/// order of their times). `USERSYNC_MM_SCHEDULES` (default 3) schedules
+/// from `USERSYNC_MM_SEED` (default 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_interleavings_end_at_the_last_writer_per_user() {
+    let schedules: u64 = std::env::var("USERSYNC_MM_SCHEDULES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let first: u64 = std::env::var("USERSYNC_MM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for seed in first..first + schedules {
+        random_schedule(seed).await;
+    }
+}
+
+async fn random_schedule(seed: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let sim = sim(3).await;
+    let m = sim.device_ids();
+    let dir = tempfile::tempdir().unwrap();
+    // A wide bound: the steps' clocks run up to a minute or two ahead.
+    let config = config_with(&sim, dir.path(), &group(&m, "max_clock_skew_secs = 3600"));
+    let mut daemon = Some(Daemon::start(config.clone()));
+    let store = state(dir.path()).await;
+    ready(&store, &m).await;
+    let users = ["u0", "u1", "u2", "u3", "u4"];
+    // The model: per user, the last change (None: deleted).
+    let mut model: BTreeMap<&str, Option<Vec<u8>>> = BTreeMap::new();
+    let mut offline: Option<u32> = None;
+    let mut log = Vec::new();
+    for step in 1..=24u32 {
+        let at = m[rng.below(3) as usize];
+        let user = users[rng.below(users.len() as u64) as usize];
+        sim.set_clock_offset(at, i64::from(step) * 2);
+        match rng.below(10) {
+            0..=5 => {
+                let raw = record(&sim, user, step);
+                sim.put_raw_on_device(at, raw.clone()).unwrap();
+                model.insert(user, Some(raw));
+                log.push(format!("{step}: {user} enrolled at {at}"));
+            }
+            6..=7 => {
+                if sim.delete_on_device(at, user).is_ok() {
+                    model.insert(user, None);
+                    log.push(format!("{step}: {user} deleted at {at}"));
+                }
+            }
+            8 => match offline.take() {
+                Some(d) => {
+                    sim.set_online(d).unwrap();
+                    log.push(format!("{step}: {d} online"));
+                }
+                None => {
+                    sim.set_offline(at).unwrap();
+                    offline = Some(at);
+                    log.push(format!("{step}: {at} offline"));
+                }
+            },
+            _ => match daemon.take() {
+                Some(d) => {
+                    d.stop().await;
+                    log.push(format!("{step}: daemon stopped"));
+                }
+                None => {
+                    daemon = Some(Daemon::start(config.clone()));
+                    log.push(format!("{step}: daemon started"));
+                }
+            },
+        }
+        // With the daemon up, a change is made only once the daemon has
+        // applied the ones before at the members online: a change made at
+        // a member in the moment the daemon writes that user there is
+        // overwritten (the window the README names; no gateway call can
+        // write only if unchanged). Changes made while the daemon is down
+        // or at a member that is away pile up.
+        if daemon.is_some() {
+            let now_online: Vec<u32> = m.iter().copied().filter(|d| Some(*d) != offline).collect();
+            settled(&sim, &store, &now_online).await;
+        }
+    }
+    if let Some(d) = offline.take() {
+        sim.set_online(d).unwrap();
+    }
+    let daemon = match daemon {
+        Some(d) => d,
+        None => Daemon::start(config.clone()),
+    };
+    for (user, want) in &model {
+        let what = format!(
+            "seed {seed}: {user} as the model says; steps:\n{}",
+            log.join("\n")
+        );
+        eventually(&what, || async {
+            everywhere(&sim, &m, user, want.as_deref())
+        })
+        .await;
+    }
+    quiet(&sim, &store, &m).await;
+    for (user, want) in &model {
+        assert!(
+            everywhere(&sim, &m, user, want.as_deref()),
+            "seed {seed}: {user} moved after settling; steps:\n{}",
+            log.join("\n")
+        );
+    }
+    daemon.stop().await;
+}
