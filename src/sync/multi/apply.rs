@@ -54,12 +54,6 @@ impl Applier {
         else {
             return Ok(false);
         };
-        // Changes made at these members are ordered before they are
-        // written: their logs are read up to now first.
-        let cohort = self.settle_logs(&cohort).await;
-        if cohort.is_empty() {
-            return Ok(true);
-        }
         let rows = {
             let (n, limit) = (name.clone(), self.batch_limit);
             self.store
@@ -160,9 +154,6 @@ impl Applier {
             if rows.is_empty() {
                 continue;
             }
-            if self.settle_logs(&[t]).await.is_empty() {
-                continue;
-            }
             if self.apply_members(&[t], Lane::Pending, rows).await? {
                 self.timers.pending.remove(&t);
                 return Ok(true);
@@ -174,6 +165,44 @@ impl Applier {
             );
         }
         Ok(false)
+    }
+
+    /// The rows whose register still says what they were read for: a
+    /// change recorded since (the settle read found one) supersedes them.
+    async fn still_current(
+        &self,
+        written: Vec<MemberRow>,
+        deletes: Vec<MemberRow>,
+    ) -> Result<(Vec<MemberRow>, Vec<MemberRow>), SyncError> {
+        let users: Vec<String> = written
+            .iter()
+            .chain(&deletes)
+            .map(|r| r.user_id.clone())
+            .collect();
+        let n = self.group.name.clone();
+        let now = self
+            .store
+            .run(move |c| store::multi::rows_of(c, &n, &users))
+            .await?;
+        let current = |r: &MemberRow| match now.get(&r.user_id) {
+            Some(reg) => reg.version == r.version,
+            // No history when read (a reconcile's choice): still none.
+            None => r.version.stamp.time == 0,
+        };
+        let name = &self.group.name;
+        let keep = |rows: Vec<MemberRow>| -> Vec<MemberRow> {
+            rows.into_iter()
+                .filter(|r| {
+                    let ok = current(r);
+                    if !ok {
+                        tracing::info!(group = %name, user_id = %r.user_id,
+                            "a newer change of this user was recorded just before the write: left to it");
+                    }
+                    ok
+                })
+                .collect()
+        };
+        Ok((keep(written), keep(deletes)))
     }
 
     /// Remembers writes about to be made (or, `undo`, that failed), so
@@ -342,8 +371,17 @@ impl Applier {
             return Ok(true);
         }
 
+        // Right before writing, the members' logs are read up to now
+        // (after the winners' records were read, to keep the moment
+        // between that read and the write short): a change made at one of
+        // them is recorded first, and a row whose register moved on meanwhile
+        // is left to its newer change (its own row, later in the journal, or
+        // the same pending row again). A member whose log could not be read
+        // is not written (it backs off).
+        let read = self.settle_logs(cohort).await;
+        let (mut written, deletes) = self.still_current(written, deletes).await?;
         let mut outcomes: BTreeMap<u32, Result<(), Failure>> =
-            cohort.iter().map(|t| (*t, Ok(()))).collect();
+            read.iter().map(|t| (*t, Ok(()))).collect();
         let mut sources: Vec<u32> = written.iter().map(|r| r.source).collect();
         sources.dedup();
         for src in sources {
