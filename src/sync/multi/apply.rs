@@ -528,11 +528,17 @@ impl Applier {
                 } else {
                     "enrolled"
                 };
+                // Only the members that took the batch: one whose log could
+                // not be read, that failed, or that is retried one by one is
+                // not named.
                 let to: Vec<u32> = if r.version.deleted {
                     cohort.to_vec()
                 } else {
                     others(r.source)
-                };
+                }
+                .into_iter()
+                .filter(|m| done.contains(m))
+                .collect();
                 tracing::info!(group = %name, user_id = %r.user_id, source = r.source,
                     origin = r.version.stamp.device, change_time = r.version.stamp.time,
                     members = ?to, action, reconcile = lane == Lane::Pending, "change propagated");
