@@ -117,17 +117,38 @@ async fn spread(sim: &Simulator, members: &[u32], at: u32, user: &str, revision:
     raw
 }
 
-/// Moves `device`'s stored checkpoint to `event`, keeping the anchor of
-/// the event it stood at (as a log whose IDs restarted below it looks).
-fn checkpoint_beyond(store: &Store, device: u32, event: u32) {
+/// Starts the daemon with `device`'s stored checkpoint moved past its
+/// log (keeping the anchor of the event it stood at, as a log whose IDs
+/// restarted below it looks): the start judges the log reset and reads it
+/// from its oldest record. Returns once that read and the reset's
+/// reconcile are done and every member's log is read.
+async fn restart_past_the_log(
+    sim: &Simulator,
+    store: &Store,
+    config: usersync::config::Config,
+    device: u32,
+    members: &[u32],
+) -> Daemon {
+    let beyond = sim.newest_event_id(device).unwrap_or(0) + 100;
     store
         .with(|c| {
             let anchor = usersync::store::anchored_checkpoints(c)?
                 .get(&device)
                 .and_then(|(_, a)| a.clone());
-            usersync::store::set_checkpoint_anchored(c, device, event, anchor.as_deref())
+            usersync::store::set_checkpoint_anchored(c, device, beyond, anchor.as_deref())
         })
         .unwrap();
+    let daemon = Daemon::start(config);
+    eventually(
+        "the log read again and the reset's reconcile done",
+        || async {
+            store.checkpoint(device).ok().flatten() == sim.newest_event_id(device)
+                && store.reconcile_requests().unwrap().is_empty()
+        },
+    )
+    .await;
+    quiet(sim, store, members).await;
+    daemon
 }
 
 /// A daemon running the group of `members` (`extra` added to it), its
@@ -790,18 +811,7 @@ async fn a_log_read_again_after_a_reset_replays_no_old_change() {
 
     // A's checkpoint now lies beyond its log: the next start judges the
     // log reset and reads it from its oldest record.
-    let beyond = sim.newest_event_id(a).unwrap() + 100;
-    checkpoint_beyond(&store, a, beyond);
-    let daemon = Daemon::start(config);
-    eventually(
-        "A's log read again and the reset's reconcile done",
-        || async {
-            store.checkpoint(a).ok().flatten() == sim.newest_event_id(a)
-                && store.reconcile_requests().unwrap().is_empty()
-        },
-    )
-    .await;
-    quiet(&sim, &store, &m).await;
+    let daemon = restart_past_the_log(&sim, &store, config, a, &m).await;
     assert!(
         everywhere(&sim, &m, "w", Some(&w)),
         "w deleted by a replayed old delete"
@@ -1021,11 +1031,8 @@ async fn a_delete_made_after_a_log_restart_is_a_change() {
     sim.clear_log(a).unwrap();
     sim.delete_on_device(a, "u").unwrap();
     // The restarted IDs lie below the stored checkpoint.
-    let beyond = sim.newest_event_id(a).unwrap() + 100;
-    checkpoint_beyond(&store, a, beyond);
-    let daemon = Daemon::start(config);
+    let daemon = restart_past_the_log(&sim, &store, config, a, &m).await;
     wait_everywhere(&sim, &m, "u", None).await;
-    quiet(&sim, &store, &m).await;
     assert_eq!(registers(&store)["u"], (a, true));
     daemon.stop().await;
 }
@@ -1142,18 +1149,7 @@ async fn an_old_reset_marker_read_again_makes_no_history_news() {
     let head = recorded(&store);
     daemon.stop().await;
 
-    let beyond = sim.newest_event_id(b).unwrap() + 100;
-    checkpoint_beyond(&store, b, beyond);
-    let daemon = Daemon::start(config);
-    eventually(
-        "B's log read again and the reset's reconcile done",
-        || async {
-            store.checkpoint(b).ok().flatten() == sim.newest_event_id(b)
-                && store.reconcile_requests().unwrap().is_empty()
-        },
-    )
-    .await;
-    quiet(&sim, &store, &m).await;
+    let daemon = restart_past_the_log(&sim, &store, config, b, &m).await;
     assert!(
         everywhere(&sim, &m, "u", Some(&u)),
         "u deleted by old history"

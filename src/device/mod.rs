@@ -47,6 +47,12 @@ impl Board {
             .unwrap_or(Phase::Disconnected)
     }
 
+    /// Runs `f` on every device's phase under one look at the board (for a
+    /// pass over many devices).
+    pub fn with_phases<R>(&self, f: impl FnOnce(&BTreeMap<u32, Phase>) -> R) -> R {
+        f(&self.tx.borrow())
+    }
+
     pub fn is_live(&self, device: u32) -> bool {
         self.phase(device) == Phase::Live
     }

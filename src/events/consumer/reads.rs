@@ -43,11 +43,18 @@ impl Consumer {
     /// When the next tail check or idle check of a live device is due
     /// (see [`Self::timers`]); far ahead if none is.
     pub(super) fn next_timer(&self) -> Instant {
-        self.tracks
-            .iter()
-            .filter(|(d, t)| t.reading == Reading::Idle && self.board.phase(**d) == Phase::Live)
-            .map(|(_, t)| t.tail_at.unwrap_or(t.idle_at))
-            .min()
+        // Once per turn of the loop: one look at the board, not one per
+        // device.
+        self.board
+            .with_phases(|phases| {
+                self.tracks
+                    .iter()
+                    .filter(|(d, t)| {
+                        t.reading == Reading::Idle && phases.get(d) == Some(&Phase::Live)
+                    })
+                    .map(|(_, t)| t.tail_at.unwrap_or(t.idle_at))
+                    .min()
+            })
             .unwrap_or_else(|| Instant::now() + self.config.sync.idle_check_interval)
     }
 
